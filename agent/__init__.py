@@ -1,0 +1,3 @@
+"""permitgate: the offline access agent for residence-permit door access."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,562 @@
+"""The SQLite store: the only module that speaks SQL.
+
+One database file in WAL mode with ``synchronous=FULL``, so a commit is on disk before
+the call returns (an event is durable before its door opens). Holds the allowlist
+(credentials by keyed hash), revocations, presence for anti-passback, the hash-chained
+event log (which is also the outbox), sync state and the live state of doors and readers
+that ``permitgate status`` shows. Schema changes are numbered migrations.
+
+Threads: each thread reads through its own connection (``_conn()``); every write that
+extends the event chain goes through ``append`` under one lock, which keeps sequence
+numbers and the chain gap-free.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sqlite3
+import threading
+import time
+import uuid
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import sqlite_utils
+
+from agent.decision import Direction, Grant, Lookup, Presence
+
+GENESIS = "0" * 64
+SCHEMA_VERSION = 1
+
+MIGRATIONS: tuple[str, ...] = (
+    # 1: the initial schema.
+    """
+    CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID;
+    CREATE TABLE credentials (
+        cred BLOB PRIMARY KEY,          -- HMAC-SHA256(site key, card id)
+        permit BLOB,                    -- HMAC-SHA256(site key, permit number)
+        valid_from INTEGER,             -- Unix s, inclusive; NULL = unbounded
+        valid_until INTEGER,            -- Unix s, exclusive; NULL = unbounded
+        doors TEXT,                     -- comma-separated door ids; NULL = every door
+        schedule TEXT NOT NULL DEFAULT 'always'
+    ) WITHOUT ROWID;
+    CREATE INDEX credentials_permit ON credentials(permit);
+    CREATE TABLE revocations (
+        key BLOB PRIMARY KEY,           -- a credential hash or a permit hash
+        kind TEXT NOT NULL CHECK (kind IN ('credential', 'permit')),
+        revoked_at INTEGER NOT NULL
+    ) WITHOUT ROWID;
+    CREATE TABLE presence (
+        cred BLOB PRIMARY KEY,
+        direction TEXT NOT NULL,
+        at INTEGER NOT NULL
+    ) WITHOUT ROWID;
+    CREATE TABLE events (
+        seq INTEGER PRIMARY KEY,
+        event_id TEXT NOT NULL UNIQUE,
+        ts_ms INTEGER NOT NULL,
+        kind TEXT NOT NULL,
+        door TEXT,
+        reader TEXT,
+        direction TEXT,
+        reason TEXT,
+        cred TEXT,                      -- short prefix of the credential hash only
+        data TEXT,                      -- JSON object of further fields
+        prev_hash TEXT NOT NULL,
+        hash TEXT NOT NULL,
+        acked INTEGER NOT NULL DEFAULT 0
+    );
+    CREATE INDEX events_unacked ON events(seq) WHERE acked = 0;
+    CREATE INDEX events_ts ON events(ts_ms);
+    CREATE TABLE sync_state (
+        stream TEXT PRIMARY KEY,
+        version INTEGER NOT NULL,
+        updated_ms INTEGER NOT NULL,
+        detail TEXT
+    ) WITHOUT ROWID;
+    CREATE TABLE device_state (
+        kind TEXT NOT NULL,
+        id TEXT NOT NULL,
+        state TEXT NOT NULL,
+        since_ms INTEGER NOT NULL,
+        PRIMARY KEY (kind, id)
+    ) WITHOUT ROWID;
+    """,
+)
+
+
+class StoreError(Exception):
+    """The database is unusable (corrupt, full, wrong version); the message says which."""
+
+
+@dataclass(frozen=True, slots=True)
+class CredentialEntry:
+    """One allowlist row, already hashed."""
+
+    cred: bytes
+    permit: bytes | None = None
+    valid_from: int | None = None
+    valid_until: int | None = None
+    doors: tuple[str, ...] | None = None
+    schedule: str = "always"
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """An event to append: what happened, where, and why."""
+
+    kind: str
+    door: str | None = None
+    reader: str | None = None
+    direction: str | None = None
+    reason: str | None = None
+    cred: str | None = None
+    data: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class StoredEvent:
+    """An event as committed, with its place in the chain."""
+
+    seq: int
+    event_id: str
+    ts_ms: int
+    kind: str
+    door: str | None
+    reader: str | None
+    direction: str | None
+    reason: str | None
+    cred: str | None
+    data: dict[str, Any]
+    prev_hash: str
+    hash: str
+    acked: bool = False
+
+    def as_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict of every field."""
+        return {
+            "seq": self.seq, "event_id": self.event_id, "ts_ms": self.ts_ms,
+            "kind": self.kind, "door": self.door, "reader": self.reader,
+            "direction": self.direction, "reason": self.reason, "cred": self.cred,
+            "data": self.data, "prev_hash": self.prev_hash, "hash": self.hash,
+        }
+
+
+def event_hash(prev_hash: str, seq: int, event_id: str, ts_ms: int, event: Event) -> str:
+    """SHA-256 over the canonical JSON of an event and its predecessor's hash."""
+    body = {
+        "prev_hash": prev_hash, "seq": seq, "event_id": event_id, "ts_ms": ts_ms,
+        "kind": event.kind, "door": event.door, "reader": event.reader,
+        "direction": event.direction, "reason": event.reason, "cred": event.cred,
+        "data": dict(event.data),
+    }
+    canonical = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+
+
+@dataclass(frozen=True, slots=True)
+class ChainReport:
+    """The result of verifying the event chain."""
+
+    ok: bool
+    checked: int
+    first_seq: int | None
+    last_seq: int | None
+    problems: tuple[str, ...]
+
+
+def _now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+class Store:
+    """The agent's database. Open one per process; it hands each thread a connection."""
+
+    def __init__(self, path: Path, *, clock_ms: Any = _now_ms) -> None:
+        self.path = path
+        self._clock_ms = clock_ms
+        self._local = threading.local()
+        self._connections: list[sqlite3.Connection] = []
+        self._conn_lock = threading.Lock()
+        self._write_lock = threading.Lock()
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StoreError(f"{path.parent}: cannot create the store directory: "
+                             f"{exc.strerror}") from exc
+        self._writer = self._connect()
+        self._migrate()
+        self._last_seq, self._last_hash = self._chain_head()
+
+    # -- connections ---------------------------------------------------------------
+
+    def _connect(self) -> sqlite3.Connection:
+        try:
+            conn = sqlite3.connect(self.path, timeout=5.0, isolation_level=None,
+                                   check_same_thread=False)
+            conn.execute("PRAGMA journal_mode=WAL")
+            # FULL: in WAL mode the log is fsynced on every commit, so an event is on disk
+            # before the door it records opens (NORMAL may lose the last commits on power
+            # loss: docs/durability.md).
+            conn.execute("PRAGMA synchronous=FULL")
+            conn.execute("PRAGMA busy_timeout=5000")
+            conn.execute("PRAGMA foreign_keys=ON")
+        except sqlite3.DatabaseError as exc:
+            raise StoreError(f"{self.path}: cannot open the database: {exc}") from exc
+        with self._conn_lock:
+            self._connections.append(conn)
+        return conn
+
+    def _conn(self) -> sqlite3.Connection:
+        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = self._connect()
+            self._local.conn = conn
+        return conn
+
+    def close(self) -> None:
+        """Close every connection this store opened."""
+        with self._conn_lock:
+            for conn in self._connections:
+                try:
+                    conn.close()
+                except sqlite3.Error:
+                    pass
+            self._connections.clear()
+
+    def db(self) -> sqlite_utils.Database:
+        """A sqlite-utils view on this thread's connection, for reports and tools."""
+        return sqlite_utils.Database(self._conn())
+
+    # -- schema --------------------------------------------------------------------
+
+    def _migrate(self) -> None:
+        db = sqlite_utils.Database(self._writer)
+        try:
+            current = 0
+            if "meta" in db.table_names():
+                row = self._writer.execute(
+                    "SELECT value FROM meta WHERE key='schema_version'").fetchone()
+                current = int(row[0]) if row else 0
+            if current > SCHEMA_VERSION:
+                raise StoreError(f"{self.path}: schema version {current} is newer than this "
+                                 f"agent understands ({SCHEMA_VERSION}); upgrade permitgate")
+            for version in range(current + 1, SCHEMA_VERSION + 1):
+                # executescript runs the whole migration and its version stamp as one
+                # transaction: a crash leaves the schema wholly old or wholly new.
+                self._writer.executescript(
+                    f"BEGIN IMMEDIATE;\n{MIGRATIONS[version - 1]}\n"
+                    f"INSERT OR REPLACE INTO meta VALUES ('schema_version', '{version}');\n"
+                    "COMMIT;")
+        except sqlite3.DatabaseError as exc:
+            if self._writer.in_transaction:
+                self._writer.execute("ROLLBACK")
+            raise StoreError(f"{self.path}: cannot prepare the schema: {exc}") from exc
+
+    def schema_version(self) -> int:
+        """The schema version of the open database."""
+        return int(self.meta("schema_version") or 0)
+
+    def quick_check(self) -> str:
+        """SQLite's ``quick_check``: ``"ok"`` or the first problem found."""
+        row = self._conn().execute("PRAGMA quick_check").fetchone()
+        return str(row[0])
+
+    def meta(self, key: str) -> str | None:
+        """A value from the meta table."""
+        row = self._conn().execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()
+        return None if row is None else str(row[0])
+
+    # -- decisions -----------------------------------------------------------------
+
+    def lookup(self, cred: bytes) -> Lookup:
+        """Everything the decision needs about ``cred``; a database error becomes
+        ``Lookup.error`` so the decision can deny with a reason instead of raising."""
+        try:
+            conn = self._conn()
+            row = conn.execute(
+                "SELECT valid_from, valid_until, doors, schedule, permit FROM credentials "
+                "WHERE cred=?", (cred,)).fetchone()
+            grant: Grant | None = None
+            keys: tuple[bytes, ...] = (cred,)
+            if row is not None:
+                doors = frozenset(row[2].split(",")) if row[2] is not None else None
+                grant = Grant(row[0], row[1], doors, row[3])
+                if row[4] is not None:
+                    keys = (cred, row[4])
+            revoked = conn.execute(
+                f"SELECT 1 FROM revocations WHERE key IN ({','.join('?' * len(keys))}) "  # noqa: S608 - placeholders only
+                "LIMIT 1", keys).fetchone() is not None
+            prow = conn.execute("SELECT direction, at FROM presence WHERE cred=?",
+                                (cred,)).fetchone()
+            presence = Presence(Direction(prow[0]), prow[1]) if prow else None
+        except (sqlite3.Error, ValueError) as exc:
+            return Lookup(error=f"{type(exc).__name__}: {exc}")
+        return Lookup(grant=grant, revoked=revoked, presence=presence)
+
+    # -- event log -----------------------------------------------------------------
+
+    def _chain_head(self) -> tuple[int, str]:
+        row = self._writer.execute(
+            "SELECT seq, hash FROM events ORDER BY seq DESC LIMIT 1").fetchone()
+        if row is not None:
+            return int(row[0]), str(row[1])
+        anchor_seq = self.meta("chain_anchor_seq")
+        anchor_hash = self.meta("chain_anchor_hash")
+        if anchor_seq is not None and anchor_hash is not None:
+            return int(anchor_seq), anchor_hash
+        return 0, GENESIS
+
+    def append(self, event: Event, *, presence: tuple[bytes, Direction] | None = None,
+               device: tuple[str, str, str] | None = None) -> StoredEvent:
+        """Append ``event`` durably and return it as committed.
+
+        ``presence`` (credential hash, direction) is updated in the same transaction, so
+        anti-passback state and the event that explains it can never disagree.
+        ``device`` (kind, id, state) likewise records the live state ``status`` shows.
+        Raises ``StoreError`` when the write fails (disk full, I/O error); nothing is
+        half-written then and the chain head is unchanged.
+        """
+        with self._write_lock:
+            seq = self._last_seq + 1
+            event_id = str(uuid.uuid4())
+            ts_ms = self._clock_ms()
+            digest = event_hash(self._last_hash, seq, event_id, ts_ms, event)
+            data = json.dumps(dict(event.data), sort_keys=True, separators=(",", ":"),
+                              ensure_ascii=False)
+            conn = self._writer
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+                conn.execute(
+                    "INSERT INTO events (seq, event_id, ts_ms, kind, door, reader, direction,"
+                    " reason, cred, data, prev_hash, hash) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
+                    (seq, event_id, ts_ms, event.kind, event.door, event.reader,
+                     event.direction, event.reason, event.cred, data, self._last_hash, digest))
+                if presence is not None:
+                    conn.execute("INSERT OR REPLACE INTO presence VALUES (?,?,?)",
+                                 (presence[0], presence[1].value, ts_ms // 1000))
+                if device is not None:
+                    conn.execute("INSERT OR REPLACE INTO device_state VALUES (?,?,?,?)",
+                                 (*device, ts_ms))
+                conn.execute("COMMIT")
+            except sqlite3.Error as exc:
+                if conn.in_transaction:
+                    try:
+                        conn.execute("ROLLBACK")
+                    except sqlite3.Error:
+                        pass
+                raise StoreError(f"{self.path}: cannot record event {event.kind!r}: "
+                                 f"{exc}") from exc
+            stored = StoredEvent(seq, event_id, ts_ms, event.kind, event.door, event.reader,
+                                 event.direction, event.reason, event.cred,
+                                 dict(event.data), self._last_hash, digest)
+            self._last_seq, self._last_hash = seq, digest
+            return stored
+
+    def last_event_ms(self) -> int | None:
+        """Time of the newest event, or None."""
+        row = self._conn().execute("SELECT max(ts_ms) FROM events").fetchone()
+        return None if row is None or row[0] is None else int(row[0])
+
+    def events(self, *, after_seq: int = 0, limit: int | None = None, kind: str | None = None,
+               door: str | None = None, reason: str | None = None,
+               since_ms: int | None = None, newest_first: bool = False) -> list[StoredEvent]:
+        """Events matching the filters, oldest first unless ``newest_first``."""
+        clauses = ["seq > ?"]
+        args: list[Any] = [after_seq]
+        for column, value in (("kind", kind), ("door", door), ("reason", reason)):
+            if value is not None:
+                clauses.append(f"{column} = ?")
+                args.append(value)
+        if since_ms is not None:
+            clauses.append("ts_ms >= ?")
+            args.append(since_ms)
+        order = "DESC" if newest_first else "ASC"
+        sql = ("SELECT seq, event_id, ts_ms, kind, door, reader, direction, reason, cred, "
+               f"data, prev_hash, hash, acked FROM events WHERE {' AND '.join(clauses)} "  # noqa: S608 - fixed columns
+               f"ORDER BY seq {order}")
+        if limit is not None:
+            sql += " LIMIT ?"
+            args.append(limit)
+        rows = self._conn().execute(sql, args).fetchall()
+        return [_stored(row) for row in rows]
+
+    def iter_events(self, batch: int = 5000) -> Iterator[StoredEvent]:
+        """Every stored event in sequence order, read in batches."""
+        after = 0
+        while True:
+            chunk = self.events(after_seq=after, limit=batch)
+            if not chunk:
+                return
+            yield from chunk
+            after = chunk[-1].seq
+
+    def verify_chain(self) -> ChainReport:
+        """Recompute every event's hash and link; report gaps, edits and broken links."""
+        problems: list[str] = []
+        anchor_seq = int(self.meta("chain_anchor_seq") or 0)
+        prev_hash = self.meta("chain_anchor_hash") or GENESIS
+        expected_seq = anchor_seq + 1
+        checked = 0
+        first: int | None = None
+        last: int | None = None
+        for ev in self.iter_events():
+            first = ev.seq if first is None else first
+            last = ev.seq
+            checked += 1
+            if ev.seq != expected_seq:
+                problems.append(f"gap: expected seq {expected_seq}, found {ev.seq}")
+            if ev.prev_hash != prev_hash:
+                problems.append(f"seq {ev.seq}: link broken (prev_hash does not match the "
+                                "hash of the event before it)")
+            recomputed = event_hash(ev.prev_hash, ev.seq, ev.event_id, ev.ts_ms, Event(
+                ev.kind, ev.door, ev.reader, ev.direction, ev.reason, ev.cred, ev.data))
+            if recomputed != ev.hash:
+                problems.append(f"seq {ev.seq}: contents edited (hash does not match)")
+            prev_hash = ev.hash
+            expected_seq = ev.seq + 1
+            if len(problems) >= 100:
+                problems.append("… stopped after 100 problems")
+                break
+        return ChainReport(not problems, checked, first, last, tuple(problems))
+
+    def prune(self, *, retention_days: int, max_events: int, keep_unacked: bool) -> int:
+        """Delete events past retention or beyond ``max_events``, oldest first.
+
+        With ``keep_unacked`` an event the central office has not acknowledged is never
+        deleted. The hash of the newest deleted event becomes the chain anchor, so
+        ``verify_chain`` still checks every remaining link.
+        """
+        cutoff = self._clock_ms() - retention_days * 86_400_000
+        with self._write_lock:
+            conn = self._writer
+            total = int(conn.execute("SELECT count(*) FROM events").fetchone()[0])
+            over = max(0, total - max_events)
+            acked = "AND acked = 1" if keep_unacked else ""
+            # The newest event to delete: past the cutoff, or among the ``over`` oldest;
+            # deletion is always a prefix of the chain so the anchor stays meaningful.
+            row = conn.execute(
+                f"SELECT max(seq) FROM (SELECT seq FROM events WHERE ts_ms < ? {acked} "  # noqa: S608 - fixed text
+                f"UNION ALL SELECT seq FROM (SELECT seq FROM events WHERE 1 {acked} "
+                "ORDER BY seq LIMIT ?))", (cutoff, over)).fetchone()
+            upto = row[0] if row and row[0] is not None else None
+            if upto is None:
+                return 0
+            if keep_unacked:
+                pending = conn.execute("SELECT min(seq) FROM events WHERE acked = 0"
+                                       ).fetchone()[0]
+                if pending is not None:
+                    upto = min(upto, pending - 1)
+            anchor = conn.execute("SELECT seq, hash FROM events WHERE seq <= ? "
+                                  "ORDER BY seq DESC LIMIT 1", (upto,)).fetchone()
+            if anchor is None:
+                return 0
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+                deleted = conn.execute("DELETE FROM events WHERE seq <= ?", (upto,)).rowcount
+                conn.execute("INSERT OR REPLACE INTO meta VALUES ('chain_anchor_seq', ?)",
+                             (str(anchor[0]),))
+                conn.execute("INSERT OR REPLACE INTO meta VALUES ('chain_anchor_hash', ?)",
+                             (anchor[1],))
+                conn.execute("COMMIT")
+            except sqlite3.Error as exc:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise StoreError(f"{self.path}: cannot prune events: {exc}") from exc
+            return int(deleted)
+
+    def mark_acked(self, upto_seq: int) -> int:
+        """Mark events up to ``upto_seq`` as acknowledged by the central office."""
+        with self._write_lock:
+            cur = self._writer.execute(
+                "UPDATE events SET acked = 1 WHERE acked = 0 AND seq <= ?", (upto_seq,))
+            return int(cur.rowcount)
+
+    # -- allowlist -----------------------------------------------------------------
+
+    def replace_allowlist(self, entries: Iterable[CredentialEntry], version: int,
+                          *, stream: str = "allowlist") -> int:
+        """Replace the whole allowlist with ``entries`` in one transaction.
+
+        Either every entry is applied and the version recorded, or nothing changes.
+        Entries are streamed, never held in memory together.
+        """
+        rows = ((e.cred, e.permit, e.valid_from, e.valid_until,
+                 ",".join(e.doors) if e.doors is not None else None, e.schedule)
+                for e in entries)
+        with self._write_lock:
+            conn = self._writer
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+                conn.execute("DELETE FROM credentials")
+                cur = conn.executemany("INSERT INTO credentials VALUES (?,?,?,?,?,?)", rows)
+                count = int(cur.rowcount)
+                conn.execute("INSERT OR REPLACE INTO sync_state VALUES (?,?,?,?)",
+                             (stream, version, self._clock_ms(),
+                              json.dumps({"entries": count})))
+                conn.execute("COMMIT")
+            except (sqlite3.Error, ValueError, TypeError) as exc:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise StoreError(f"{self.path}: allowlist version {version} not applied: "
+                                 f"{exc}") from exc
+            return count
+
+    def revoke(self, keys: Sequence[tuple[bytes, str]], version: int | None = None,
+               *, stream: str = "revocations") -> int:
+        """Record revocations ``(hash, 'credential'|'permit')`` in one transaction."""
+        now_s = self._clock_ms() // 1000
+        with self._write_lock:
+            conn = self._writer
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+                conn.executemany("INSERT OR REPLACE INTO revocations VALUES (?,?,?)",
+                                 ((k, kind, now_s) for k, kind in keys))
+                if version is not None:
+                    conn.execute("INSERT OR REPLACE INTO sync_state VALUES (?,?,?,NULL)",
+                                 (stream, version, self._clock_ms()))
+                conn.execute("COMMIT")
+            except sqlite3.Error as exc:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise StoreError(f"{self.path}: revocations not applied: {exc}") from exc
+        return len(keys)
+
+    # -- status --------------------------------------------------------------------
+
+    def set_device_state(self, kind: str, ident: str, state: str) -> None:
+        """Record the live state of a door or reader for ``status``."""
+        with self._write_lock:
+            self._writer.execute("INSERT OR REPLACE INTO device_state VALUES (?,?,?,?)",
+                                 (kind, ident, state, self._clock_ms()))
+
+    def device_states(self) -> list[dict[str, Any]]:
+        """Every recorded door and reader state."""
+        return list(self.db().query(
+            "SELECT kind, id, state, since_ms FROM device_state ORDER BY kind, id"))
+
+    def sync_states(self) -> list[dict[str, Any]]:
+        """Version and time of every synced stream."""
+        return list(self.db().query(
+            "SELECT stream, version, updated_ms, detail FROM sync_state ORDER BY stream"))
+
+    def counts(self) -> dict[str, int]:
+        """Row counts that ``status`` reports."""
+        conn = self._conn()
+        def one(sql: str) -> int:
+            return int(conn.execute(sql).fetchone()[0])
+        return {
+            "credentials": one("SELECT count(*) FROM credentials"),
+            "revocations": one("SELECT count(*) FROM revocations"),
+            "events": one("SELECT count(*) FROM events"),
+            "outbox": one("SELECT count(*) FROM events WHERE acked = 0"),
+        }
+
+
+def _stored(row: Sequence[Any]) -> StoredEvent:
+    return StoredEvent(int(row[0]), row[1], int(row[2]), row[3], row[4], row[5], row[6],
+                       row[7], row[8], json.loads(row[9]) if row[9] else {}, row[10], row[11],
+                       bool(row[12]))

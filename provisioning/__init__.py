@@ -1,0 +1,1 @@
+"""Provisioning of gateways and enrollment of tenants (central-office side tools)."""
