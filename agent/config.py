@@ -29,7 +29,9 @@ DEFAULT_CONFIG_NAME = "<embedded defaults>"
 Ident = Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9_-]{0,62}$")]
 """Ids of sites, gateways, doors, readers and schedules: lower-case, MQTT-topic safe."""
 
-_WINDOW = re.compile(r"^(\d{2}):(\d{2})-(\d{2}):(\d{2})$")
+# [0-9], not \d (which admits other scripts' digits), and fullmatch, not "$" (which admits a
+# trailing newline).
+_WINDOW = re.compile(r"([0-9]{2}):([0-9]{2})-([0-9]{2}):([0-9]{2})")
 WEEKDAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
 
 
@@ -53,7 +55,9 @@ class SiteConfig(_Model):
     def _known_zone(cls, value: str) -> str:
         try:
             ZoneInfo(value)
-        except (ZoneInfoNotFoundError, ValueError) as exc:
+        # ZoneInfo("Asia") raises IsADirectoryError (an OSError), not ZoneInfoNotFoundError,
+        # and an unreadable zone file PermissionError; both are a bad value, not a crash.
+        except (ZoneInfoNotFoundError, ValueError, OSError) as exc:
             raise ValueError(f"unknown time zone {value!r} (use an IANA name such as "
                              "'Asia/Shanghai')") from exc
         return value
@@ -106,7 +110,7 @@ class WeeklySchedule(_Model):
 
 def parse_window(window: str) -> tuple[time, time | None]:
     """Parse ``"HH:MM-HH:MM"``; an end of ``24:00`` is returned as ``None`` (end of day)."""
-    match = _WINDOW.match(window)
+    match = _WINDOW.fullmatch(window)
     if not match:
         raise ValueError(f"window {window!r} is not 'HH:MM-HH:MM'")
     h1, m1, h2, m2 = (int(g) for g in match.groups())
@@ -205,8 +209,12 @@ class Config(_Model):
         return self
 
     def door(self, door_id: str) -> DoorConfig:
-        """The door with ``door_id``."""
-        return next(d for d in self.doors if d.id == door_id)
+        """The door with ``door_id``; ``KeyError`` if there is none."""
+        # Not a bare next(): its StopIteration would silently end a caller's map() or loop.
+        for door in self.doors:
+            if door.id == door_id:
+                return door
+        raise KeyError(door_id)
 
     @property
     def zone(self) -> ZoneInfo:
@@ -222,25 +230,103 @@ def _unique(ids: list[str], what: str) -> None:
         seen.add(i)
 
 
-def _line_of(text: str, loc: tuple[int | str, ...]) -> int | None:
-    """Best-effort line number of the key at ``loc`` in the TOML source."""
-    keys = [k for k in loc if isinstance(k, str)]
-    if not keys:
-        return None
-    last = keys[-1]
-    pattern = re.compile(rf"^\s*(\"?){re.escape(last)}\1\s*=", re.MULTILINE)
-    # Search after the nearest enclosing table header where one exists, so ``id`` in the
-    # third ``[[doors]]`` block is found there and not in the first.
-    start = 0
-    index = next((k for k in reversed(loc) if isinstance(k, int)), None)
-    for table in reversed(keys[:-1] or keys):
-        headers = [m.start() for m in re.finditer(
-            rf"^\s*\[\[?\s*{re.escape(table)}(\.[^\]]*)?\s*\]\]?", text, re.MULTILINE)]
-        if headers:
-            start = headers[min(index, len(headers) - 1)] if index is not None else headers[0]
+_BARE_OR_QUOTED = r"""[A-Za-z0-9_-]+|"(?:[^"\\]|\\.)*"|'[^']*'"""
+_KEY_PART = re.compile(_BARE_OR_QUOTED)
+_KEY_LINE = re.compile(rf"^\s*((?:{_BARE_OR_QUOTED})(?:\s*\.\s*(?:{_BARE_OR_QUOTED}))*)\s*=")
+_TABLE_LINE = re.compile(r"^\s*(\[\[?)\s*(.*?)\s*\]\]?\s*(?:#.*)?$")
+
+
+def _key_parts(dotted: str) -> tuple[str, ...]:
+    """The parts of a dotted TOML key, quotes removed (escapes are kept as written)."""
+    return tuple(m.group(0)[1:-1] if m.group(0)[0] in "\"'" else m.group(0)
+                 for m in _KEY_PART.finditer(dotted))
+
+
+def _scan_value(text: str, depth: int, quote: str | None) -> tuple[int, str | None]:
+    """Bracket depth and open multi-line string after ``text``, a piece of a TOML value."""
+    i = 0
+    while i < len(text):
+        if quote is not None:
+            end = text.find(quote, i)
+            if end < 0:
+                return depth, quote
+            i, quote = end + 3, None
+            continue
+        char = text[i]
+        if char == "#":
             break
-    match = pattern.search(text, start) or pattern.search(text)
-    return text.count("\n", 0, match.start()) + 1 if match else None
+        if text.startswith(('"""', "'''"), i):
+            quote, i = text[i:i + 3], i + 3
+            continue
+        if char in "\"'":
+            j = i + 1
+            while j < len(text) and text[j] != char:
+                j += 2 if char == '"' and text[j] == "\\" else 1
+            i = j + 1
+            continue
+        if char in "[{":
+            depth += 1
+        elif char in "]}":
+            depth -= 1
+        i += 1
+    return depth, quote
+
+
+def _key_lines(text: str) -> dict[tuple[int | str, ...], int]:
+    """Line (1-based) of every table header and key in valid TOML ``text``, by the path
+    pydantic reports: array-of-tables entries get their index (``("doors", 1, "id")``)."""
+    lines: dict[tuple[int | str, ...], int] = {}
+    arrays: dict[tuple[int | str, ...], int] = {}
+    table: tuple[int | str, ...] = ()
+    depth, quote = 0, None
+
+    def resolve(parts: tuple[str, ...]) -> tuple[int | str, ...]:
+        path: tuple[int | str, ...] = ()
+        for part in parts:
+            path += (part,)
+            if path in arrays:
+                path += (arrays[path],)
+        return path
+
+    # Lines are counted on "\n" only, as tomllib counts them (str.splitlines would also
+    # split on form feeds and U+2028 inside strings and shift every later number).
+    for number, line in enumerate(text.split("\n"), start=1):
+        if quote is not None or depth > 0:
+            depth, quote = _scan_value(line, depth, quote)
+            continue
+        header = _TABLE_LINE.match(line)
+        if header is not None:
+            parts = _key_parts(header.group(2))
+            if header.group(1) == "[[":
+                array = resolve(parts[:-1]) + parts[-1:]
+                arrays[array] = arrays.get(array, -1) + 1
+                lines.setdefault(array, number)
+            table = resolve(parts)
+            lines.setdefault(table, number)
+            continue
+        key = _KEY_LINE.match(line)
+        if key is None:
+            continue
+        parts = _key_parts(key.group(1))
+        for n in range(1, len(parts) + 1):
+            lines.setdefault(table + parts[:n], number)
+        depth, quote = _scan_value(line[key.end():], 0, None)
+    return lines
+
+
+def _line_of(text: str, loc: tuple[int | str, ...]) -> int | None:
+    """Best-effort line number of the key at ``loc`` in the TOML source.
+
+    The key's own line where it is written; for a key that is missing (or a problem with a
+    whole table) the line of the nearest enclosing table or key that is written, so
+    ``id`` missing from the second ``[[doors]]`` points at that block's header.
+    """
+    lines = _key_lines(text)
+    path = tuple(p for p in loc if p != "[key]")
+    for n in range(len(path), 0, -1):
+        if path[:n] in lines:
+            return lines[path[:n]]
+    return None
 
 
 def _format_validation(error: ValidationError, source: str, text: str) -> str:

@@ -15,6 +15,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import date, datetime, time
 from enum import StrEnum
+from math import floor
 
 from agent.config import WEEKDAYS, WeeklySchedule
 
@@ -145,7 +146,8 @@ def _passback_violated(request: Request, presence: Presence | None, policy: Poli
     return presence.direction == request.direction
 
 
-def decide(request: Request, lookup: Lookup, policy: Policy) -> Decision:
+# PLR0911: one early return per check, in the contract's order; merging them hides the order.
+def decide(request: Request, lookup: Lookup, policy: Policy) -> Decision:  # noqa: PLR0911
     """Decide whether the door opens for this read. Pure; never raises."""
     if lookup.error is not None:
         return Decision(False, Reason.STORE_ERROR)
@@ -158,7 +160,9 @@ def decide(request: Request, lookup: Lookup, policy: Policy) -> Decision:
     grant = lookup.grant
     if grant is None:
         return Decision(False, Reason.UNKNOWN_CARD)
-    now_s = int(request.now.timestamp())
+    # floor, not int(): int() rounds towards zero, so half a second before a valid_from of 0
+    # (or any instant before 1970, e.g. an RTC-less board's boot clock) would count as on it.
+    now_s = floor(request.now.timestamp())
     if grant.valid_from is not None and now_s < grant.valid_from:
         return Decision(False, Reason.NOT_YET_VALID)
     if grant.valid_until is not None and now_s >= grant.valid_until:

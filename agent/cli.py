@@ -1,0 +1,396 @@
+"""The ``permitgate`` command.
+
+Exit status: 0 success, 1 a runtime failure (store, devices, a broken event chain),
+2 unusable input (configuration, keys, arguments).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import socket
+import sys
+import time
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, TextIO
+
+from agent import __version__, logs
+from agent.config import Config, ConfigError, load_config
+from agent.keys import SITE_KEY_BYTES, SecretError
+from agent.runtime import Agent, check_drivers, resolve_store_path
+from agent.store import Store, StoredEvent, StoreError
+from drivers.registry import DriverError
+
+EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
+
+
+class UsageError(Exception):
+    """A command-line argument is unusable; the message says which."""
+
+
+def _config_path(args: argparse.Namespace) -> Path | None:
+    raw = args.config or os.environ.get("PERMITGATE_CONFIG")
+    return Path(raw) if raw else None
+
+
+def _load(args: argparse.Namespace) -> tuple[Config, Path | None]:
+    path = _config_path(args)
+    config = load_config(path)
+    check_drivers(config)
+    return config, path
+
+
+def _open_store(args: argparse.Namespace) -> tuple[Config, Store]:
+    config, path = _load(args)
+    db = resolve_store_path(config, path)
+    if not db.exists():
+        raise StoreError(f"{db}: no database yet (start the agent once with "
+                         "'permitgate run')")
+    return config, Store(db)
+
+
+# -- commands ------------------------------------------------------------------------
+
+
+def cmd_run(args: argparse.Namespace, out: TextIO) -> int:
+    """Run the agent until SIGTERM/SIGINT."""
+    config, path = _load(args)
+    logs.configure(config.logging.level, args.log_format or config.logging.format)
+    agent = Agent(config, config_path=path)
+    if path is None:
+        out.write("permitgate: no --config given, running the embedded defaults (a simulated "
+                  f"building; database under {agent.store_path.parent}).\n"
+                  "  tap a card from another terminal: permitgate sim tap front-in "
+                  "em4100:67003B51C6\n")
+        out.flush()
+        from agent.demo import seed_demo  # noqa: PLC0415 - demo code only for defaults
+
+        original_start = agent.start
+
+        def start_and_seed() -> None:
+            original_start()
+            assert agent.store is not None and agent.hasher is not None
+            seed_demo(agent.store, agent.hasher, datetime.now(config.zone))
+
+        agent.start = start_and_seed  # type: ignore[method-assign]
+    agent.run_forever()
+    return EXIT_OK
+
+
+def cmd_check_config(args: argparse.Namespace, out: TextIO) -> int:
+    """Validate the configuration and every driver's options; open nothing."""
+    config, path = _load(args)
+    out.write(f"{path or '<embedded defaults>'}: OK\n"
+              f"  site {config.site.site_id}, gateway {config.site.gateway_id}, "
+              f"time zone {config.site.timezone}\n"
+              f"  {len(config.doors)} door(s): "
+              f"{', '.join(f'{d.id} ({d.fail_mode}, {d.unlock_s:g} s)' for d in config.doors)}\n"
+              f"  {len(config.readers)} reader(s): "
+              f"{', '.join(f'{r.id} ({r.driver}, {r.door} {r.direction})' for r in config.readers)}\n"
+              f"  store {resolve_store_path(config, path)}\n")
+    return EXIT_OK
+
+
+def _ago(ms: int | None) -> str:
+    if ms is None:
+        return "never"
+    seconds = time.time() - ms / 1000
+    return f"{_iso(ms)} ({seconds:.0f} s ago)"
+
+
+def _iso(ms: int) -> str:
+    return datetime.fromtimestamp(ms / 1000, UTC).isoformat(timespec="milliseconds")
+
+
+def status_report(config: Config, store: Store) -> dict[str, Any]:
+    """Everything ``status`` shows, as plain data."""
+    devices: dict[str, dict[str, Any]] = {}
+    for row in store.device_states():
+        state = json.loads(row["state"])
+        devices.setdefault(row["kind"], {})[row["id"]] = {**state, "since_ms": row["since_ms"]}
+    syncs = {row["stream"]: row for row in store.sync_states()}
+    allowlist = syncs.get("allowlist")
+    counts = store.counts()
+    return {
+        "site": config.site.site_id,
+        "gateway": config.site.gateway_id,
+        "agent": devices.get("system", {}).get("agent", {"state": "never started"}),
+        "mode": devices.get("system", {}).get("mode", {"mode": config.policy.mode})["mode"],
+        "clock": devices.get("system", {}).get("clock", {"state": "unknown"}),
+        "doors": {d.id: devices.get("door", {}).get(d.id, {"lock": "unknown"})
+                  for d in config.doors},
+        "readers": {r.id: devices.get("reader", {}).get(r.id, {"state": "unknown"})
+                    for r in config.readers},
+        "allowlist": {"entries": counts["credentials"],
+                      "version": allowlist["version"] if allowlist else None,
+                      "applied_ms": allowlist["updated_ms"] if allowlist else None},
+        "revocations": counts["revocations"],
+        "events": counts["events"],
+        "outbox": counts["outbox"],
+        "last_sync_ms": max((r["updated_ms"] for r in syncs.values()), default=None),
+        "schema_version": store.schema_version(),
+    }
+
+
+def cmd_status(args: argparse.Namespace, out: TextIO) -> int:
+    """Show doors, readers, allowlist, outbox, last sync and clock state."""
+    config, store = _open_store(args)
+    try:
+        report = status_report(config, store)
+    finally:
+        store.close()
+    if args.json:
+        out.write(json.dumps(report, indent=2) + "\n")
+        return EXIT_OK
+    agent = report["agent"]
+    out.write(f"site {report['site']}  gateway {report['gateway']}\n"
+              f"agent      {agent.get('state')}"
+              f"{' (pid ' + str(agent['pid']) + ')' if agent.get('pid') else ''}"
+              f", since {_ago(agent.get('since_ms'))}\n"
+              f"mode       {report['mode']}\n"
+              f"clock      {report['clock']['state']}\n")
+    for door_id, door in report["doors"].items():
+        alarm = f", ALARM {door['alarm']}" if door.get("alarm") else ""
+        out.write(f"door       {door_id}: {door.get('lock')}, {door.get('contact', '?')}"
+                  f"{alarm}\n")
+    for reader_id, reader in report["readers"].items():
+        out.write(f"reader     {reader_id}: {reader.get('state')}\n")
+    allow = report["allowlist"]
+    out.write(f"allowlist  {allow['entries']} entries, version {allow['version']}, applied "
+              f"{_ago(allow['applied_ms'])}\n"
+              f"revoked    {report['revocations']}\n"
+              f"events     {report['events']} stored, {report['outbox']} not yet delivered "
+              f"(outbox)\n"
+              f"last sync  {_ago(report['last_sync_ms'])}\n")
+    return EXIT_OK
+
+
+_DURATION = re.compile(r"^(\d+)([smhd])$")
+
+
+def parse_since(text: str) -> int:
+    """``"15m"``, ``"2h"``, ``"7d"`` ago, or an ISO 8601 time, as Unix milliseconds."""
+    match = _DURATION.match(text)
+    if match:
+        unit = {"s": 1, "m": 60, "h": 3600, "d": 86400}[match.group(2)]
+        return int((time.time() - int(match.group(1)) * unit) * 1000)
+    try:
+        when = datetime.fromisoformat(text)
+    except ValueError:
+        raise UsageError(f"--since {text!r}: use a duration such as 15m, 2h, 7d or an ISO "
+                         "time such as 2026-11-26T08:00") from None
+    if when.tzinfo is None:
+        when = when.astimezone()
+    return int(when.timestamp() * 1000)
+
+
+def _print_events(events: Sequence[StoredEvent], out: TextIO, as_json: bool) -> None:
+    for ev in events:
+        if as_json:
+            out.write(json.dumps(ev.as_dict(), sort_keys=True) + "\n")
+            continue
+        where = "/".join(x for x in (ev.door, ev.reader) if x)
+        extra = " ".join(f"{k}={v}" for k, v in ev.data.items())
+        out.write(f"{ev.seq:>8}  {_iso(ev.ts_ms)}  {ev.kind:<16} {where:<20} "
+                  f"{ev.direction or '':<5} {ev.reason or '':<26} {ev.cred or '':<10} "
+                  f"{extra}\n".rstrip() + "\n")
+
+
+def cmd_events(args: argparse.Namespace, out: TextIO) -> int:
+    """Tail, filter or verify the event log."""
+    _, store = _open_store(args)
+    try:
+        if args.action == "verify":
+            report = store.verify_chain()
+            if report.ok:
+                out.write(f"OK: {report.checked} events, seq {report.first_seq} to "
+                          f"{report.last_seq}, hash chain intact\n")
+                return EXIT_OK
+            out.write(f"BROKEN: {len(report.problems)} problem(s) in {report.checked} "
+                      "events\n")
+            for problem in report.problems:
+                out.write(f"  {problem}\n")
+            return EXIT_FAILURE
+        since = parse_since(args.since) if args.since else None
+        events = store.events(kind=args.kind, door=args.door, reason=args.reason,
+                              since_ms=since, limit=args.n, newest_first=True)
+        events.reverse()
+        _print_events(events, out, args.json)
+        if args.action == "tail" and args.follow:
+            last = events[-1].seq if events else (store.events(newest_first=True, limit=1)
+                                                  or [None])[0]
+            after = last if isinstance(last, int) else getattr(last, "seq", 0)
+            while True:
+                out.flush()
+                time.sleep(0.5)
+                fresh = store.events(after_seq=after, kind=args.kind, door=args.door,
+                                     reason=args.reason)
+                _print_events(fresh, out, args.json)
+                if fresh:
+                    after = fresh[-1].seq
+    except KeyboardInterrupt:
+        return EXIT_OK
+    finally:
+        store.close()
+    return EXIT_OK
+
+
+def cmd_demo(args: argparse.Namespace, out: TextIO) -> int:
+    """Run the self-contained demo."""
+    from agent.demo import run_demo  # noqa: PLC0415 - keep the daemon's import light
+
+    logs.configure("warning", "console", sys.stderr)
+    return run_demo(out, Path(args.keep) if args.keep else None)
+
+
+def cmd_sim(args: argparse.Namespace, out: TextIO) -> int:
+    """Send a tap or an input change to a running agent's simulated devices."""
+    config, path = _load(args)
+    sock_path = resolve_store_path(config, path).parent / "sim.sock"
+    if args.sim_action == "tap":
+        msg: dict[str, Any] = {"op": "tap", "reader": args.reader, "card": args.card}
+        if args.reader not in {r.id for r in config.readers}:
+            raise UsageError(f"no reader {args.reader!r} in the configuration")
+    else:
+        msg = {"op": "input", "name": args.name, "active": args.level == "on"}
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+            sock.sendto(json.dumps(msg).encode(), str(sock_path))
+    except (FileNotFoundError, ConnectionRefusedError):
+        out.write(f"no agent with simulated devices is listening at {sock_path} "
+                  "(start it with 'permitgate run')\n")
+        return EXIT_FAILURE
+    out.write("sent\n")
+    return EXIT_OK
+
+
+def cmd_keygen(args: argparse.Namespace, out: TextIO) -> int:
+    """Write a new random site key (for a test site or the central office)."""
+    path = Path(args.path)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        raise UsageError(f"{path}: exists already; refusing to overwrite a key") from None
+    with os.fdopen(fd, "w") as fh:
+        fh.write(os.urandom(SITE_KEY_BYTES).hex() + "\n")
+    out.write(f"wrote a {SITE_KEY_BYTES}-byte site key to {path} (mode 0600)\n")
+    return EXIT_OK
+
+
+def cmd_safe_state(args: argparse.Namespace, out: TextIO) -> int:
+    """Drive every relay to its door's safe state (systemd ``ExecStopPost=``)."""
+    from drivers import registry  # noqa: PLC0415
+
+    config, _ = _load(args)
+    failed = 0
+    for door in config.doors:
+        relay = registry.create("relay", door.relay.driver, f"{door.id}.relay",
+                                door.relay.options)
+        try:
+            relay.open()
+            relay.set(door.fail_mode == "safe")
+            relay.close()
+            out.write(f"{door.id}: {'unlocked (fail-safe)' if door.fail_mode == 'safe' else 'locked'}\n")
+        except Exception as exc:  # noqa: BLE001 - try every door, report each
+            failed += 1
+            out.write(f"{door.id}: FAILED to reach safe state: {exc}\n")
+    return EXIT_FAILURE if failed else EXIT_OK
+
+
+# -- parser --------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of ``permitgate``."""
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("-c", "--config", help="configuration file (default: "
+                        "$PERMITGATE_CONFIG, else the embedded simulated defaults)")
+    parser = argparse.ArgumentParser(prog="permitgate", description=(
+        "Offline residence-permit door access agent."))
+    parser.add_argument("--version", action="version", version=f"permitgate {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = sub.add_parser("run", parents=[common], help="run the agent")
+    run.add_argument("--log-format", choices=("auto", "json", "console"))
+    run.set_defaults(func=cmd_run)
+    sub.add_parser("check-config", parents=[common], help="validate the configuration"
+                   ).set_defaults(func=cmd_check_config)
+    status = sub.add_parser("status", parents=[common], help="show the agent's state")
+    status.add_argument("--json", action="store_true")
+    status.set_defaults(func=cmd_status)
+
+    events = sub.add_parser("events", help="read and verify the event log")
+    ev_sub = events.add_subparsers(dest="action", required=True, metavar="ACTION")
+    for name, helptext in (("tail", "the newest events"), ("filter", "events matching "
+                                                                      "filters")):
+        p = ev_sub.add_parser(name, parents=[common], help=helptext)
+        p.add_argument("-n", type=_positive, default=20 if name == "tail" else None,
+                       help="at most N events")
+        p.add_argument("--kind", help="e.g. access_denied, door_forced")
+        p.add_argument("--door")
+        p.add_argument("--reason", help="e.g. revoked, expired, unknown_card")
+        p.add_argument("--since", help="15m, 2h, 7d, or an ISO time")
+        p.add_argument("--json", action="store_true", help="one JSON object per line")
+        if name == "tail":
+            p.add_argument("-f", "--follow", action="store_true")
+        p.set_defaults(func=cmd_events, follow=False)
+    ev_sub.add_parser("verify", parents=[common], help="check the hash chain for gaps and "
+                      "edits").set_defaults(func=cmd_events)
+
+    demo = sub.add_parser("demo", help="a self-contained run showing decisions and reasons")
+    demo.add_argument("--keep", metavar="DIR", help="keep the demo's database in DIR")
+    demo.set_defaults(func=cmd_demo)
+
+    sim = sub.add_parser("sim", help="drive a running agent's simulated devices")
+    sim_sub = sim.add_subparsers(dest="sim_action", required=True, metavar="ACTION")
+    tap = sim_sub.add_parser("tap", parents=[common], help="present a card")
+    tap.add_argument("reader")
+    tap.add_argument("card", help="normalised card id, e.g. em4100:67003B51C6")
+    tap.set_defaults(func=cmd_sim)
+    inp = sim_sub.add_parser("input", parents=[common], help="set a door input")
+    inp.add_argument("name", help="e.g. front.contact or front.rex")
+    inp.add_argument("level", choices=("on", "off"))
+    inp.set_defaults(func=cmd_sim)
+
+    keygen = sub.add_parser("keygen", help="write a new random site key file")
+    keygen.add_argument("path")
+    keygen.set_defaults(func=cmd_keygen)
+    sub.add_parser("safe-state", parents=[common], help="put every relay in its safe state"
+                   ).set_defaults(func=cmd_safe_state)
+    return parser
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} must be at least 1")
+    return value
+
+
+def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
+    """Entry point of the ``permitgate`` console script."""
+    stdout = out or sys.stdout
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args, stdout))
+    except (ConfigError, DriverError, SecretError, UsageError) as exc:
+        sys.stderr.write(f"permitgate: {exc}\n")
+        return EXIT_USAGE
+    except StoreError as exc:
+        sys.stderr.write(f"permitgate: {exc}\n")
+        return EXIT_FAILURE
+    except BrokenPipeError:
+        return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+
+

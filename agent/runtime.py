@@ -1,0 +1,433 @@
+"""The running agent: wires configuration, store, doors and readers together.
+
+Threads (docs/architecture.md): one per reader, one per door, one for housekeeping
+(retention, clock checks), one for the simulation control socket when simulated devices
+are configured, and the main thread for start-up, signals and shutdown.
+
+The card path: ``handle_read`` hashes the card id, looks it up, decides, commits the event
+durably, and only then tells the door to unlock. If the event cannot be written the door
+stays shut: no door opens without a record.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from datetime import datetime
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+import structlog
+
+from agent import __version__
+from agent.config import Config, ReaderConfig
+from agent.decision import (
+    Decision,
+    Direction,
+    Mode,
+    Passback,
+    Policy,
+    Reason,
+    Request,
+    decide,
+)
+from agent.door import DoorWorker
+from agent.keys import CredentialHasher, load_site_key, log_prefix, resolve_secret_path
+from agent.store import Event, Store, StoreError
+from drivers import registry
+from drivers.base import CardRead, DeviceError, Reader
+from drivers.simulated import BUS, SimBus
+
+log = structlog.get_logger()
+
+READ_TIMEOUT_S = 0.2
+"""How long a reader thread waits in ``read`` before checking for shutdown."""
+BACKOFF_S = (0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
+"""Reopen delays after a reader fails; capped at 30 s so a replugged reader returns fast."""
+HOUSEKEEPING_S = 60.0
+CLOCK_SKEW_TOLERANCE_MS = 5 * 60_000
+
+
+def resolve_store_path(config: Config, config_path: Path | None) -> Path:
+    """The database path; a relative path is taken from the configuration file's folder
+    (or the working directory for the embedded defaults)."""
+    path = config.store.path
+    if path.is_absolute():
+        return path
+    base = config_path.parent if config_path is not None else Path.cwd()
+    return (base / path).resolve()
+
+
+def build_policy(config: Config, mode: Mode | None = None) -> Policy:
+    """The decision policy from the configuration."""
+    p = config.policy
+    return Policy(
+        mode=mode or Mode(p.mode),
+        passback=Passback(p.anti_passback),
+        passback_reset_s=int(p.anti_passback_reset_h * 3600),
+        holidays=frozenset(p.holidays),
+        schedules=dict(p.schedules),
+    )
+
+
+def check_drivers(config: Config) -> None:
+    """Validate every driver name and its options before anything opens."""
+    for i, door in enumerate(config.doors):
+        registry.check_options("relay", door.relay.driver, door.relay.options,
+                               f"doors[{i}].relay")
+        for what in ("contact", "rex"):
+            dev = getattr(door, what)
+            if dev is not None:
+                registry.check_options("input", dev.driver, dev.options, f"doors[{i}].{what}")
+    for i, reader in enumerate(config.readers):
+        registry.check_options("reader", reader.driver, reader.options, f"readers[{i}]")
+
+
+def clock_state(now_ms: int, last_event_ms: int | None, floor: datetime) -> str:
+    """``ok``, ``unset`` (before the configured floor date: no RTC, no NTP yet) or
+    ``behind`` (earlier than events already recorded: the clock went backwards)."""
+    if now_ms < int(floor.timestamp() * 1000):
+        return "unset"
+    if last_event_ms is not None and now_ms + CLOCK_SKEW_TOLERANCE_MS < last_event_ms:
+        return "behind"
+    return "ok"
+
+
+@dataclass(slots=True)
+class ReadTiming:
+    """Timestamps (``time.perf_counter``) of one card read through the agent."""
+
+    received: float = 0.0
+    committed: float = 0.0
+    granted: float = 0.0
+
+
+class Agent:
+    """One running agent."""
+
+    def __init__(self, config: Config, *, config_path: Path | None = None,
+                 bus: SimBus | None = None,
+                 devices: dict[str, Any] | None = None) -> None:
+        self.config = config
+        self.config_path = config_path
+        self.bus = bus or BUS
+        self._devices = devices or {}
+        self.store_path = resolve_store_path(config, config_path)
+        self.store: Store | None = None
+        self.hasher: CredentialHasher | None = None
+        self.policy = build_policy(config)
+        self.doors: dict[str, DoorWorker] = {}
+        self.readers: dict[str, Reader] = {}
+        self._threads: list[threading.Thread] = []
+        self._stopping = threading.Event()
+        self._stopped = threading.Event()
+        self._sim_socket: socket.socket | None = None
+        self.on_decision: Callable[[ReaderConfig, Decision, ReadTiming], None] | None = None
+        self._door_schedule = {d.id: d.schedule for d in config.doors}
+
+    # -- start ---------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Open the store, lock every door, start readers. Raises on unusable set-ups."""
+        check_drivers(self.config)
+        key_path = resolve_secret_path(self.config.keys.site_key, self.store_path.parent)
+        self.hasher = CredentialHasher(load_site_key(
+            key_path, generate_missing=self.config.keys.generate_missing))
+        self.store = Store(self.store_path)
+        check = self.store.quick_check()
+        if check != "ok":
+            raise StoreError(f"{self.store_path}: integrity check failed: {check}")
+        self._record(Event("agent_started", data={
+            "version": __version__, "pid": os.getpid(),
+            "config": str(self.config_path or "<embedded defaults>")}),
+            device=("system", "agent", json.dumps({"state": "running", "pid": os.getpid()})))
+        self._check_clock()
+        for door in self.config.doors:
+            self._start_door(door.id)
+        if self.policy.mode is not Mode.NORMAL:
+            self.set_mode(self.policy.mode, source="config")
+        for reader in self.config.readers:
+            self._spawn(f"reader-{reader.id}", self._reader_loop, reader)
+        self._spawn("housekeeping", self._housekeeping)
+        if self._uses_simulation():
+            self._start_sim_socket()
+        log.info("agent_started", site=self.config.site.site_id,
+                 gateway=self.config.site.gateway_id, doors=len(self.doors),
+                 readers=len(self.config.readers), store=str(self.store_path))
+
+    def _device(self, kind: registry.Kind, key: str, driver: str, options: dict[str, Any]
+                ) -> Any:
+        if key in self._devices:
+            return self._devices[key]
+        dev = registry.create(kind, driver, key, options)
+        if hasattr(dev, "bus"):
+            dev.bus = self.bus
+        return dev
+
+    def _start_door(self, door_id: str) -> None:
+        cfg = self.config.door(door_id)
+        relay = self._device("relay", f"{door_id}.relay", cfg.relay.driver, cfg.relay.options)
+        contact = (self._device("input", f"{door_id}.contact", cfg.contact.driver,
+                                cfg.contact.options) if cfg.contact else None)
+        rex = (self._device("input", f"{door_id}.rex", cfg.rex.driver, cfg.rex.options)
+               if cfg.rex else None)
+        worker = DoorWorker(cfg, relay, self._door_emit, contact=contact, rex=rex)
+        worker.start()
+        self.doors[door_id] = worker
+
+    def _spawn(self, name: str, target: Callable[..., None], *args: Any) -> None:
+        thread = threading.Thread(target=target, args=args, name=name, daemon=True)
+        thread.start()
+        self._threads.append(thread)
+
+    # -- events ----------------------------------------------------------------------
+
+    def _record(self, event: Event, *, device: tuple[str, str, str] | None = None) -> None:
+        assert self.store is not None
+        self.store.append(event, device=device)
+
+    def _door_emit(self, event: Event, state: str) -> None:
+        assert event.door is not None
+        self._record(event, device=("door", event.door, state))
+        level = "warning" if event.kind in {"door_forced", "door_held_open"} or \
+            event.kind.endswith("_fault") else "info"
+        getattr(log, level)(event.kind, door=event.door, reason=event.reason, **event.data)
+
+    # -- the card path ---------------------------------------------------------------
+
+    def handle_read(self, reader: ReaderConfig, read: CardRead) -> Decision:
+        """Decide on one card read, commit the event, then drive the door."""
+        assert self.store is not None and self.hasher is not None
+        timing = ReadTiming(received=time.perf_counter())
+        cred = self.hasher.credential(read.card_id)
+        direction = Direction(reader.direction)
+        request = Request(reader.door, direction, datetime.now(self.config.zone),
+                          self._door_schedule[reader.door])
+        decision = decide(request, self.store.lookup(cred), self.policy)
+        prefix = log_prefix(cred)
+        event = Event("access_granted" if decision.granted else "access_denied",
+                      door=reader.door, reader=reader.id, direction=direction.value,
+                      reason=decision.reason.value, cred=prefix)
+        try:
+            self.store.append(event, presence=(cred, direction) if decision.granted else None)
+        except StoreError as exc:
+            log.error("event_not_recorded", reader=reader.id, cred=prefix, error=str(exc))
+            decision = Decision(False, Reason.STORE_ERROR)
+        timing.committed = time.perf_counter()
+        if decision.granted:
+            self.doors[reader.door].grant()
+        timing.granted = time.perf_counter()
+        log.info(event.kind, door=reader.door, reader=reader.id, direction=direction.value,
+                 reason=decision.reason.value, cred=prefix,
+                 ms=round((timing.granted - timing.received) * 1000, 3))
+        if self.on_decision is not None:
+            self.on_decision(reader, decision, timing)
+        return decision
+
+    def _reader_loop(self, cfg: ReaderConfig) -> None:
+        reader: Reader = self._device("reader", cfg.id, cfg.driver, cfg.options)
+        self.readers[cfg.id] = reader
+        attempt = 0
+        online: bool | None = None
+        last_card: str | None = None
+        last_seen = 0.0
+        while not self._stopping.is_set():
+            try:
+                reader.open()
+                if online is not True:
+                    self._reader_state(cfg, "online", attempt)
+                online, attempt = True, 0
+                while not self._stopping.is_set():
+                    read = reader.read(READ_TIMEOUT_S)
+                    if read is None:
+                        continue
+                    # Readers repeat a card while it stays in the field (an RDM6300 about
+                    # every 100 ms); one presentation is one decision.
+                    repeat = read.card_id == last_card and read.at - last_seen < cfg.debounce_s
+                    last_card, last_seen = read.card_id, read.at
+                    if repeat:
+                        continue
+                    decision = self.handle_read(cfg, read)
+                    try:
+                        reader.feedback(decision.granted)
+                    except DeviceError as exc:
+                        log.warning("reader_feedback_failed", reader=cfg.id, error=str(exc))
+            except Exception as exc:  # noqa: BLE001 - the reader loop's one broad boundary
+                if online is not False:
+                    self._reader_state(cfg, "offline", attempt, error=str(exc))
+                online = False
+                delay = BACKOFF_S[min(attempt, len(BACKOFF_S) - 1)]
+                attempt += 1
+                log.warning("reader_retry", reader=cfg.id, in_s=delay, attempt=attempt)
+                self._stopping.wait(delay)
+            finally:
+                try:
+                    reader.close()
+                except Exception as exc:  # noqa: BLE001 - closing must not stop the loop
+                    log.warning("reader_close_failed", reader=cfg.id, error=str(exc))
+
+    def _reader_state(self, cfg: ReaderConfig, state: str, attempt: int,
+                      error: str | None = None) -> None:
+        data: dict[str, Any] = {"attempt": attempt}
+        if error:
+            data["error"] = error
+        event = Event(f"reader_{state}", door=cfg.door, reader=cfg.id,
+                      direction=cfg.direction, data=data)
+        try:
+            self._record(event, device=("reader", cfg.id, json.dumps({"state": state})))
+        except StoreError as exc:
+            log.error("event_not_recorded", kind=event.kind, error=str(exc))
+        (log.info if state == "online" else log.warning)(event.kind, reader=cfg.id, **data)
+
+    # -- modes, housekeeping, clock --------------------------------------------------
+
+    def set_mode(self, mode: Mode, *, source: str) -> None:
+        """Switch the site mode (lockdown, free passage, normal) and record it."""
+        self.policy = replace(self.policy, mode=mode)
+        for door in self.doors.values():
+            door.set_mode(mode)
+        self._record(Event("mode_changed", reason=mode.value, data={"source": source}),
+                     device=("system", "mode", json.dumps({"mode": mode.value})))
+        log.warning("mode_changed", mode=mode.value, source=source)
+
+    def _check_clock(self) -> None:
+        assert self.store is not None
+        now_ms = time.time_ns() // 1_000_000
+        floor = datetime.combine(self.config.policy.clock_floor, datetime.min.time(),
+                                 self.config.zone)
+        last = self.store.last_event_ms()
+        # The agent_started event just written carries now_ms itself; compare with the
+        # newest event before it.
+        previous = self.store.events(newest_first=True, limit=2)
+        if len(previous) == 2:
+            last = previous[1].ts_ms
+        state = clock_state(now_ms, last, floor)
+        self._record(Event("clock_checked", reason=state, data={"now_ms": now_ms,
+                           "last_event_ms": last}),
+                     device=("system", "clock", json.dumps({"state": state})))
+        if state != "ok":
+            log.error("clock_suspect", state=state, now=datetime.now(self.config.zone)
+                      .isoformat(), hint="set the time (NTP or an RTC); validity dates and "
+                      "schedules are judged by this clock")
+
+    def _housekeeping(self) -> None:
+        while not self._stopping.wait(min(HOUSEKEEPING_S, self.config.store.prune_interval_s)):
+            self.prune()
+
+    def prune(self) -> int:
+        """Apply event retention now; returns the number of events deleted."""
+        assert self.store is not None
+        try:
+            deleted = self.store.prune(
+                retention_days=self.config.store.event_retention_days,
+                max_events=self.config.store.max_events,
+                keep_unacked=False)
+        except StoreError as exc:
+            log.error("prune_failed", error=str(exc))
+            return 0
+        if deleted:
+            log.info("events_pruned", count=deleted)
+        return deleted
+
+    # -- simulation control ----------------------------------------------------------
+
+    def _uses_simulation(self) -> bool:
+        return any(r.driver == "simulated" for r in self.config.readers) or any(
+            d.contact is not None and d.contact.driver == "simulated" for d in self.config.doors)
+
+    @property
+    def sim_socket_path(self) -> Path:
+        """Where ``permitgate sim`` reaches this agent."""
+        return self.store_path.parent / "sim.sock"
+
+    def _start_sim_socket(self) -> None:
+        path = self.sim_socket_path
+        path.unlink(missing_ok=True)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        sock.bind(str(path))
+        path.chmod(0o600)
+        sock.settimeout(READ_TIMEOUT_S)
+        self._sim_socket = sock
+        self._spawn("sim-control", self._sim_loop, sock)
+
+    def _sim_loop(self, sock: socket.socket) -> None:
+        while not self._stopping.is_set():
+            try:
+                data = sock.recv(4096)
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            try:
+                msg = json.loads(data)
+                if msg["op"] == "tap":
+                    self.bus.tap(str(msg["reader"]), str(msg["card"]))
+                elif msg["op"] == "input":
+                    self.bus.set_level(str(msg["name"]), bool(msg["active"]))
+                else:
+                    raise ValueError(f"unknown op {msg['op']!r}")
+            except (ValueError, KeyError, TypeError) as exc:
+                log.warning("sim_command_rejected", error=str(exc))
+
+    # -- stop ------------------------------------------------------------------------
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Stop readers, lock doors, record the stop; bounded by about ``timeout``."""
+        if self._stopped.is_set():
+            return
+        self._stopping.set()
+        deadline = time.monotonic() + timeout
+        for thread in self._threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
+        for door in self.doors.values():
+            door.stop(timeout=max(0.5, deadline - time.monotonic()))
+        if self._sim_socket is not None:
+            self._sim_socket.close()
+            self.sim_socket_path.unlink(missing_ok=True)
+        if self.store is not None:
+            try:
+                self._record(Event("agent_stopped"), device=(
+                    "system", "agent", json.dumps({"state": "stopped"})))
+            except StoreError as exc:
+                log.error("event_not_recorded", kind="agent_stopped", error=str(exc))
+            self.store.close()
+        self._stopped.set()
+        log.info("agent_stopped")
+
+    def run_forever(self) -> None:
+        """Start, then serve until SIGTERM or SIGINT; always stops cleanly."""
+        def on_signal(signum: int, _frame: FrameType | None) -> None:
+            log.info("signal_received", signal=signal.Signals(signum).name)
+            self._stopping.set()
+
+        signal.signal(signal.SIGTERM, on_signal)
+        signal.signal(signal.SIGINT, on_signal)
+        try:
+            self.start()
+            notify("READY=1")
+            while not self._stopping.wait(10.0):
+                notify("WATCHDOG=1")
+        finally:
+            notify("STOPPING=1")
+            self.stop()
+
+
+def notify(state: str) -> None:
+    """Tell systemd (``Type=notify``) about our state; a no-op outside systemd."""
+    addr = os.environ.get("NOTIFY_SOCKET")
+    if not addr:
+        return
+    if addr.startswith("@"):
+        addr = "\0" + addr[1:]
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+            sock.sendto(state.encode(), addr)
+    except OSError as exc:
+        log.warning("sd_notify_failed", error=str(exc))
