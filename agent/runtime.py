@@ -215,8 +215,10 @@ class Agent:
         event = Event("access_granted" if decision.granted else "access_denied",
                       door=reader.door, reader=reader.id, direction=direction.value,
                       reason=decision.reason.value, cred=prefix)
+        seq: int | None = None
         try:
-            self.store.append(event, presence=(cred, direction) if decision.granted else None)
+            seq = self.store.append(
+                event, presence=(cred, direction) if decision.granted else None).seq
         except StoreError as exc:
             log.error("event_not_recorded", reader=reader.id, cred=prefix, error=str(exc))
             decision = Decision(False, Reason.STORE_ERROR)
@@ -225,7 +227,7 @@ class Agent:
             self.doors[reader.door].grant()
         timing.granted = time.perf_counter()
         log.info(event.kind, door=reader.door, reader=reader.id, direction=direction.value,
-                 reason=decision.reason.value, cred=prefix,
+                 reason=decision.reason.value, cred=prefix, seq=seq,
                  ms=round((timing.granted - timing.received) * 1000, 3))
         if self.on_decision is not None:
             self.on_decision(reader, decision, timing)
