@@ -84,13 +84,14 @@ def cmd_run(args: argparse.Namespace, out: TextIO) -> int:
 def cmd_check_config(args: argparse.Namespace, out: TextIO) -> int:
     """Validate the configuration and every driver's options; open nothing."""
     config, path = _load(args)
+    readers = config.readers
     out.write(f"{path or '<embedded defaults>'}: OK\n"
               f"  site {config.site.site_id}, gateway {config.site.gateway_id}, "
               f"time zone {config.site.timezone}\n"
               f"  {len(config.doors)} door(s): "
               f"{', '.join(f'{d.id} ({d.fail_mode}, {d.unlock_s:g} s)' for d in config.doors)}\n"
               f"  {len(config.readers)} reader(s): "
-              f"{', '.join(f'{r.id} ({r.driver}, {r.door} {r.direction})' for r in config.readers)}\n"
+              f"{', '.join(f'{r.id} ({r.driver}, {r.door} {r.direction})' for r in readers)}\n"
               f"  store {resolve_store_path(config, path)}\n")
     return EXIT_OK
 
@@ -221,9 +222,8 @@ def cmd_events(args: argparse.Namespace, out: TextIO) -> int:
         events.reverse()
         _print_events(events, out, args.json)
         if args.action == "tail" and args.follow:
-            last = events[-1].seq if events else (store.events(newest_first=True, limit=1)
-                                                  or [None])[0]
-            after = last if isinstance(last, int) else getattr(last, "seq", 0)
+            newest = store.events(newest_first=True, limit=1)
+            after = newest[0].seq if newest else 0
             while True:
                 out.flush()
                 time.sleep(0.5)
@@ -294,7 +294,8 @@ def cmd_safe_state(args: argparse.Namespace, out: TextIO) -> int:
             relay.open()
             relay.set(door.fail_mode == "safe")
             relay.close()
-            out.write(f"{door.id}: {'unlocked (fail-safe)' if door.fail_mode == 'safe' else 'locked'}\n")
+            state = "unlocked (fail-safe)" if door.fail_mode == "safe" else "locked"
+            out.write(f"{door.id}: {state}\n")
         except Exception as exc:  # noqa: BLE001 - try every door, report each
             failed += 1
             out.write(f"{door.id}: FAILED to reach safe state: {exc}\n")

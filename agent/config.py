@@ -40,7 +40,10 @@ class ConfigError(Exception):
 
 
 class _Model(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # strict: "5" is not a number and "yes" is not a boolean; a wrong type is an error
+    # naming the key. Fields that TOML can only spell loosely (paths as strings, tuples as
+    # arrays) opt out one by one with Field(strict=False).
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
 
 class SiteConfig(_Model):
@@ -66,7 +69,7 @@ class SiteConfig(_Model):
 class StoreConfig(_Model):
     """Where the SQLite database lives and how long events are kept."""
 
-    path: Path = Path("/var/lib/permitgate/permitgate.db")
+    path: Path = Field(default=Path("/var/lib/permitgate/permitgate.db"), strict=False)
     event_retention_days: int = Field(default=180, ge=1, le=3650)
     max_events: int = Field(default=2_000_000, ge=1_000)
     prune_interval_s: float = Field(default=3600.0, gt=0)
@@ -86,14 +89,14 @@ class WeeklySchedule(_Model):
     ``holiday`` lists the windows that apply on a holiday date instead of the weekday's.
     """
 
-    mon: tuple[str, ...] = ()
-    tue: tuple[str, ...] = ()
-    wed: tuple[str, ...] = ()
-    thu: tuple[str, ...] = ()
-    fri: tuple[str, ...] = ()
-    sat: tuple[str, ...] = ()
-    sun: tuple[str, ...] = ()
-    holiday: tuple[str, ...] = ()
+    mon: tuple[str, ...] = Field(default=(), strict=False)
+    tue: tuple[str, ...] = Field(default=(), strict=False)
+    wed: tuple[str, ...] = Field(default=(), strict=False)
+    thu: tuple[str, ...] = Field(default=(), strict=False)
+    fri: tuple[str, ...] = Field(default=(), strict=False)
+    sat: tuple[str, ...] = Field(default=(), strict=False)
+    sun: tuple[str, ...] = Field(default=(), strict=False)
+    holiday: tuple[str, ...] = Field(default=(), strict=False)
 
     @field_validator("mon", "tue", "wed", "thu", "fri", "sat", "sun", "holiday")
     @classmethod
@@ -129,7 +132,7 @@ class PolicyConfig(_Model):
     mode: Literal["normal", "lockdown", "free_passage"] = "normal"
     anti_passback: Literal["off", "soft", "hard"] = "off"
     anti_passback_reset_h: float = Field(default=24.0, ge=0)
-    holidays: tuple[date, ...] = ()
+    holidays: tuple[date, ...] = Field(default=(), strict=False)
     schedules: dict[Ident, WeeklySchedule] = Field(default_factory=dict)
     clock_floor: date = date(2026, 1, 1)
 
@@ -189,8 +192,8 @@ class Config(_Model):
     keys: KeysConfig = KeysConfig()
     policy: PolicyConfig = PolicyConfig()
     logging: LoggingConfig = LoggingConfig()
-    doors: tuple[DoorConfig, ...] = Field(min_length=1)
-    readers: tuple[ReaderConfig, ...] = Field(min_length=1)
+    doors: tuple[DoorConfig, ...] = Field(min_length=1, strict=False)
+    readers: tuple[ReaderConfig, ...] = Field(min_length=1, strict=False)
 
     @model_validator(mode="after")
     def _cross_references(self) -> Config:
@@ -302,7 +305,10 @@ def _key_lines(text: str) -> dict[tuple[int | str, ...], int]:
                 arrays[array] = arrays.get(array, -1) + 1
                 lines.setdefault(array, number)
             table = resolve(parts)
-            lines.setdefault(table, number)
+            # [policy.schedules.night] also stands for policy and policy.schedules when
+            # those have no header of their own (a problem with the whole schedules table).
+            for n in range(1, len(table) + 1):
+                lines.setdefault(table[:n], number)
             continue
         key = _KEY_LINE.match(line)
         if key is None:
@@ -363,10 +369,10 @@ def parse_config(text: str, source: str) -> Config:
 def load_config(path: Path | None) -> Config:
     """Load ``path``, or the embedded defaults (a simulated site) when ``path`` is None."""
     if path is None:
-        text = resources.files("agent").joinpath("defaults.toml").read_text("utf-8")
+        text = resources.files("agent").joinpath("defaults.toml").read_text("utf-8-sig")
         return parse_config(text, DEFAULT_CONFIG_NAME)
     try:
-        text = path.read_text("utf-8")
+        text = path.read_text("utf-8-sig")
     except FileNotFoundError as exc:
         raise ConfigError(f"{path}: configuration file not found") from exc
     except (OSError, UnicodeDecodeError) as exc:

@@ -23,6 +23,7 @@ from agent.decision import Decision
 from agent.keys import CredentialHasher
 from agent.runtime import Agent, ReadTiming
 from agent.store import CredentialEntry, Store
+from drivers.serial_reader import em4100_frame
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,14 +79,6 @@ def seed_demo(store: Store, hasher: CredentialHasher, now: datetime) -> bool:
     store.replace_allowlist(demo_entries(hasher, now), version=0, stream="allowlist")
     store.revoke([(hasher.permit(p), "permit") for p in REVOKED_PERMITS])
     return True
-
-
-def em4100_frame(hex_id: str) -> bytes:
-    """The 14-byte RDM6300/EM4100 frame for a 10-digit hex id."""
-    check = 0
-    for i in range(0, 10, 2):
-        check ^= int(hex_id[i:i + 2], 16)
-    return b"\x02" + f"{hex_id.upper()}{check:02X}".encode("ascii") + b"\x03"
 
 
 def demo_config(folder: Path, entry_port: str, exit_port: str, now: datetime) -> Config:

@@ -85,8 +85,15 @@ class DoorWorker:
     # -- commands from other threads ---------------------------------------------------
 
     def grant(self) -> None:
-        """Unlock now (or keep unlocked) until ``unlock_s`` from now."""
+        """Unlock now (or keep unlocked) until ``unlock_s`` from now.
+
+        Ignored in lockdown: a grant kept for later would unlock the door when lockdown
+        ends within ``unlock_s`` of it, with nobody at the door.
+        """
         with self._cond:
+            if self._mode is Mode.LOCKDOWN:
+                log.info("door_grant_ignored", door=self.config.id, mode=self._mode.value)
+                return
             self._deadline = max(self._deadline, self._clock() + self.config.unlock_s)
             self._cond.notify()
 
@@ -101,16 +108,26 @@ class DoorWorker:
     # -- lifecycle -----------------------------------------------------------------------
 
     def start(self) -> None:
-        """Claim the devices, lock the door, and start the worker thread."""
-        self.relay.open()
-        self.relay.set(False)
-        for dev in (self.contact, self.rex):
-            if dev is not None:
-                dev.open()
-        self._emit("door_locked", reason="startup")
-        self._thread = threading.Thread(target=self._run, name=f"door-{self.config.id}",
-                                        daemon=True)
-        self._thread.start()
+        """Claim the devices, lock the door, and start the worker thread.
+
+        If any of that fails the door is left in its safe state with every device released
+        before the error propagates: the caller never gets a worker to stop, so this is the
+        only place that can do it.
+        """
+        try:
+            self.relay.open()
+            self.relay.set(False)
+            for dev in (self.contact, self.rex):
+                if dev is not None:
+                    dev.open()
+            self._emit("door_locked", reason="startup")
+            self._thread = threading.Thread(target=self._run, name=f"door-{self.config.id}",
+                                            daemon=True)
+            self._thread.start()
+        except BaseException:
+            self._thread = None
+            self._to_safe_state()
+            raise
 
     def stop(self, timeout: float = 2.0) -> None:
         """Stop the thread; the loop's ``finally`` leaves the relay in its safe state."""
@@ -126,15 +143,16 @@ class DoorWorker:
     def _to_safe_state(self) -> None:
         try:
             self.relay.set(self.safe_unlocked)
-        except Exception as exc:  # noqa: BLE001 - cleanup must go on to close
-            log.error("relay_safe_state_failed", door=self.config.id, error=str(exc))
+        except Exception as exc:  # broad on purpose: cleanup must go on to close
+            log.exception("relay_safe_state_failed", door=self.config.id, error=str(exc))
         for dev in (self.relay, self.contact, self.rex):
             if dev is None:
                 continue
             try:
                 dev.close()
-            except Exception as exc:  # noqa: BLE001 - each resource closes on its own
-                log.error("door_device_close_failed", door=self.config.id, error=str(exc))
+            except Exception as exc:  # broad on purpose: each resource closes on its own
+                log.exception("door_device_close_failed", door=self.config.id,
+                              error=str(exc))
 
     # -- the loop --------------------------------------------------------------------
 
@@ -149,7 +167,7 @@ class DoorWorker:
                         break
                     deadline, mode = self._deadline, self._mode
                 self._tick(deadline, mode)
-        except Exception as exc:  # noqa: BLE001 - the worker's one broad boundary
+        except Exception as exc:  # the worker's one broad boundary
             log.exception("door_worker_failed", door=self.config.id, error=str(exc))
         finally:
             self._to_safe_state()
@@ -161,13 +179,16 @@ class DoorWorker:
         now = self._clock()
         if mode is not self.state.mode:
             self.state.mode = mode
-        rex = self._read(self.rex, "rex")
+        rex = self._read(self.rex, "rex") is True
         if rex and now >= self._rex_until:
             self._rex_until = now + REX_GRACE_S
             self._emit("rex_pressed")
             if self.config.rex_unlocks:
                 with self._cond:
-                    self._deadline = max(self._deadline, now + self.config.unlock_s)
+                    # In lockdown an exit request must not leave an unlock deadline behind
+                    # that opens the door when lockdown ends (the same rule as grant()).
+                    if self._mode is not Mode.LOCKDOWN:
+                        self._deadline = max(self._deadline, now + self.config.unlock_s)
                     deadline = self._deadline
         want = mode is Mode.FREE_PASSAGE or (mode is not Mode.LOCKDOWN and now < deadline)
         if want != self.state.unlocked:
@@ -185,6 +206,10 @@ class DoorWorker:
         if self.contact is None:
             return
         is_open = self._read(self.contact, "contact")
+        if is_open is None:
+            # A failed read says nothing about the door: keep the last known state rather
+            # than take it for "closed", which would clear a forced alarm that still holds.
+            return
         if is_open and not self.state.open:
             self.state.open = True
             self._opened_at = now
@@ -206,14 +231,15 @@ class DoorWorker:
             self.state.held_alarm = True
             self._emit("door_held_open")
 
-    def _read(self, dev: Input | None, what: str) -> bool:
+    def _read(self, dev: Input | None, what: str) -> bool | None:
+        """The input's level: False without a device, None when the read failed."""
         if dev is None:
             return False
         try:
             level = dev.active()
         except Exception as exc:  # noqa: BLE001 - an input fault is reported, retried
             self._fault(what, exc)
-            return False
+            return None
         self._faults.discard(what)
         return level
 
@@ -227,6 +253,6 @@ class DoorWorker:
         try:
             self._emit_fn(Event(kind, door=self.config.id, reason=reason, data=data),
                           self.state.as_json())
-        except Exception as exc:  # noqa: BLE001 - never let logging stop the door
+        except Exception as exc:  # noqa: BLE001 - never let a failed record stop the door
             log.error("door_event_not_recorded", door=self.config.id, kind=kind,
                       error=str(exc))

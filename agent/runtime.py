@@ -369,12 +369,13 @@ class Agent:
                 return
             try:
                 msg = json.loads(data)
-                if msg["op"] == "tap":
+                op = msg["op"]
+                if op == "tap":
                     self.bus.tap(str(msg["reader"]), str(msg["card"]))
-                elif msg["op"] == "input":
+                elif op == "input":
                     self.bus.set_level(str(msg["name"]), bool(msg["active"]))
                 else:
-                    raise ValueError(f"unknown op {msg['op']!r}")
+                    log.warning("sim_command_rejected", error=f"unknown op {op!r}")
             except (ValueError, KeyError, TypeError) as exc:
                 log.warning("sim_command_rejected", error=str(exc))
 

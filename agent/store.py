@@ -13,6 +13,7 @@ numbers and the chain gap-free.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import sqlite3
@@ -174,6 +175,27 @@ class ChainReport:
     problems: tuple[str, ...]
 
 
+def _rollback(conn: sqlite3.Connection) -> None:
+    """Roll back an open transaction, if any; a failing rollback is not a second error."""
+    if conn.in_transaction:
+        with contextlib.suppress(sqlite3.Error):
+            conn.execute("ROLLBACK")
+
+
+def _credential_row(entry: CredentialEntry) -> tuple[Any, ...]:
+    """The table row of an allowlist entry; refuses what would not read back the same."""
+    if not isinstance(entry, CredentialEntry):
+        raise TypeError(f"not an allowlist entry: {type(entry).__name__}")
+    doors: str | None = None
+    if entry.doors is not None:
+        for door in entry.doors:
+            if not isinstance(door, str) or not door or "," in door:
+                raise ValueError(f"door id {door!r} is not a plain non-empty id")
+        doors = ",".join(entry.doors)
+    return (entry.cred, entry.permit, entry.valid_from, entry.valid_until, doors,
+            entry.schedule)
+
+
 def _now_ms() -> int:
     return time.time_ns() // 1_000_000
 
@@ -194,8 +216,12 @@ class Store:
             raise StoreError(f"{path.parent}: cannot create the store directory: "
                              f"{exc.strerror}") from exc
         self._writer = self._connect()
-        self._migrate()
-        self._last_seq, self._last_hash = self._chain_head()
+        try:
+            self._migrate()
+            self._last_seq, self._last_hash = self._chain_head()
+        except BaseException:
+            self.close()
+            raise
 
     # -- connections ---------------------------------------------------------------
 
@@ -230,10 +256,8 @@ class Store:
         """Close every connection this store opened."""
         with self._conn_lock:
             for conn in self._connections:
-                try:
+                with contextlib.suppress(sqlite3.Error):
                     conn.close()
-                except sqlite3.Error:
-                    pass
             self._connections.clear()
 
     def db(self) -> sqlite_utils.Database:
@@ -257,12 +281,11 @@ class Store:
                 # executescript runs the whole migration and its version stamp as one
                 # transaction: a crash leaves the schema wholly old or wholly new.
                 self._writer.executescript(
-                    f"BEGIN IMMEDIATE;\n{MIGRATIONS[version - 1]}\n"
+                    f"BEGIN IMMEDIATE;\n{MIGRATIONS[version - 1]}\n"  # noqa: S608 - our own DDL
                     f"INSERT OR REPLACE INTO meta VALUES ('schema_version', '{version}');\n"
                     "COMMIT;")
         except sqlite3.DatabaseError as exc:
-            if self._writer.in_transaction:
-                self._writer.execute("ROLLBACK")
+            _rollback(self._writer)
             raise StoreError(f"{self.path}: cannot prepare the schema: {exc}") from exc
 
     def schema_version(self) -> int:
@@ -292,13 +315,15 @@ class Store:
             grant: Grant | None = None
             keys: tuple[bytes, ...] = (cred,)
             if row is not None:
-                doors = frozenset(row[2].split(",")) if row[2] is not None else None
+                doors = (None if row[2] is None
+                         else frozenset(row[2].split(",")) if row[2] else frozenset())
                 grant = Grant(row[0], row[1], doors, row[3])
                 if row[4] is not None:
                     keys = (cred, row[4])
+            marks = ",".join("?" * len(keys))
             revoked = conn.execute(
-                f"SELECT 1 FROM revocations WHERE key IN ({','.join('?' * len(keys))}) "  # noqa: S608 - placeholders only
-                "LIMIT 1", keys).fetchone() is not None
+                f"SELECT 1 FROM revocations WHERE key IN ({marks}) LIMIT 1",  # noqa: S608 - placeholders only
+                keys).fetchone() is not None
             prow = conn.execute("SELECT direction, at FROM presence WHERE cred=?",
                                 (cred,)).fetchone()
             presence = Presence(Direction(prow[0]), prow[1]) if prow else None
@@ -352,11 +377,7 @@ class Store:
                                  (*device, ts_ms))
                 conn.execute("COMMIT")
             except sqlite3.Error as exc:
-                if conn.in_transaction:
-                    try:
-                        conn.execute("ROLLBACK")
-                    except sqlite3.Error:
-                        pass
+                _rollback(conn)
                 raise StoreError(f"{self.path}: cannot record event {event.kind!r}: "
                                  f"{exc}") from exc
             stored = StoredEvent(seq, event_id, ts_ms, event.kind, event.door, event.reader,
@@ -384,9 +405,9 @@ class Store:
             clauses.append("ts_ms >= ?")
             args.append(since_ms)
         order = "DESC" if newest_first else "ASC"
-        sql = ("SELECT seq, event_id, ts_ms, kind, door, reader, direction, reason, cred, "
-               f"data, prev_hash, hash, acked FROM events WHERE {' AND '.join(clauses)} "  # noqa: S608 - fixed columns
-               f"ORDER BY seq {order}")
+        where = " AND ".join(clauses)
+        sql = ("SELECT seq, event_id, ts_ms, kind, door, reader, direction, reason, cred, "  # noqa: S608 - fixed columns, values bound
+               f"data, prev_hash, hash, acked FROM events WHERE {where} ORDER BY seq {order}")
         if limit is not None:
             sql += " LIMIT ?"
             args.append(limit)
@@ -472,8 +493,7 @@ class Store:
                              (anchor[1],))
                 conn.execute("COMMIT")
             except sqlite3.Error as exc:
-                if conn.in_transaction:
-                    conn.execute("ROLLBACK")
+                _rollback(conn)
                 raise StoreError(f"{self.path}: cannot prune events: {exc}") from exc
             return int(deleted)
 
@@ -493,9 +513,7 @@ class Store:
         Either every entry is applied and the version recorded, or nothing changes.
         Entries are streamed, never held in memory together.
         """
-        rows = ((e.cred, e.permit, e.valid_from, e.valid_until,
-                 ",".join(e.doors) if e.doors is not None else None, e.schedule)
-                for e in entries)
+        rows = (_credential_row(e) for e in entries)
         with self._write_lock:
             conn = self._writer
             try:
@@ -514,11 +532,15 @@ class Store:
                              (stream, version, self._clock_ms(),
                               json.dumps({"entries": count})))
                 conn.execute("COMMIT")
-            except (sqlite3.Error, ValueError, TypeError) as exc:
-                if conn.in_transaction:
-                    conn.execute("ROLLBACK")
+            except Exception as exc:
+                # Whatever failed (the database, a bad row, the source of the entries), the
+                # transaction is rolled back and the previous list stays in force.
+                _rollback(conn)
                 raise StoreError(f"{self.path}: allowlist version {version} not applied: "
-                                 f"{exc}") from exc
+                                 f"{type(exc).__name__}: {exc}") from exc
+            except BaseException:
+                _rollback(conn)
+                raise
             return count
 
     def revoke(self, keys: Sequence[tuple[bytes, str]], version: int | None = None,
@@ -536,8 +558,7 @@ class Store:
                                  (stream, version, self._clock_ms()))
                 conn.execute("COMMIT")
             except sqlite3.Error as exc:
-                if conn.in_transaction:
-                    conn.execute("ROLLBACK")
+                _rollback(conn)
                 raise StoreError(f"{self.path}: revocations not applied: {exc}") from exc
         return len(keys)
 

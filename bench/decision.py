@@ -134,7 +134,7 @@ def main() -> int:
         store.revoke([(agent.hasher.credential(card(i)) if i % 97 == 0
                        else hashlib.sha256(b"c%d" % i).digest(), "credential")
                       for i in revoked_ids], 1)
-        presentable = [i for i in range(0, args.entries - args.revocations, 97)]
+        presentable = list(range(0, args.entries - args.revocations, 97))
         revoked_presentable = [i for i in revoked_ids if i % 97 == 0] or [args.entries - 1]
         samples: list[float] = []
         grants: list[float] = []

@@ -8,7 +8,6 @@ demo, or ``permitgate sim`` through the agent's control socket.
 from __future__ import annotations
 
 import json
-import os
 import queue
 import threading
 from pathlib import Path
@@ -120,7 +119,7 @@ class SimulatedRelay(Relay):
         if path is not None:
             tmp = path.with_suffix(path.suffix + ".tmp")
             tmp.write_text(json.dumps({"relay": self.name, "unlocked": unlocked}))
-            os.replace(tmp, path)
+            tmp.replace(path)
 
     def close(self) -> None:
         """Nothing to release."""

@@ -19,9 +19,9 @@ from pathlib import Path
 
 import pytest
 
-from agent.demo import em4100_frame
 from agent.keys import CredentialHasher
 from agent.store import CredentialEntry, Store, StoredEvent
+from drivers.serial_reader import em4100_frame
 from tests.conftest import PtyPeer
 
 KEY = bytes(range(32))

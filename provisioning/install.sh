@@ -1,0 +1,58 @@
+#!/usr/bin/env bash
+# Installs permitgate as a systemd service on Debian / Raspberry Pi OS (run as root).
+#
+#   sudo provisioning/install.sh --config my-building.toml --site-key office-issued.key
+#   sudo systemctl enable --now permitgate
+#
+# Copies this checkout to /opt/permitgate, builds its virtual environment, creates the
+# `permitgate` system user, puts the configuration in /etc/permitgate and the site key in
+# /etc/permitgate/credentials (root only; systemd hands it to the agent as a credential),
+# validates the configuration, and installs the hardened unit. Safe to run again to upgrade.
+set -euo pipefail
+src="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+prefix=/opt/permitgate
+etc=/etc/permitgate
+config="" site_key=""
+while [ $# -gt 0 ]; do
+    case "$1" in
+        --config) config="$2"; shift 2 ;;
+        --site-key) site_key="$2"; shift 2 ;;
+        --prefix) prefix="$2"; shift 2 ;;
+        -h|--help) sed -n '2,11p' "$0"; exit 0 ;;
+        *) echo "install.sh: unknown argument '$1' (see --help)" >&2; exit 2 ;;
+    esac
+done
+[ "$(id -u)" = 0 ] || { echo "install.sh: run as root (sudo)" >&2; exit 2; }
+[ -z "$config" ] || [ -f "$config" ] || { echo "install.sh: --config $config: no such file" >&2; exit 2; }
+[ -z "$site_key" ] || [ -f "$site_key" ] || { echo "install.sh: --site-key $site_key: no such file" >&2; exit 2; }
+
+if [ "$src" != "$prefix" ]; then
+    mkdir -p "$prefix"
+    tar -C "$src" --exclude=.venv --exclude=.git --exclude=permitgate-data -cf - . | tar -C "$prefix" -xf -
+fi
+"$prefix/scripts/bootstrap.sh" runtime
+
+getent passwd permitgate >/dev/null || adduser --system --group --no-create-home --home /var/lib/permitgate permitgate
+for group in dialout gpio; do
+    getent group "$group" >/dev/null && usermod -a -G "$group" permitgate
+done
+
+install -d -m 0755 "$etc"
+install -d -m 0700 "$etc/credentials"
+if [ -n "$config" ]; then
+    install -m 0644 "$config" "$etc/permitgate.toml"
+elif [ ! -f "$etc/permitgate.toml" ]; then
+    install -m 0644 "$prefix/config/permitgate.example.toml" "$etc/permitgate.toml"
+    echo "install.sh: wrote the example configuration to $etc/permitgate.toml: edit it" >&2
+fi
+if [ -n "$site_key" ]; then
+    install -m 0600 "$site_key" "$etc/credentials/site.key"
+fi
+[ -f "$etc/credentials/site.key" ] || echo "install.sh: no site key yet: copy the office's key to $etc/credentials/site.key" >&2
+
+"$prefix/.venv/bin/permitgate" check-config --config "$etc/permitgate.toml"
+install -m 0644 "$prefix/systemd/permitgate.service" /etc/systemd/system/permitgate.service
+if [ -d /run/systemd/system ]; then
+    systemctl daemon-reload
+fi
+echo "installed: start it with 'systemctl enable --now permitgate'"

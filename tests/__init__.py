@@ -1,0 +1,1 @@
+"""The permitgate test suite."""

@@ -1,0 +1,53 @@
+"""Shared fixtures: a real pseudo-terminal standing in for a serial card reader."""
+
+from __future__ import annotations
+
+import os
+import tty
+from collections.abc import Iterator
+
+import pytest
+
+
+class PtyPeer:
+    """The device end of a pseudo-terminal; the driver opens ``path`` with pyserial.
+
+    The test keeps its own slave descriptor open so the pty outlives the driver's close
+    and reopen. Bytes written before the driver opens the port are lost: pyserial flushes
+    the input buffer on open.
+    """
+
+    def __init__(self) -> None:
+        self.master, self._slave = os.openpty()
+        # Raw at once, so nothing written before pyserial configures the port is echoed
+        # back or has CR turned into LF by the line discipline.
+        tty.setraw(self._slave)
+        self.path = os.ttyname(self._slave)
+        self._master_open = True
+
+    def write(self, data: bytes) -> None:
+        """Send ``data`` as if the reader had transmitted it."""
+        view = memoryview(data)
+        while view:
+            view = view[os.write(self.master, view):]
+
+    def hang_up(self) -> None:
+        """Close the device end, as when a USB reader is unplugged."""
+        if self._master_open:
+            self._master_open = False
+            os.close(self.master)
+
+    def close(self) -> None:
+        """Release both ends."""
+        self.hang_up()
+        os.close(self._slave)
+
+
+@pytest.fixture
+def pty_peer() -> Iterator[PtyPeer]:
+    """A fresh pseudo-terminal whose device end the test drives."""
+    peer = PtyPeer()
+    try:
+        yield peer
+    finally:
+        peer.close()
