@@ -69,6 +69,8 @@ class DoorWorker:
         self._clock = clock
         self._cond = threading.Condition()
         self._deadline = 0.0
+        self._egress_until = 0.0
+        self._pulse = False
         self._rex_until = 0.0
         self._opened_at: float | None = None
         self._stop = False
@@ -95,6 +97,9 @@ class DoorWorker:
                 log.info("door_grant_ignored", door=self.config.id, mode=self._mode.value)
                 return
             self._deadline = max(self._deadline, self._clock() + self.config.unlock_s)
+            # Every grant drives the relay at least once, even if the worker only gets to
+            # run after a very short unlock_s has already passed.
+            self._pulse = True
             self._cond.notify()
 
     def set_mode(self, mode: Mode) -> None:
@@ -162,11 +167,15 @@ class DoorWorker:
                 with self._cond:
                     if self._stop:
                         break
-                    self._cond.wait(POLL_S)
+                    # Wake at the relock deadline when it comes before the next input poll,
+                    # so the door relocks at unlock_s, not up to one poll period later.
+                    pending = self._deadline - self._clock()
+                    self._cond.wait(min(POLL_S, pending) if pending > 0 else POLL_S)
                     if self._stop:
                         break
-                    deadline, mode = self._deadline, self._mode
-                self._tick(deadline, mode)
+                    deadline, mode, pulse = self._deadline, self._mode, self._pulse
+                    self._pulse = False
+                self._tick(deadline, mode, pulse)
         except Exception as exc:  # the worker's one broad boundary
             log.exception("door_worker_failed", door=self.config.id, error=str(exc))
         finally:
@@ -175,7 +184,7 @@ class DoorWorker:
             self._emit("door_unlocked" if self.safe_unlocked else "door_locked",
                        reason="shutdown")
 
-    def _tick(self, deadline: float, mode: Mode) -> None:
+    def _tick(self, deadline: float, mode: Mode, pulse: bool = False) -> None:
         now = self._clock()
         if mode is not self.state.mode:
             self.state.mode = mode
@@ -184,13 +193,12 @@ class DoorWorker:
             self._rex_until = now + REX_GRACE_S
             self._emit("rex_pressed")
             if self.config.rex_unlocks:
-                with self._cond:
-                    # In lockdown an exit request must not leave an unlock deadline behind
-                    # that opens the door when lockdown ends (the same rule as grant()).
-                    if self._mode is not Mode.LOCKDOWN:
-                        self._deadline = max(self._deadline, now + self.config.unlock_s)
-                    deadline = self._deadline
-        want = mode is Mode.FREE_PASSAGE or (mode is not Mode.LOCKDOWN and now < deadline)
+                # Egress: an exit request releases the door in every mode, lockdown
+                # included; it never extends the card-grant deadline, so nothing of it is
+                # left to open the door when lockdown ends.
+                self._egress_until = now + self.config.unlock_s
+        want = (mode is Mode.FREE_PASSAGE or now < self._egress_until
+                or (mode is not Mode.LOCKDOWN and (now < deadline or pulse)))
         if want != self.state.unlocked:
             try:
                 self.relay.set(want)

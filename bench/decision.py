@@ -109,7 +109,7 @@ def main() -> int:
         args.entries, args.revocations, args.decisions = 20_000, 2_000, 300
     logs.configure("warning", "json", sys.stderr)
     rng = random.Random(7)
-    unlock_s = 0.02
+    unlock_s = 0.005
     with tempfile.TemporaryDirectory(prefix="permitgate-bench-") as tmp:
         folder = Path(tmp)
         config = parse_config(CONFIG.format(folder=folder, unlock_s=unlock_s), "<bench>")

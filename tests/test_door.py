@@ -423,19 +423,35 @@ def test_lockdown_relocks_a_door_unlocked_by_grant(make_door: DoorFactory) -> No
     assert not door.unlocked
 
 
-def test_rex_in_lockdown_does_not_unlock_later(make_door: DoorFactory) -> None:
-    """An exit request during lockdown does not unlock the door, not even when lockdown
-    ends within its unlock time."""
+def test_rex_in_lockdown_releases_for_egress_only(make_door: DoorFactory) -> None:
+    """During lockdown an exit request still releases the door for unlock_s (egress is never
+    blocked), and nothing of it is left to unlock the door again when lockdown ends."""
     door = make_door(rex_unlocks=True)
     door.worker.set_mode(Mode.LOCKDOWN)
     door.settle()
     door.set_rex(True)
     door.wait_event("rex_pressed")
+    door.wait_event("door_unlocked")
     door.set_rex(False)
-    door.settle()
+    door.at(UNLOCK_S + 0.1)
+    door.wait_event("door_locked", count=2)
     door.worker.set_mode(Mode.NORMAL)
     door.settle()
-    assert door.relay.history == [False]
+    assert door.relay.history == [False, True, False]
+
+
+def test_grant_always_pulses_the_relay(make_door: DoorFactory) -> None:
+    """A grant whose unlock time has already run out when the worker wakes still drives
+    the relay once: a grant never passes without the door being released."""
+    door = make_door()
+    door.settle()
+    # Hold the worker's lock so it cannot tick between the grant and the clock jump.
+    with door.worker._cond:  # noqa: SLF001 - orders the worker's wake-up after the jump
+        door.worker.grant()
+        door.at(UNLOCK_S * 10)
+    door.wait_event("door_unlocked")
+    door.wait_event("door_locked", count=2)
+    assert door.relay.history == [False, True, False]
 
 
 def test_free_passage_holds_the_door_unlocked(make_door: DoorFactory) -> None:
