@@ -51,7 +51,10 @@ READ_TIMEOUT_S = 0.2
 """How long a reader thread waits in ``read`` before checking for shutdown."""
 BACKOFF_S = (0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
 """Reopen delays after a reader fails; capped at 30 s so a replugged reader returns fast."""
-HOUSEKEEPING_S = 60.0
+CHECKPOINT_S = 2.0
+"""How often the housekeeping thread copies the WAL into the database. Card-path commits
+never checkpoint themselves (docs/performance.md): a checkpoint inside a commit costs
+several milliseconds and would land on whichever tap triggered it."""
 CLOCK_SKEW_TOLERANCE_MS = 5 * 60_000
 
 
@@ -140,7 +143,7 @@ class Agent:
         key_path = resolve_secret_path(self.config.keys.site_key, self.store_path.parent)
         self.hasher = CredentialHasher(load_site_key(
             key_path, generate_missing=self.config.keys.generate_missing))
-        self.store = Store(self.store_path)
+        self.store = Store(self.store_path, background_checkpoint=True)
         check = self.store.quick_check()
         if check != "ok":
             raise StoreError(f"{self.store_path}: integrity check failed: {check}")
@@ -320,8 +323,16 @@ class Agent:
                       "schedules are judged by this clock")
 
     def _housekeeping(self) -> None:
-        while not self._stopping.wait(min(HOUSEKEEPING_S, self.config.store.prune_interval_s)):
-            self.prune()
+        assert self.store is not None
+        next_prune = time.monotonic() + self.config.store.prune_interval_s
+        while not self._stopping.wait(CHECKPOINT_S):
+            try:
+                self.store.checkpoint()
+                if time.monotonic() >= next_prune:
+                    next_prune = time.monotonic() + self.config.store.prune_interval_s
+                    self.prune()
+            except Exception as exc:  # noqa: BLE001 - housekeeping's one broad boundary
+                log.error("housekeeping_failed", error=str(exc))
 
     def prune(self) -> int:
         """Apply event retention now; returns the number of events deleted."""

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import os
 import sqlite3
 import threading
 import time
@@ -71,7 +72,6 @@ MIGRATIONS: tuple[str, ...] = (
         acked INTEGER NOT NULL DEFAULT 0
     );
     CREATE INDEX events_unacked ON events(seq) WHERE acked = 0;
-    CREATE INDEX events_ts ON events(ts_ms);
     CREATE TABLE sync_state (
         stream TEXT PRIMARY KEY,
         version INTEGER NOT NULL,
@@ -175,6 +175,18 @@ class ChainReport:
     problems: tuple[str, ...]
 
 
+def time_ordered_uuid(ms: int) -> uuid.UUID:
+    """A version 7 UUID (RFC 9562): 48 bits of Unix milliseconds, then 74 random bits.
+
+    Ids that grow with time land on the rightmost page of the unique index, so an insert
+    touches one page there instead of a random one (the card path writes fewer pages).
+    """
+    rand = int.from_bytes(os.urandom(10), "big")
+    value = ((ms & 0xFFFF_FFFF_FFFF) << 80) | (0x7 << 76) | ((rand >> 62) & 0xFFF) << 64 \
+        | (0b10 << 62) | (rand & 0x3FFF_FFFF_FFFF_FFFF)
+    return uuid.UUID(int=value)
+
+
 def _rollback(conn: sqlite3.Connection) -> None:
     """Roll back an open transaction, if any; a failing rollback is not a second error."""
     if conn.in_transaction:
@@ -203,7 +215,8 @@ def _now_ms() -> int:
 class Store:
     """The agent's database. Open one per process; it hands each thread a connection."""
 
-    def __init__(self, path: Path, *, clock_ms: Any = _now_ms) -> None:
+    def __init__(self, path: Path, *, clock_ms: Any = _now_ms,
+                 background_checkpoint: bool = False) -> None:
         self.path = path
         self._clock_ms = clock_ms
         self._local = threading.local()
@@ -216,6 +229,10 @@ class Store:
             raise StoreError(f"{path.parent}: cannot create the store directory: "
                              f"{exc.strerror}") from exc
         self._writer = self._connect()
+        # The writer never checkpoints inside a commit; the agent's housekeeping thread
+        # calls checkpoint() instead. Tools that open the store briefly still checkpoint
+        # on close (SQLite does so when the last connection closes).
+        self._writer.execute(f"PRAGMA wal_autocheckpoint={0 if background_checkpoint else 1000}")
         try:
             self._migrate()
             self._last_seq, self._last_hash = self._chain_head()
@@ -288,6 +305,13 @@ class Store:
             _rollback(self._writer)
             raise StoreError(f"{self.path}: cannot prepare the schema: {exc}") from exc
 
+    def checkpoint(self) -> None:
+        """Copy committed WAL pages into the database file without blocking writers."""
+        try:
+            self._conn().execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+        except sqlite3.Error as exc:
+            raise StoreError(f"{self.path}: checkpoint failed: {exc}") from exc
+
     def schema_version(self) -> int:
         """The schema version of the open database."""
         return int(self.meta("schema_version") or 0)
@@ -356,7 +380,7 @@ class Store:
         """
         with self._write_lock:
             seq = self._last_seq + 1
-            event_id = str(uuid.uuid4())
+            event_id = str(time_ordered_uuid(self._clock_ms()))
             ts_ms = self._clock_ms()
             digest = event_hash(self._last_hash, seq, event_id, ts_ms, event)
             data = json.dumps(dict(event.data), sort_keys=True, separators=(",", ":"),

@@ -550,3 +550,22 @@ def test_no_raw_card_id_reaches_the_database_file(
     assert_clean()  # the main file and the WAL while the store is open
     store.close()
     assert_clean()  # after the last connection checkpoints the WAL into the main file
+
+
+def test_background_checkpoint_keeps_commits_out_of_checkpointing(tmp_path: Path) -> None:
+    """With background_checkpoint the writer never checkpoints inside a commit (the WAL
+    keeps every frame), and checkpoint() then copies all of them into the database."""
+    store = Store(tmp_path / "bg.db", background_checkpoint=True)
+    try:
+        for i in range(300):
+            store.append(Event("filler", data={"i": i, "pad": "x" * 400}))
+        wal = tmp_path / "bg.db-wal"
+        frames = wal.stat().st_size // 4096
+        assert frames > 1000  # the default autocheckpoint would have run at 1000 pages
+        store.checkpoint()
+        conn = sqlite3.connect(tmp_path / "bg.db")
+        busy, log_frames, done = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+        conn.close()
+        assert busy == 0 and log_frames == done
+    finally:
+        store.close()
