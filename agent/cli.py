@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from agent import __version__, logs
-from agent.config import Config, ConfigError, load_config
+from agent.config import DEFAULT_CONFIG_NAME, Config, ConfigError, load_config
 from agent.keys import SITE_KEY_BYTES, SecretError
 from agent.runtime import Agent, check_drivers, resolve_store_path
 from agent.store import Store, StoredEvent, StoreError
@@ -32,6 +32,10 @@ class UsageError(Exception):
     """A command-line argument is unusable; the message says which."""
 
 
+class FailureError(Exception):
+    """A runtime failure (exit status 1) that is not the store's; the message says which."""
+
+
 def _config_path(args: argparse.Namespace) -> Path | None:
     raw = args.config or os.environ.get("PERMITGATE_CONFIG")
     return Path(raw) if raw else None
@@ -40,7 +44,12 @@ def _config_path(args: argparse.Namespace) -> Path | None:
 def _load(args: argparse.Namespace) -> tuple[Config, Path | None]:
     path = _config_path(args)
     config = load_config(path)
-    check_drivers(config)
+    try:
+        check_drivers(config)
+    except DriverError as exc:
+        # Name the file, as configuration errors do: "readers[0].options.port" alone does
+        # not say which of several configurations (--config, $PERMITGATE_CONFIG) was read.
+        raise DriverError(f"{path or DEFAULT_CONFIG_NAME}: {exc}") from exc
     return config, path
 
 
@@ -203,10 +212,15 @@ def _print_events(events: Sequence[StoredEvent], out: TextIO, as_json: bool) -> 
 
 def cmd_events(args: argparse.Namespace, out: TextIO) -> int:
     """Tail, filter or verify the event log."""
+    # A bad --since is a usage error whatever state the store is in, so check it first.
+    since = parse_since(args.since) if getattr(args, "since", None) else None
     _, store = _open_store(args)
     try:
         if args.action == "verify":
             report = store.verify_chain()
+            if report.ok and report.checked == 0:
+                out.write("OK: no events stored\n")
+                return EXIT_OK
             if report.ok:
                 out.write(f"OK: {report.checked} events, seq {report.first_seq} to "
                           f"{report.last_seq}, hash chain intact\n")
@@ -216,7 +230,6 @@ def cmd_events(args: argparse.Namespace, out: TextIO) -> int:
             for problem in report.problems:
                 out.write(f"  {problem}\n")
             return EXIT_FAILURE
-        since = parse_since(args.since) if args.since else None
         events = store.events(kind=args.kind, door=args.door, reason=args.reason,
                               since_ms=since, limit=args.n, newest_first=True)
         events.reverse()
@@ -261,9 +274,13 @@ def cmd_sim(args: argparse.Namespace, out: TextIO) -> int:
         with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
             sock.sendto(json.dumps(msg).encode(), str(sock_path))
     except (FileNotFoundError, ConnectionRefusedError):
-        out.write(f"no agent with simulated devices is listening at {sock_path} "
-                  "(start it with 'permitgate run')\n")
-        return EXIT_FAILURE
+        raise FailureError(f"no agent with simulated devices is listening at {sock_path} "
+                           "(start it with 'permitgate run')") from None
+    except OSError as exc:
+        # e.g. PermissionError (the agent's socket is mode 0600, owned by its user) or a
+        # socket path longer than AF_UNIX allows (108 bytes on Linux).
+        raise FailureError(f"cannot reach the agent at {sock_path}: "
+                           f"{exc.strerror or exc}") from None
     out.write("sent\n")
     return EXIT_OK
 
@@ -275,6 +292,8 @@ def cmd_keygen(args: argparse.Namespace, out: TextIO) -> int:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     except FileExistsError:
         raise UsageError(f"{path}: exists already; refusing to overwrite a key") from None
+    except OSError as exc:
+        raise UsageError(f"{path}: cannot create the key file: {exc.strerror}") from None
     with os.fdopen(fd, "w") as fh:
         fh.write(os.urandom(SITE_KEY_BYTES).hex() + "\n")
     out.write(f"wrote a {SITE_KEY_BYTES}-byte site key to {path} (mode 0600)\n")
@@ -288,17 +307,30 @@ def cmd_safe_state(args: argparse.Namespace, out: TextIO) -> int:
     config, _ = _load(args)
     failed = 0
     for door in config.doors:
-        relay = registry.create("relay", door.relay.driver, f"{door.id}.relay",
-                                door.relay.options)
+        problem: Exception | None = None
         try:
-            relay.open()
-            relay.set(door.fail_mode == "safe")
-            relay.close()
+            relay = registry.create("relay", door.relay.driver, f"{door.id}.relay",
+                                    door.relay.options)
+        except Exception as exc:  # noqa: BLE001 - try every door, report each
+            relay, problem = None, exc
+        if relay is not None:
+            try:
+                relay.open()
+                relay.set(door.fail_mode == "safe")
+            except Exception as exc:  # noqa: BLE001 - try every door, report each
+                problem = exc
+            finally:
+                # Release the relay on every path, a failed set included.
+                try:
+                    relay.close()
+                except Exception as exc:  # noqa: BLE001 - reported with the door below
+                    problem = problem or exc
+        if problem is None:
             state = "unlocked (fail-safe)" if door.fail_mode == "safe" else "locked"
             out.write(f"{door.id}: {state}\n")
-        except Exception as exc:  # noqa: BLE001 - try every door, report each
+        else:
             failed += 1
-            out.write(f"{door.id}: FAILED to reach safe state: {exc}\n")
+            out.write(f"{door.id}: FAILED to reach safe state: {problem}\n")
     return EXIT_FAILURE if failed else EXIT_OK
 
 
@@ -307,10 +339,15 @@ def cmd_safe_state(args: argparse.Namespace, out: TextIO) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``permitgate``."""
+    # -c is accepted before or after the subcommand; SUPPRESS keeps a subcommand's
+    # absent -c from overwriting one given earlier on the line.
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("-c", "--config", help="configuration file (default: "
+    common.add_argument("-c", "--config", default=argparse.SUPPRESS, help="configuration "
+                        "file (default: $PERMITGATE_CONFIG, else the embedded defaults)")
+    top = argparse.ArgumentParser(add_help=False)
+    top.add_argument("-c", "--config", help="configuration file (default: "
                         "$PERMITGATE_CONFIG, else the embedded simulated defaults)")
-    parser = argparse.ArgumentParser(prog="permitgate", description=(
+    parser = argparse.ArgumentParser(prog="permitgate", parents=[top], description=(
         "Offline residence-permit door access agent."))
     parser.add_argument("--version", action="version", version=f"permitgate {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -324,7 +361,7 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--json", action="store_true")
     status.set_defaults(func=cmd_status)
 
-    events = sub.add_parser("events", help="read and verify the event log")
+    events = sub.add_parser("events", parents=[common], help="read and verify the event log")
     ev_sub = events.add_subparsers(dest="action", required=True, metavar="ACTION")
     for name, helptext in (("tail", "the newest events"), ("filter", "events matching "
                                                                       "filters")):
@@ -346,7 +383,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--keep", metavar="DIR", help="keep the demo's database in DIR")
     demo.set_defaults(func=cmd_demo)
 
-    sim = sub.add_parser("sim", help="drive a running agent's simulated devices")
+    sim = sub.add_parser("sim", parents=[common], help="drive a running agent's simulated "
+                         "devices")
     sim_sub = sim.add_subparsers(dest="sim_action", required=True, metavar="ACTION")
     tap = sim_sub.add_parser("tap", parents=[common], help="present a card")
     tap.add_argument("reader")
@@ -384,11 +422,13 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
     except (ConfigError, DriverError, SecretError, UsageError) as exc:
         sys.stderr.write(f"permitgate: {exc}\n")
         return EXIT_USAGE
-    except StoreError as exc:
-        sys.stderr.write(f"permitgate: {exc}\n")
-        return EXIT_FAILURE
     except BrokenPipeError:
         return EXIT_OK
+    except (StoreError, FailureError, OSError) as exc:
+        # OSError: the environment refused (permission denied on the state directory, a
+        # name too long); a message and status 1, not a traceback.
+        sys.stderr.write(f"permitgate: {exc}\n")
+        return EXIT_FAILURE
 
 
 if __name__ == "__main__":

@@ -1,14 +1,21 @@
 """The SQLite store: the only module that speaks SQL.
 
-One database file in WAL mode with ``synchronous=FULL``, so a commit is on disk before
-the call returns (an event is durable before its door opens). Holds the allowlist
-(credentials by keyed hash), revocations, presence for anti-passback, the hash-chained
-event log (which is also the outbox), sync state and the live state of doors and readers
-that ``permitgate status`` shows. Schema changes are numbered migrations.
+Two database files, both in WAL mode with ``synchronous=FULL`` so a commit is on disk
+before the call returns (an event is durable before its door opens):
 
-Threads: each thread reads through its own connection (``_conn()``); every write that
-extends the event chain goes through ``append`` under one lock, which keeps sequence
-numbers and the chain gap-free.
+- the **event database** (``store.path``): the hash-chained event log (also the outbox),
+  presence for anti-passback, and the live state of doors and readers for ``status``;
+- the **list database** (``<name>-lists.db`` beside it): the allowlist (credentials by
+  keyed hash), revocations and the version of every synced stream.
+
+They are separate so that applying a whole list, a long write transaction, never holds
+the write lock the card path needs to commit its event: taps go on being decided and
+recorded while a million-entry list is applied. Schema changes are numbered migrations
+per file.
+
+Threads: each thread reads through its own connections; every write that extends the
+event chain goes through ``append`` under one lock, which keeps sequence numbers and the
+chain gap-free.
 """
 
 from __future__ import annotations
@@ -31,26 +38,11 @@ import sqlite_utils
 from agent.decision import Direction, Grant, Lookup, Presence
 
 GENESIS = "0" * 64
-SCHEMA_VERSION = 1
 
-MIGRATIONS: tuple[str, ...] = (
+EVENT_MIGRATIONS: tuple[str, ...] = (
     # 1: the initial schema.
     """
     CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID;
-    CREATE TABLE credentials (
-        cred BLOB PRIMARY KEY,          -- HMAC-SHA256(site key, card id)
-        permit BLOB,                    -- HMAC-SHA256(site key, permit number)
-        valid_from INTEGER,             -- Unix s, inclusive; NULL = unbounded
-        valid_until INTEGER,            -- Unix s, exclusive; NULL = unbounded
-        doors TEXT,                     -- door ids joined by commas, NULL for every door
-        schedule TEXT NOT NULL DEFAULT 'always'
-    ) WITHOUT ROWID;
-    CREATE INDEX credentials_permit ON credentials(permit);
-    CREATE TABLE revocations (
-        key BLOB PRIMARY KEY,           -- a credential hash or a permit hash
-        kind TEXT NOT NULL CHECK (kind IN ('credential', 'permit')),
-        revoked_at INTEGER NOT NULL
-    ) WITHOUT ROWID;
     CREATE TABLE presence (
         cred BLOB PRIMARY KEY,
         direction TEXT NOT NULL,
@@ -72,12 +64,6 @@ MIGRATIONS: tuple[str, ...] = (
         acked INTEGER NOT NULL DEFAULT 0
     );
     CREATE INDEX events_unacked ON events(seq) WHERE acked = 0;
-    CREATE TABLE sync_state (
-        stream TEXT PRIMARY KEY,
-        version INTEGER NOT NULL,
-        updated_ms INTEGER NOT NULL,
-        detail TEXT
-    ) WITHOUT ROWID;
     CREATE TABLE device_state (
         kind TEXT NOT NULL,
         id TEXT NOT NULL,
@@ -88,6 +74,33 @@ MIGRATIONS: tuple[str, ...] = (
     """,
 )
 
+LIST_MIGRATIONS: tuple[str, ...] = (
+    # 1: the initial schema.
+    """
+    CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID;
+    CREATE TABLE credentials (
+        cred BLOB PRIMARY KEY,          -- HMAC-SHA256(site key, card id)
+        permit BLOB,                    -- HMAC-SHA256(permit key, permit number)
+        valid_from INTEGER,             -- Unix s, inclusive; NULL = unbounded
+        valid_until INTEGER,            -- Unix s, exclusive; NULL = unbounded
+        doors TEXT,                     -- door ids joined by commas, NULL for every door
+        schedule TEXT NOT NULL DEFAULT 'always'
+    ) WITHOUT ROWID;
+    CREATE INDEX credentials_permit ON credentials(permit);
+    CREATE TABLE revocations (
+        key BLOB PRIMARY KEY,           -- a credential hash or a permit hash
+        kind TEXT NOT NULL CHECK (kind IN ('credential', 'permit')),
+        revoked_at INTEGER NOT NULL
+    ) WITHOUT ROWID;
+    CREATE TABLE sync_state (
+        stream TEXT PRIMARY KEY,
+        version INTEGER NOT NULL,
+        updated_ms INTEGER NOT NULL,
+        detail TEXT
+    ) WITHOUT ROWID;
+    """,
+)
+SCHEMA_VERSION = len(EVENT_MIGRATIONS)
 
 _CREDENTIALS_TABLE = """CREATE TABLE {name} (
     cred BLOB PRIMARY KEY, permit BLOB, valid_from INTEGER, valid_until INTEGER, doors TEXT,
@@ -187,6 +200,26 @@ def time_ordered_uuid(ms: int) -> uuid.UUID:
     return uuid.UUID(int=value)
 
 
+def _too_new(path: Path, found: int, known: int) -> StoreError:
+    return StoreError(f"{path}: schema version {found} is newer than this agent understands "
+                      f"({known}); upgrade permitgate")
+
+
+def _statements(script: str) -> list[str]:
+    """Split an SQL script into statements with SQLite's own tokenizer (comments may
+    hold semicolons)."""
+    statements: list[str] = []
+    buffer = ""
+    for line in script.splitlines(keepends=True):
+        buffer += line
+        if sqlite3.complete_statement(buffer):
+            statements.append(buffer.strip())
+            buffer = ""
+    if buffer.strip():
+        statements.append(buffer.strip())
+    return statements
+
+
 def _rollback(conn: sqlite3.Connection) -> None:
     """Roll back an open transaction, if any; a failing rollback is not a second error."""
     if conn.in_transaction:
@@ -212,35 +245,31 @@ def _now_ms() -> int:
     return time.time_ns() // 1_000_000
 
 
-class Store:
-    """The agent's database. Open one per process; it hands each thread a connection."""
+def lists_path(path: Path) -> Path:
+    """The list database that belongs to the event database at ``path``."""
+    return path.with_name(f"{path.stem}-lists{path.suffix or '.db'}")
 
-    def __init__(self, path: Path, *, clock_ms: Any = _now_ms,
-                 background_checkpoint: bool = False) -> None:
+
+class _Database:
+    """One SQLite file: per-thread reader connections, one writer, its migrations."""
+
+    def __init__(self, path: Path, migrations: tuple[str, ...], *, autocheckpoint: bool
+                 ) -> None:
         self.path = path
-        self._clock_ms = clock_ms
         self._local = threading.local()
         self._connections: list[sqlite3.Connection] = []
         self._conn_lock = threading.Lock()
-        self._write_lock = threading.Lock()
+        self.write_lock = threading.Lock()
+        self.writer = self._connect()
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise StoreError(f"{path.parent}: cannot create the store directory: "
-                             f"{exc.strerror}") from exc
-        self._writer = self._connect()
-        # The writer never checkpoints inside a commit; the agent's housekeeping thread
-        # calls checkpoint() instead. Tools that open the store briefly still checkpoint
-        # on close (SQLite does so when the last connection closes).
-        self._writer.execute(f"PRAGMA wal_autocheckpoint={0 if background_checkpoint else 1000}")
-        try:
-            self._migrate()
-            self._last_seq, self._last_hash = self._chain_head()
+            # The event writer never checkpoints inside a commit (docs/performance.md): the
+            # agent's housekeeping thread calls checkpoint() instead. Short-lived tools
+            # still checkpoint when their last connection closes.
+            self.writer.execute(f"PRAGMA wal_autocheckpoint={1000 if autocheckpoint else 0}")
+            self._migrate(migrations)
         except BaseException:
             self.close()
             raise
-
-    # -- connections ---------------------------------------------------------------
 
     def _connect(self) -> sqlite3.Connection:
         try:
@@ -249,20 +278,20 @@ class Store:
             conn.execute("PRAGMA journal_mode=WAL")
             # FULL: in WAL mode the log is fsynced on every commit, so an event is on disk
             # before the door it records opens (NORMAL may lose the last commits on power
-            # loss: docs/durability.md).
+            # loss: docs/events.md).
             conn.execute("PRAGMA synchronous=FULL")
             conn.execute("PRAGMA busy_timeout=5000")
             # A whole-list apply grows the WAL to the size of the list (~250 MB for 1M
             # entries); truncate it back to 64 MB after checkpoints so the SD card keeps room.
             conn.execute("PRAGMA journal_size_limit=67108864")
-            conn.execute("PRAGMA foreign_keys=ON")
         except sqlite3.DatabaseError as exc:
             raise StoreError(f"{self.path}: cannot open the database: {exc}") from exc
         with self._conn_lock:
             self._connections.append(conn)
         return conn
 
-    def _conn(self) -> sqlite3.Connection:
+    def conn(self) -> sqlite3.Connection:
+        """This thread's connection."""
         conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
         if conn is None:
             conn = self._connect()
@@ -270,61 +299,108 @@ class Store:
         return conn
 
     def close(self) -> None:
-        """Close every connection this store opened."""
+        """Close every connection opened on this file."""
         with self._conn_lock:
             for conn in self._connections:
                 with contextlib.suppress(sqlite3.Error):
                     conn.close()
             self._connections.clear()
 
-    def db(self) -> sqlite_utils.Database:
-        """A sqlite-utils view on this thread's connection, for reports and tools."""
-        return sqlite_utils.Database(self._conn())
-
-    # -- schema --------------------------------------------------------------------
-
-    def _migrate(self) -> None:
-        db = sqlite_utils.Database(self._writer)
+    def _migrate(self, migrations: tuple[str, ...]) -> None:
+        # The version is read inside the write transaction, so two processes opening a
+        # new file at once (the agent and a `permitgate status`) cannot both migrate it;
+        # the whole migration and its version stamp commit together or not at all.
+        conn = self.writer
         try:
+            conn.execute("BEGIN IMMEDIATE")
             current = 0
-            if "meta" in db.table_names():
-                row = self._writer.execute(
+            if "meta" in sqlite_utils.Database(conn).table_names():
+                row = conn.execute(
                     "SELECT value FROM meta WHERE key='schema_version'").fetchone()
                 current = int(row[0]) if row else 0
-            if current > SCHEMA_VERSION:
-                raise StoreError(f"{self.path}: schema version {current} is newer than this "
-                                 f"agent understands ({SCHEMA_VERSION}); upgrade permitgate")
-            for version in range(current + 1, SCHEMA_VERSION + 1):
-                # executescript runs the whole migration and its version stamp as one
-                # transaction: a crash leaves the schema wholly old or wholly new.
-                self._writer.executescript(
-                    f"BEGIN IMMEDIATE;\n{MIGRATIONS[version - 1]}\n"  # noqa: S608 - our own DDL
-                    f"INSERT OR REPLACE INTO meta VALUES ('schema_version', '{version}');\n"
-                    "COMMIT;")
+            if current > len(migrations):
+                _rollback(conn)
+                raise _too_new(self.path, current, len(migrations))
+            for version in range(current + 1, len(migrations) + 1):
+                for statement in _statements(migrations[version - 1]):
+                    conn.execute(statement)
+                conn.execute("INSERT OR REPLACE INTO meta VALUES ('schema_version', ?)",
+                             (str(version),))
+            conn.execute("COMMIT")
         except sqlite3.DatabaseError as exc:
-            _rollback(self._writer)
+            _rollback(conn)
             raise StoreError(f"{self.path}: cannot prepare the schema: {exc}") from exc
+        except BaseException:
+            _rollback(conn)
+            raise
+
+    def meta(self, key: str) -> str | None:
+        """A value from this file's meta table."""
+        row = self.conn().execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()
+        return None if row is None else str(row[0])
+
+
+class Store:
+    """The agent's databases. Open one per process; it hands each thread connections."""
+
+    def __init__(self, path: Path, *, clock_ms: Any = _now_ms,
+                 background_checkpoint: bool = False) -> None:
+        self.path = path
+        self.lists_path = lists_path(path)
+        self._clock_ms = clock_ms
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StoreError(f"{path.parent}: cannot create the store directory: "
+                             f"{exc.strerror}") from exc
+        self._ev = _Database(path, EVENT_MIGRATIONS, autocheckpoint=not background_checkpoint)
+        try:
+            self._ls = _Database(self.lists_path, LIST_MIGRATIONS, autocheckpoint=True)
+        except BaseException:
+            self._ev.close()
+            raise
+        self._write_lock = self._ev.write_lock
+        self._writer = self._ev.writer
+        try:
+            self._last_seq, self._last_hash = self._chain_head()
+        except BaseException:
+            self.close()
+            raise
+
+    def _conn(self) -> sqlite3.Connection:
+        return self._ev.conn()
+
+    def close(self) -> None:
+        """Close every connection this store opened."""
+        self._ev.close()
+        self._ls.close()
+
+    def db(self) -> sqlite_utils.Database:
+        """A sqlite-utils view on this thread's event-database connection."""
+        return sqlite_utils.Database(self._ev.conn())
 
     def checkpoint(self) -> None:
-        """Copy committed WAL pages into the database file without blocking writers."""
+        """Copy committed WAL pages into the database files without blocking writers."""
         try:
-            self._conn().execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+            self._ev.conn().execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
         except sqlite3.Error as exc:
             raise StoreError(f"{self.path}: checkpoint failed: {exc}") from exc
 
     def schema_version(self) -> int:
-        """The schema version of the open database."""
+        """The schema version of the event database."""
         return int(self.meta("schema_version") or 0)
 
     def quick_check(self) -> str:
-        """SQLite's ``quick_check``: ``"ok"`` or the first problem found."""
-        row = self._conn().execute("PRAGMA quick_check").fetchone()
-        return str(row[0])
+        """SQLite's ``quick_check`` of both files: ``"ok"`` or the first problem found."""
+        for db in (self._ev, self._ls):
+            row = db.conn().execute("PRAGMA quick_check").fetchone()
+            if str(row[0]) != "ok":
+                return f"{db.path.name}: {row[0]}"
+        return "ok"
 
     def meta(self, key: str) -> str | None:
-        """A value from the meta table."""
-        row = self._conn().execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()
-        return None if row is None else str(row[0])
+        """A value from the event database's meta table."""
+        return self._ev.meta(key)
 
     # -- decisions -----------------------------------------------------------------
 
@@ -332,7 +408,7 @@ class Store:
         """Everything the decision needs about ``cred``; a database error becomes
         ``Lookup.error`` so the decision can deny with a reason instead of raising."""
         try:
-            conn = self._conn()
+            conn = self._ls.conn()
             row = conn.execute(
                 "SELECT valid_from, valid_until, doors, schedule, permit FROM credentials "
                 "WHERE cred=?", (cred,)).fetchone()
@@ -348,7 +424,7 @@ class Store:
             revoked = conn.execute(
                 f"SELECT 1 FROM revocations WHERE key IN ({marks}) LIMIT 1",  # noqa: S608 - placeholders only
                 keys).fetchone() is not None
-            prow = conn.execute("SELECT direction, at FROM presence WHERE cred=?",
+            prow = self._ev.conn().execute("SELECT direction, at FROM presence WHERE cred=?",
                                 (cred,)).fetchone()
             presence = Presence(Direction(prow[0]), prow[1]) if prow else None
         except (sqlite3.Error, ValueError) as exc:
@@ -538,8 +614,8 @@ class Store:
         Entries are streamed, never held in memory together.
         """
         rows = (_credential_row(e) for e in entries)
-        with self._write_lock:
-            conn = self._writer
+        with self._ls.write_lock:
+            conn = self._ls.writer
             try:
                 conn.execute("BEGIN IMMEDIATE")
                 # Fill a fresh table and index it afterwards: one sort for the index beats
@@ -560,7 +636,7 @@ class Store:
                 # Whatever failed (the database, a bad row, the source of the entries), the
                 # transaction is rolled back and the previous list stays in force.
                 _rollback(conn)
-                raise StoreError(f"{self.path}: allowlist version {version} not applied: "
+                raise StoreError(f"{self.lists_path}: allowlist version {version} not applied: "
                                  f"{type(exc).__name__}: {exc}") from exc
             except BaseException:
                 _rollback(conn)
@@ -571,8 +647,8 @@ class Store:
                *, stream: str = "revocations") -> int:
         """Record revocations ``(hash, 'credential'|'permit')`` in one transaction."""
         now_s = self._clock_ms() // 1000
-        with self._write_lock:
-            conn = self._writer
+        with self._ls.write_lock:
+            conn = self._ls.writer
             try:
                 conn.execute("BEGIN IMMEDIATE")
                 conn.executemany("INSERT OR REPLACE INTO revocations VALUES (?,?,?)",
@@ -583,7 +659,7 @@ class Store:
                 conn.execute("COMMIT")
             except sqlite3.Error as exc:
                 _rollback(conn)
-                raise StoreError(f"{self.path}: revocations not applied: {exc}") from exc
+                raise StoreError(f"{self.lists_path}: revocations not applied: {exc}") from exc
         return len(keys)
 
     # -- status --------------------------------------------------------------------
@@ -601,19 +677,19 @@ class Store:
 
     def sync_states(self) -> list[dict[str, Any]]:
         """Version and time of every synced stream."""
-        return list(self.db().query(
+        return list(sqlite_utils.Database(self._ls.conn()).query(
             "SELECT stream, version, updated_ms, detail FROM sync_state ORDER BY stream"))
 
     def counts(self) -> dict[str, int]:
         """Row counts that ``status`` reports."""
-        conn = self._conn()
-        def one(sql: str) -> int:
+        def one(conn: sqlite3.Connection, sql: str) -> int:
             return int(conn.execute(sql).fetchone()[0])
+        ev, ls = self._ev.conn(), self._ls.conn()
         return {
-            "credentials": one("SELECT count(*) FROM credentials"),
-            "revocations": one("SELECT count(*) FROM revocations"),
-            "events": one("SELECT count(*) FROM events"),
-            "outbox": one("SELECT count(*) FROM events WHERE acked = 0"),
+            "credentials": one(ls, "SELECT count(*) FROM credentials"),
+            "revocations": one(ls, "SELECT count(*) FROM revocations"),
+            "events": one(ev, "SELECT count(*) FROM events"),
+            "outbox": one(ev, "SELECT count(*) FROM events WHERE acked = 0"),
         }
 
 

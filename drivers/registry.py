@@ -50,7 +50,10 @@ def driver_class(kind: Kind, name: str) -> type[Any]:
 
 def check_options(kind: Kind, name: str, options: dict[str, Any], where: str) -> None:
     """Validate a driver's options without opening anything; errors name ``where``."""
-    cls = driver_class(kind, name)
+    try:
+        cls = driver_class(kind, name)
+    except DriverError as exc:
+        raise DriverError(f"{where}.driver: {exc}") from exc
     try:
         cls.Options.model_validate(options)
     except ValidationError as exc:

@@ -30,6 +30,7 @@ from agent.store import (
     Store,
     StoredEvent,
     StoreError,
+    lists_path,
 )
 
 DAY_MS = 86_400_000
@@ -110,17 +111,23 @@ def head(store: Store) -> StoredEvent:
 
 
 def test_new_database_gets_schema_version_1(store: Store, db_path: Path) -> None:
-    """A new database file is created with every table and schema version 1 recorded."""
+    """New event and list database files are created in WAL mode with their tables and
+    schema version 1 recorded in each."""
     assert SCHEMA_VERSION == 1
     assert store.schema_version() == 1
     assert store.quick_check() == "ok"
-    with raw(db_path) as conn:
-        tables = {row[0] for row in conn.execute(
-            "SELECT name FROM sqlite_master WHERE type = 'table'")}
-        journal = conn.execute("PRAGMA journal_mode").fetchone()[0]
-    assert {"meta", "credentials", "revocations", "presence", "events", "sync_state",
-            "device_state"} <= tables
-    assert journal == "wal"
+    expected = {db_path: {"meta", "presence", "events", "device_state"},
+                lists_path(db_path): {"meta", "credentials", "revocations", "sync_state"}}
+    for path, wanted in expected.items():
+        with raw(path) as conn:
+            tables = {row[0] for row in conn.execute(
+                "SELECT name FROM sqlite_master WHERE type = 'table'")}
+            journal = conn.execute("PRAGMA journal_mode").fetchone()[0]
+            version = conn.execute(
+                "SELECT value FROM meta WHERE key = 'schema_version'").fetchone()[0]
+        assert wanted <= tables
+        assert journal == "wal"
+        assert version == "1"
 
 
 def test_reopening_is_idempotent(open_store: Callable[[], Store], db_path: Path) -> None:
@@ -495,7 +502,7 @@ def test_lookup_on_a_closed_store_returns_an_error(store: Store) -> None:
 def test_lookup_on_a_broken_schema_returns_an_error(store: Store, db_path: Path) -> None:
     """lookup on a database whose tables have gone returns Lookup(error=...) naming the
     problem instead of raising."""
-    with raw(db_path) as conn:
+    with raw(lists_path(db_path)) as conn:
         conn.execute("DROP TABLE credentials")
     lookup = store.lookup(CRED_A)
     assert lookup.error is not None
