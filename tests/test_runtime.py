@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sqlite3
+import threading
 import time
 from collections.abc import Callable, Iterator
 from datetime import date, datetime
@@ -241,3 +242,30 @@ def test_clock_state(now: datetime, last: int | None, expected: str) -> None:
     floor = datetime(2026, 1, 1, tzinfo=ZoneInfo("UTC"))
     assert clock_state(int(now.timestamp() * 1000), last, floor) == expected
     assert date(2026, 1, 1) == floor.date()
+
+
+def test_taps_are_decided_and_recorded_while_a_whole_list_is_applied(
+        harness: Harness) -> None:
+    """A long whole-list apply does not hold up the card path: a tap made while the apply
+    is still running is decided (on the old list) and its event committed before the
+    apply finishes."""
+    hasher = CredentialHasher(KEY)
+    started = threading.Event()
+
+    def big_list() -> Iterator[CredentialEntry]:
+        yield CredentialEntry(hasher.credential(CARD))
+        started.set()
+        for i in range(400_000):
+            yield CredentialEntry(i.to_bytes(32, "big"))
+
+    applier = threading.Thread(target=harness.store.replace_allowlist, args=(big_list(), 2))
+    applier.start()
+    try:
+        assert started.wait(10)
+        decision = harness.tap("front-in", CARD, 1)
+        assert applier.is_alive(), "the apply finished first: make the list longer"
+        assert decision == Decision(True, Reason.GRANTED)
+        assert any(e.kind == "access_granted" for e in harness.store.events())
+    finally:
+        applier.join()
+    assert harness.store.counts()["credentials"] == 400_001
