@@ -123,7 +123,7 @@ def status_report(config: Config, store: Store) -> dict[str, Any]:
         state = json.loads(row["state"])
         devices.setdefault(row["kind"], {})[row["id"]] = {**state, "since_ms": row["since_ms"]}
     syncs = {row["stream"]: row for row in store.sync_states()}
-    allowlist = syncs.get("allowlist")
+    allowlist = syncs.get("list")
     counts = store.counts()
     return {
         "site": config.site.site_id,

@@ -58,6 +58,9 @@ class Reason(StrEnum):
     ANTI_PASSBACK = "anti_passback"
     LOCKDOWN = "lockdown"
     STORE_ERROR = "store_error"
+    STALE_UNCONFIRMED = "stale_unconfirmed"
+    """The lists are stale (no valid heartbeat from the office for too long) and the
+    offline policy admits only permits the office confirmed recently; this one was not."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,6 +75,8 @@ class Grant:
     valid_until: int | None = None
     doors: frozenset[str] | None = None
     schedule: str = "always"
+    confirmed_at: int | None = None
+    """When the office last confirmed the permit with the registry (Unix s), or None."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,6 +106,9 @@ class Policy:
     passback_reset_s: int = 24 * 3600
     holidays: frozenset[date] = frozenset()
     schedules: Mapping[str, WeeklySchedule] = field(default_factory=dict)
+    stale_cutoff: int | None = None
+    """Set while the lists are stale under the ``recent_only`` offline policy: a grant
+    whose ``confirmed_at`` is older than this (Unix s) is denied."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -160,6 +168,9 @@ def decide(request: Request, lookup: Lookup, policy: Policy) -> Decision:  # noq
     grant = lookup.grant
     if grant is None:
         return Decision(False, Reason.UNKNOWN_CARD)
+    if policy.stale_cutoff is not None and (grant.confirmed_at is None
+                                            or grant.confirmed_at < policy.stale_cutoff):
+        return Decision(False, Reason.STALE_UNCONFIRMED)
     # floor, not int(): int() rounds towards zero, so half a second before a valid_from of 0
     # (or any instant before 1970, e.g. an RTC-less board's boot clock) would count as on it.
     now_s = floor(request.now.timestamp())

@@ -74,9 +74,9 @@ def demo_entries(hasher: CredentialHasher, now: datetime) -> list[CredentialEntr
 
 def seed_demo(store: Store, hasher: CredentialHasher, now: datetime) -> bool:
     """Load the demo allowlist into an empty store (embedded defaults and demo only)."""
-    if any(s["stream"] == "allowlist" for s in store.sync_states()):
+    if any(s["stream"] == "list" for s in store.sync_states()):
         return False
-    store.replace_allowlist(demo_entries(hasher, now), version=0, stream="allowlist")
+    store.replace_allowlist(demo_entries(hasher, now), version=0, stream="list")
     store.revoke([(hasher.permit(p), "permit") for p in REVOKED_PERMITS])
     return True
 

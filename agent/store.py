@@ -84,7 +84,8 @@ LIST_MIGRATIONS: tuple[str, ...] = (
         valid_from INTEGER,             -- Unix s, inclusive; NULL = unbounded
         valid_until INTEGER,            -- Unix s, exclusive; NULL = unbounded
         doors TEXT,                     -- door ids joined by commas, NULL for every door
-        schedule TEXT NOT NULL DEFAULT 'always'
+        schedule TEXT NOT NULL DEFAULT 'always',
+        confirmed_at INTEGER            -- Unix s the office last confirmed the permit
     ) WITHOUT ROWID;
     CREATE INDEX credentials_permit ON credentials(permit);
     CREATE TABLE revocations (
@@ -104,7 +105,10 @@ SCHEMA_VERSION = len(EVENT_MIGRATIONS)
 
 _CREDENTIALS_TABLE = """CREATE TABLE {name} (
     cred BLOB PRIMARY KEY, permit BLOB, valid_from INTEGER, valid_until INTEGER, doors TEXT,
-    schedule TEXT NOT NULL DEFAULT 'always') WITHOUT ROWID"""
+    schedule TEXT NOT NULL DEFAULT 'always', confirmed_at INTEGER) WITHOUT ROWID"""
+_REVOCATIONS_TABLE = """CREATE TABLE {name} (
+    key BLOB PRIMARY KEY, kind TEXT NOT NULL CHECK (kind IN ('credential', 'permit')),
+    revoked_at INTEGER NOT NULL) WITHOUT ROWID"""
 """The allowlist table as ``replace_allowlist`` rebuilds it (same columns as migration 1)."""
 
 
@@ -122,6 +126,7 @@ class CredentialEntry:
     valid_until: int | None = None
     doors: tuple[str, ...] | None = None
     schedule: str = "always"
+    confirmed_at: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -238,7 +243,7 @@ def _credential_row(entry: CredentialEntry) -> tuple[Any, ...]:
                 raise ValueError(f"door id {door!r} is not a plain non-empty id")
         doors = ",".join(entry.doors)
     return (entry.cred, entry.permit, entry.valid_from, entry.valid_until, doors,
-            entry.schedule)
+            entry.schedule, entry.confirmed_at)
 
 
 def _now_ms() -> int:
@@ -410,14 +415,14 @@ class Store:
         try:
             conn = self._ls.conn()
             row = conn.execute(
-                "SELECT valid_from, valid_until, doors, schedule, permit FROM credentials "
-                "WHERE cred=?", (cred,)).fetchone()
+                "SELECT valid_from, valid_until, doors, schedule, permit, confirmed_at "
+                "FROM credentials WHERE cred=?", (cred,)).fetchone()
             grant: Grant | None = None
             keys: tuple[bytes, ...] = (cred,)
             if row is not None:
                 doors = (None if row[2] is None
                          else frozenset(row[2].split(",")) if row[2] else frozenset())
-                grant = Grant(row[0], row[1], doors, row[3])
+                grant = Grant(row[0], row[1], doors, row[3], row[5])
                 if row[4] is not None:
                     keys = (cred, row[4])
             marks = ",".join("?" * len(keys))
@@ -607,7 +612,7 @@ class Store:
     # -- allowlist -----------------------------------------------------------------
 
     def replace_allowlist(self, entries: Iterable[CredentialEntry], version: int,
-                          *, stream: str = "allowlist") -> int:
+                          *, stream: str = "list") -> int:
         """Replace the whole allowlist with ``entries`` in one transaction.
 
         Either every entry is applied and the version recorded, or nothing changes.
@@ -623,7 +628,7 @@ class Store:
                 # docs/performance.md). Readers keep seeing the old list until COMMIT.
                 conn.execute("DROP TABLE IF EXISTS credentials_new")
                 conn.execute(_CREDENTIALS_TABLE.format(name="credentials_new"))
-                cur = conn.executemany("INSERT INTO credentials_new VALUES (?,?,?,?,?,?)", rows)
+                cur = conn.executemany("INSERT INTO credentials_new VALUES (?,?,?,?,?,?,?)", rows)
                 count = int(cur.rowcount)
                 conn.execute("DROP TABLE credentials")
                 conn.execute("ALTER TABLE credentials_new RENAME TO credentials")
@@ -661,6 +666,121 @@ class Store:
                 _rollback(conn)
                 raise StoreError(f"{self.lists_path}: revocations not applied: {exc}") from exc
         return len(keys)
+
+    # -- sync ----------------------------------------------------------------------
+
+    def versions(self) -> dict[str, int]:
+        """The highest applied version or sequence number of every synced stream."""
+        rows = self._ls.conn().execute("SELECT stream, version FROM sync_state").fetchall()
+        return {str(r[0]): int(r[1]) for r in rows}
+
+    def stream_detail(self, stream: str) -> dict[str, Any] | None:
+        """The JSON detail recorded with a stream's version, or None."""
+        row = self._ls.conn().execute("SELECT detail FROM sync_state WHERE stream=?",
+                                      (stream,)).fetchone()
+        return json.loads(row[0]) if row and row[0] else None
+
+    def set_stream(self, stream: str, version: int, detail: Mapping[str, Any] | None = None
+                   ) -> None:
+        """Record a stream's version (and detail) durably."""
+        self._list_write("record stream state", lambda c: c.execute(
+            "INSERT OR REPLACE INTO sync_state VALUES (?,?,?,?)",
+            (stream, version, self._clock_ms(), json.dumps(dict(detail)) if detail else None)))
+
+    def begin_snapshot(self) -> None:
+        """Prepare empty staging tables for a snapshot arriving in chunks; a previous,
+        unfinished staging (a crash mid-download) is discarded."""
+        def run(conn: sqlite3.Connection) -> None:
+            conn.execute("DROP TABLE IF EXISTS credentials_new")
+            conn.execute("DROP TABLE IF EXISTS revocations_new")
+            conn.execute(_CREDENTIALS_TABLE.format(name="credentials_new"))
+            conn.execute(_REVOCATIONS_TABLE.format(name="revocations_new"))
+        self._list_write("begin snapshot", run)
+
+    def add_snapshot_chunk(self, entries: Iterable[CredentialEntry],
+                           revoked: Iterable[tuple[bytes, str]]) -> None:
+        """Stage one chunk. The live list is untouched until ``commit_snapshot``."""
+        now_s = self._clock_ms() // 1000
+        def run(conn: sqlite3.Connection) -> None:
+            conn.executemany("INSERT INTO credentials_new VALUES (?,?,?,?,?,?,?)",
+                             (_credential_row(e) for e in entries))
+            conn.executemany("INSERT OR REPLACE INTO revocations_new VALUES (?,?,?)",
+                             ((k, kind, now_s) for k, kind in revoked))
+        self._list_write("stage snapshot chunk", run)
+
+    def commit_snapshot(self, version: int, streams: Mapping[str, int],
+                        expected: tuple[int, int]) -> None:
+        """Swap the staged list and revocations in, in one transaction, with the list
+        version and the revocation streams' seqs it covers. ``expected`` (entries,
+        revocations) must match what was staged, or nothing changes."""
+        def run(conn: sqlite3.Connection) -> None:
+            staged = (int(conn.execute("SELECT count(*) FROM credentials_new").fetchone()[0]),
+                      int(conn.execute("SELECT count(*) FROM revocations_new").fetchone()[0]))
+            if staged != expected:
+                raise ValueError(f"staged {staged[0]} entries and {staged[1]} revocations, "
+                                 f"the manifest lists {expected[0]} and {expected[1]}")
+            conn.execute("DROP TABLE credentials")
+            conn.execute("ALTER TABLE credentials_new RENAME TO credentials")
+            conn.execute("CREATE INDEX credentials_permit ON credentials(permit)")
+            conn.execute("DROP TABLE revocations")
+            conn.execute("ALTER TABLE revocations_new RENAME TO revocations")
+            now = self._clock_ms()
+            conn.execute("INSERT OR REPLACE INTO sync_state VALUES ('list',?,?,?)",
+                         (version, now, json.dumps({"entries": staged[0],
+                                                    "revocations": staged[1]})))
+            for stream, seq in streams.items():
+                conn.execute("INSERT OR REPLACE INTO sync_state VALUES (?,?,?,NULL)",
+                             (stream, seq, now))
+        self._list_write(f"apply snapshot version {version}", run)
+
+    def abort_snapshot(self) -> None:
+        """Discard a staged snapshot."""
+        def run(conn: sqlite3.Connection) -> None:
+            conn.execute("DROP TABLE IF EXISTS credentials_new")
+            conn.execute("DROP TABLE IF EXISTS revocations_new")
+        self._list_write("discard snapshot", run)
+
+    def apply_delta(self, base: int, version: int, upsert: Iterable[CredentialEntry],
+                    remove: Iterable[bytes]) -> None:
+        """Apply changes on top of list version ``base`` as version ``version``, in one
+        transaction; refused (StoreError) unless the current version is ``base``."""
+        def run(conn: sqlite3.Connection) -> None:
+            row = conn.execute("SELECT version FROM sync_state WHERE stream='list'").fetchone()
+            current = int(row[0]) if row else 0
+            if current != base:
+                raise ValueError(f"delta is based on version {base}, the list is at "
+                                 f"{current}")
+            conn.executemany("INSERT OR REPLACE INTO credentials VALUES (?,?,?,?,?,?,?)",
+                             (_credential_row(e) for e in upsert))
+            conn.executemany("DELETE FROM credentials WHERE cred=?", ((c,) for c in remove))
+            conn.execute("INSERT OR REPLACE INTO sync_state VALUES ('list',?,?,NULL)",
+                         (version, self._clock_ms()))
+        self._list_write(f"apply delta to version {version}", run)
+
+    def _list_write(self, what: str, work: Any) -> None:
+        with self._ls.write_lock:
+            conn = self._ls.writer
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+                work(conn)
+                conn.execute("COMMIT")
+            except Exception as exc:
+                _rollback(conn)
+                raise StoreError(f"{self.lists_path}: cannot {what}: "
+                                 f"{type(exc).__name__}: {exc}") from exc
+            except BaseException:
+                _rollback(conn)
+                raise
+
+    def first_unacked(self) -> int | None:
+        """The oldest event the central office has not acknowledged, or None."""
+        row = self._ev.conn().execute(
+            "SELECT min(seq) FROM events WHERE acked = 0").fetchone()
+        return None if row is None or row[0] is None else int(row[0])
+
+    def last_seq(self) -> int:
+        """The sequence number of the newest event."""
+        return self._last_seq
 
     # -- status --------------------------------------------------------------------
 

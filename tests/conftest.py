@@ -1,12 +1,16 @@
-"""Shared fixtures: a real pseudo-terminal standing in for a serial card reader."""
+"""Shared fixtures: a real pseudo-terminal standing in for a serial card reader, and real
+Mosquitto brokers (tests/broker.py)."""
 
 from __future__ import annotations
 
 import os
 import tty
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
+
+from tests.broker import Broker, BrokerPool
 
 
 class PtyPeer:
@@ -51,3 +55,20 @@ def pty_peer() -> Iterator[PtyPeer]:
         yield peer
     finally:
         peer.close()
+
+
+@pytest.fixture
+def brokers(tmp_path: Path) -> Iterator[BrokerPool]:
+    """Starts Mosquitto brokers on demand (``brokers.start(tls=..., acl_file=...)``) and
+    stops every one of them at teardown, whatever the test did."""
+    pool = BrokerPool(tmp_path / "brokers")
+    try:
+        yield pool
+    finally:
+        pool.close()
+
+
+@pytest.fixture
+def broker(brokers: BrokerPool) -> Broker:
+    """A running Mosquitto with one plain, anonymous listener on 127.0.0.1."""
+    return brokers.start()

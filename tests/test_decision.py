@@ -58,6 +58,9 @@ MON_10 = local(2, 10)
 MON_10_S = int(MON_10.timestamp())
 
 
+MON_10_S = int(MON_10.timestamp())
+
+
 def policy(**changes: Any) -> Policy:
     """The normal test policy with ``changes`` applied."""
     return dataclasses.replace(NORMAL, **changes)
@@ -219,6 +222,17 @@ CASES: list[tuple[str, Request, Lookup, Policy, Decision]] = [
      policy(mode=Mode.FREE_PASSAGE, passback=Passback.HARD),
      Decision(True, Reason.GRANTED_FREE_PASSAGE)),
     # -- store errors ---------------------------------------------------------------------
+    ("stale_unconfirmed", request(), Lookup(grant=Grant(confirmed_at=MON_10_S - 10)),
+     policy(stale_cutoff=MON_10_S - 5), denied(Reason.STALE_UNCONFIRMED)),
+    ("stale_never_confirmed", request(), Lookup(grant=Grant()),
+     policy(stale_cutoff=MON_10_S - 5), denied(Reason.STALE_UNCONFIRMED)),
+    ("stale_but_confirmed_recently", request(), Lookup(grant=Grant(confirmed_at=MON_10_S)),
+     policy(stale_cutoff=MON_10_S - 5), GRANTED),
+    ("stale_cutoff_inclusive", request(), Lookup(grant=Grant(confirmed_at=MON_10_S - 5)),
+     policy(stale_cutoff=MON_10_S - 5), GRANTED),
+    ("stale_revoked_still_revoked", request(),
+     Lookup(grant=Grant(confirmed_at=MON_10_S), revoked=True),
+     policy(stale_cutoff=MON_10_S - 5), denied(Reason.REVOKED)),
     ("store_error", request(), Lookup(error="OperationalError: disk I/O error"), NORMAL,
      denied(Reason.STORE_ERROR)),
     ("store_error_despite_grant", request(), Lookup(grant=Grant(), error="boom"), NORMAL,

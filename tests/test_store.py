@@ -357,7 +357,7 @@ def test_replace_allowlist_then_lookup_returns_the_fields(store: Store) -> None:
     unknown = store.lookup(CRED_C)
     assert (unknown.grant, unknown.revoked, unknown.error) == (None, False, None)
     [state] = store.sync_states()
-    assert (state["stream"], state["version"]) == ("allowlist", 3)
+    assert (state["stream"], state["version"]) == ("list", 3)
 
 
 def test_replace_allowlist_replaces_the_whole_list(store: Store) -> None:
@@ -397,7 +397,7 @@ def test_failed_replace_allowlist_changes_nothing(store: Store, bad: str) -> Non
     assert store.lookup(CRED_A).grant == Grant(doors=frozenset({"front"}))
     assert store.lookup(CRED_B).grant is None
     assert store.lookup(CRED_C).grant is None
-    assert [(s["stream"], s["version"]) for s in store.sync_states()] == [("allowlist", 1)]
+    assert [(s["stream"], s["version"]) for s in store.sync_states()] == [("list", 1)]
     # The next writes go through: the failed list left no transaction open behind it.
     assert store.append(Event("door_locked")).seq == 1
     assert store.replace_allowlist([CredentialEntry(CRED_C)], version=3) == 1
