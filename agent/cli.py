@@ -87,7 +87,7 @@ def cmd_run(args: argparse.Namespace, out: TextIO) -> int:
 
         agent.start = start_and_seed  # type: ignore[method-assign]
     agent.run_forever()
-    return EXIT_OK
+    return EXIT_FAILURE if agent.failed else EXIT_OK
 
 
 def cmd_check_config(args: argparse.Namespace, out: TextIO) -> int:
@@ -116,6 +116,18 @@ def _iso(ms: int) -> str:
     return datetime.fromtimestamp(ms / 1000, UTC).isoformat(timespec="milliseconds")
 
 
+def _pid_alive(pid: object) -> bool:
+    if not isinstance(pid, int):
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def status_report(config: Config, store: Store) -> dict[str, Any]:
     """Everything ``status`` shows, as plain data."""
     devices: dict[str, dict[str, Any]] = {}
@@ -125,14 +137,24 @@ def status_report(config: Config, store: Store) -> dict[str, Any]:
     syncs = {row["stream"]: row for row in store.sync_states()}
     allowlist = syncs.get("list")
     counts = store.counts()
+    agent = devices.get("system", {}).get("agent", {"state": "never started"})
+    if agent.get("state") == "running" and not _pid_alive(agent.get("pid")):
+        # Recorded as running, but that process is gone: it was killed or crashed before
+        # it could record its stop (the next start records the recovery).
+        agent = {**agent, "state": "not running (ended without a clean stop)"}
+    doors = {}
+    for d in config.doors:
+        door = devices.get("door", {}).get(d.id, {"lock": "unknown"})
+        if d.contact is None:
+            door = {**door, "contact": "not monitored"}
+        doors[d.id] = door
     return {
         "site": config.site.site_id,
         "gateway": config.site.gateway_id,
-        "agent": devices.get("system", {}).get("agent", {"state": "never started"}),
+        "agent": agent,
         "mode": devices.get("system", {}).get("mode", {"mode": config.policy.mode})["mode"],
         "clock": devices.get("system", {}).get("clock", {"state": "unknown"}),
-        "doors": {d.id: devices.get("door", {}).get(d.id, {"lock": "unknown"})
-                  for d in config.doors},
+        "doors": doors,
         "readers": {r.id: devices.get("reader", {}).get(r.id, {"state": "unknown"})
                     for r in config.readers},
         "allowlist": {"entries": counts["credentials"],

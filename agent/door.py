@@ -80,6 +80,11 @@ class DoorWorker:
         self._faults: set[str] = set()
 
     @property
+    def alive(self) -> bool:
+        """Whether the worker thread is running (False before start and after it ended)."""
+        return self._thread is not None and self._thread.is_alive()
+
+    @property
     def safe_unlocked(self) -> bool:
         """The relay state this door is left in when the agent stops or fails."""
         return self.config.fail_mode == "safe"

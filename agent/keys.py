@@ -23,15 +23,20 @@ class SecretError(Exception):
     """A secret is missing, unreadable or malformed; the message names the file."""
 
 
-def resolve_secret_path(name: str, base: Path | None = None) -> Path:
+def resolve_secret_path(name: str, base: Path | None = None,
+                        config_dir: Path | None = None) -> Path:
     """Where the secret ``name`` lives.
 
     A bare file name is looked up in systemd's ``$CREDENTIALS_DIRECTORY`` first (set when
-    the unit uses ``LoadCredential=``), then next to ``base`` (the store directory).
+    the unit uses ``LoadCredential=``), then next to ``base`` (the store directory). A
+    relative path with a folder in it is taken from ``config_dir`` (the configuration
+    file's folder, as for the store path), an absolute path as it is.
     """
     path = Path(name)
-    if path.is_absolute() or len(path.parts) > 1:
+    if path.is_absolute():
         return path
+    if len(path.parts) > 1:
+        return (config_dir or Path.cwd()) / path
     creds = os.environ.get("CREDENTIALS_DIRECTORY")
     if creds and (Path(creds) / name).exists():
         return Path(creds) / name

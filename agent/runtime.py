@@ -47,15 +47,25 @@ from drivers.simulated import BUS, SimBus
 
 log = structlog.get_logger()
 
+WATCHDOG_PING_S = 10.0
+"""How often systemd's watchdog is fed (the unit's WatchdogSec is 30 s)."""
 READ_TIMEOUT_S = 0.2
 """How long a reader thread waits in ``read`` before checking for shutdown."""
 BACKOFF_S = (0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
 """Reopen delays after a reader fails; capped at 30 s so a replugged reader returns fast."""
+STABLE_S = 30.0
+"""A reader open this long counts as recovered: its back-off starts from the beginning
+again. A port that opens but fails at once keeps backing off instead of flapping."""
 CHECKPOINT_S = 2.0
 """How often the housekeeping thread copies the WAL into the database. Card-path commits
 never checkpoint themselves (docs/performance.md): a checkpoint inside a commit costs
 several milliseconds and would land on whichever tap triggered it."""
 CLOCK_SKEW_TOLERANCE_MS = 5 * 60_000
+
+
+def config_dir(config_path: Path | None) -> Path:
+    """The folder relative paths in a configuration are taken from."""
+    return config_path.parent.resolve() if config_path is not None else Path.cwd()
 
 
 def resolve_store_path(config: Config, config_path: Path | None) -> Path:
@@ -64,8 +74,7 @@ def resolve_store_path(config: Config, config_path: Path | None) -> Path:
     path = config.store.path
     if path.is_absolute():
         return path
-    base = config_path.parent if config_path is not None else Path.cwd()
-    return (base / path).resolve()
+    return (config_dir(config_path) / path).resolve()
 
 
 def build_policy(config: Config, mode: Mode | None = None) -> Policy:
@@ -123,6 +132,7 @@ class Agent:
         self.bus = bus or BUS
         self._devices = devices or {}
         self.store_path = resolve_store_path(config, config_path)
+        self.config_dir = config_dir(config_path)
         self.store: Store | None = None
         self.hasher: CredentialHasher | None = None
         self.policy = build_policy(config)
@@ -134,13 +144,18 @@ class Agent:
         self._sim_socket: socket.socket | None = None
         self.on_decision: Callable[[ReaderConfig, Decision, ReadTiming], None] | None = None
         self._door_schedule = {d.id: d.schedule for d in config.doors}
+        self.failed = False
+        """Set when the agent stopped because a worker died (exit status 1)."""
+        self.keep_unacked = False
+        """Never prune events the office has not acknowledged (set when sync is on)."""
 
     # -- start ---------------------------------------------------------------------------
 
     def start(self) -> None:
         """Open the store, lock every door, start readers. Raises on unusable set-ups."""
         check_drivers(self.config)
-        key_path = resolve_secret_path(self.config.keys.site_key, self.store_path.parent)
+        key_path = resolve_secret_path(self.config.keys.site_key, self.store_path.parent,
+                                       self.config_dir)
         self.hasher = CredentialHasher(load_site_key(
             key_path, generate_missing=self.config.keys.generate_missing))
         self.store = Store(self.store_path, background_checkpoint=True)
@@ -229,7 +244,8 @@ class Agent:
         if decision.granted:
             self.doors[reader.door].grant()
         timing.granted = time.perf_counter()
-        log.info(event.kind, door=reader.door, reader=reader.id, direction=direction.value,
+        log.info("access_granted" if decision.granted else "access_denied",
+                 door=reader.door, reader=reader.id, direction=direction.value,
                  reason=decision.reason.value, cred=prefix, seq=seq,
                  ms=round((timing.granted - timing.received) * 1000, 3))
         if self.on_decision is not None:
@@ -248,9 +264,12 @@ class Agent:
                 reader.open()
                 if online is not True:
                     self._reader_state(cfg, "online", attempt)
-                online, attempt = True, 0
+                online = True
+                opened_at = time.monotonic()
                 while not self._stopping.is_set():
                     read = reader.read(READ_TIMEOUT_S)
+                    if attempt and time.monotonic() - opened_at >= STABLE_S:
+                        attempt = 0  # stayed up: the next failure starts a fresh back-off
                     if read is None:
                         continue
                     # Readers repeat a card while it stays in the field (an RDM6300 about
@@ -341,7 +360,9 @@ class Agent:
             deleted = self.store.prune(
                 retention_days=self.config.store.event_retention_days,
                 max_events=self.config.store.max_events,
-                keep_unacked=False)
+                keep_unacked=self.keep_unacked,
+                presence_max_age_s=(self.policy.passback_reset_s
+                                    or self.config.store.event_retention_days * 86_400))
         except StoreError as exc:
             log.error("prune_failed", error=str(exc))
             return 0
@@ -353,7 +374,8 @@ class Agent:
 
     def _uses_simulation(self) -> bool:
         return any(r.driver == "simulated" for r in self.config.readers) or any(
-            d.contact is not None and d.contact.driver == "simulated" for d in self.config.doors)
+            dev is not None and dev.driver == "simulated"
+            for d in self.config.doors for dev in (d.contact, d.rex))
 
     @property
     def sim_socket_path(self) -> Path:
@@ -426,11 +448,28 @@ class Agent:
         try:
             self.start()
             notify("READY=1")
-            while not self._stopping.wait(10.0):
-                notify("WATCHDOG=1")
+            last_ping = 0.0
+            while not self._stopping.wait(1.0):
+                dead = self.dead_workers()
+                if dead:
+                    # A door whose worker died no longer drives its relay (it was left in
+                    # its safe state): stop and let systemd restart the whole agent rather
+                    # than keep granting at a door that cannot open.
+                    log.error("worker_died", workers=dead)
+                    self.failed = True
+                    break
+                if time.monotonic() - last_ping >= WATCHDOG_PING_S:
+                    notify("WATCHDOG=1")
+                    last_ping = time.monotonic()
         finally:
             notify("STOPPING=1")
             self.stop()
+
+    def dead_workers(self) -> list[str]:
+        """Names of worker threads that have ended while the agent runs."""
+        dead = [f"door-{d}" for d, w in self.doors.items() if not w.alive]
+        dead += [t.name for t in self._threads if not t.is_alive()]
+        return dead
 
 
 def notify(state: str) -> None:

@@ -80,7 +80,7 @@ LIST_MIGRATIONS: tuple[str, ...] = (
     CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID;
     CREATE TABLE credentials (
         cred BLOB PRIMARY KEY,          -- HMAC-SHA256(site key, card id)
-        permit BLOB,                    -- HMAC-SHA256(permit key, permit number)
+        permit BLOB,                    -- HMAC-SHA256(office permit key, permit number)
         valid_from INTEGER,             -- Unix s, inclusive; NULL = unbounded
         valid_until INTEGER,            -- Unix s, exclusive; NULL = unbounded
         doors TEXT,                     -- door ids joined by commas, NULL for every door
@@ -102,6 +102,9 @@ LIST_MIGRATIONS: tuple[str, ...] = (
     """,
 )
 SCHEMA_VERSION = len(EVENT_MIGRATIONS)
+PRUNE_BATCH = 5000
+"""Events deleted per transaction when pruning: short enough that a tap waiting for the
+write lock is not held up for long."""
 
 _CREDENTIALS_TABLE = """CREATE TABLE {name} (
     cred BLOB PRIMARY KEY, permit BLOB, valid_from INTEGER, valid_until INTEGER, doors TEXT,
@@ -558,49 +561,63 @@ class Store:
                 break
         return ChainReport(not problems, checked, first, last, tuple(problems))
 
-    def prune(self, *, retention_days: int, max_events: int, keep_unacked: bool) -> int:
-        """Delete events past retention or beyond ``max_events``, oldest first.
+    def prune(self, *, retention_days: int, max_events: int, keep_unacked: bool,
+              presence_max_age_s: int | None = None) -> int:
+        """Delete old events and return how many went.
 
-        With ``keep_unacked`` an event the central office has not acknowledged is never
-        deleted. The hash of the newest deleted event becomes the chain anchor, so
-        ``verify_chain`` still checks every remaining link.
+        Deletes the oldest events while they are older than ``retention_days`` (stopping at
+        the first recent one, so an event stamped by a wrong clock never takes newer
+        events with it) or while more than ``max_events`` are stored. Deletion is always a
+        prefix of the chain; the hash of the newest deleted event becomes the chain anchor,
+        so ``verify_chain`` still checks every remaining link. With ``keep_unacked`` an
+        event the central office has not acknowledged is never deleted. Deletes run in
+        batches of 5,000 so the card path never waits long for the write lock. Presence
+        rows older than ``presence_max_age_s`` are deleted too.
         """
-        cutoff = self._clock_ms() - retention_days * 86_400_000
-        with self._write_lock:
-            conn = self._writer
-            total = int(conn.execute("SELECT count(*) FROM events").fetchone()[0])
-            over = max(0, total - max_events)
-            acked = "AND acked = 1" if keep_unacked else ""
-            # The newest event to delete: past the cutoff, or among the ``over`` oldest;
-            # deletion is always a prefix of the chain so the anchor stays meaningful.
-            row = conn.execute(
-                f"SELECT max(seq) FROM (SELECT seq FROM events WHERE ts_ms < ? {acked} "  # noqa: S608 - fixed text
-                f"UNION ALL SELECT seq FROM (SELECT seq FROM events WHERE 1 {acked} "
-                "ORDER BY seq LIMIT ?))", (cutoff, over)).fetchone()
-            upto = row[0] if row and row[0] is not None else None
-            if upto is None:
-                return 0
-            if keep_unacked:
-                pending = conn.execute("SELECT min(seq) FROM events WHERE acked = 0"
-                                       ).fetchone()[0]
-                if pending is not None:
-                    upto = min(upto, pending - 1)
-            anchor = conn.execute("SELECT seq, hash FROM events WHERE seq <= ? "
-                                  "ORDER BY seq DESC LIMIT 1", (upto,)).fetchone()
-            if anchor is None:
-                return 0
-            try:
-                conn.execute("BEGIN IMMEDIATE")
-                deleted = conn.execute("DELETE FROM events WHERE seq <= ?", (upto,)).rowcount
-                conn.execute("INSERT OR REPLACE INTO meta VALUES ('chain_anchor_seq', ?)",
-                             (str(anchor[0]),))
-                conn.execute("INSERT OR REPLACE INTO meta VALUES ('chain_anchor_hash', ?)",
-                             (anchor[1],))
-                conn.execute("COMMIT")
-            except sqlite3.Error as exc:
-                _rollback(conn)
-                raise StoreError(f"{self.path}: cannot prune events: {exc}") from exc
-            return int(deleted)
+        now = self._clock_ms()
+        reader = self._ev.conn()
+        first_recent = reader.execute("SELECT min(seq) FROM events WHERE ts_ms >= ?",
+                                      (now - retention_days * 86_400_000,)).fetchone()[0]
+        upto = int(first_recent) - 1 if first_recent is not None else self._last_seq
+        total = int(reader.execute("SELECT count(*) FROM events").fetchone()[0])
+        if total > max_events:
+            row = reader.execute("SELECT seq FROM events ORDER BY seq LIMIT 1 OFFSET ?",
+                                 (total - max_events - 1,)).fetchone()
+            upto = max(upto, int(row[0]))
+        if keep_unacked:
+            pending = self.first_unacked()
+            if pending is not None:
+                upto = min(upto, pending - 1)
+        deleted = 0
+        while True:
+            with self._write_lock:
+                conn = self._writer
+                lowest = conn.execute("SELECT min(seq) FROM events").fetchone()[0]
+                if lowest is None or lowest > upto:
+                    break
+                end = min(upto, int(lowest) + PRUNE_BATCH - 1)
+                anchor = conn.execute("SELECT seq, hash FROM events WHERE seq <= ? "
+                                      "ORDER BY seq DESC LIMIT 1", (end,)).fetchone()
+                try:
+                    conn.execute("BEGIN IMMEDIATE")
+                    deleted += conn.execute("DELETE FROM events WHERE seq <= ?",
+                                            (end,)).rowcount
+                    conn.execute("INSERT OR REPLACE INTO meta VALUES ('chain_anchor_seq', ?)",
+                                 (str(anchor[0]),))
+                    conn.execute("INSERT OR REPLACE INTO meta VALUES ('chain_anchor_hash', ?)",
+                                 (anchor[1],))
+                    conn.execute("COMMIT")
+                except sqlite3.Error as exc:
+                    _rollback(conn)
+                    raise StoreError(f"{self.path}: cannot prune events: {exc}") from exc
+        if presence_max_age_s is not None:
+            with self._write_lock:
+                try:
+                    self._writer.execute("DELETE FROM presence WHERE at < ?",
+                                         (now // 1000 - presence_max_age_s,))
+                except sqlite3.Error as exc:
+                    raise StoreError(f"{self.path}: cannot prune presence: {exc}") from exc
+        return deleted
 
     def mark_acked(self, upto_seq: int) -> int:
         """Mark events up to ``upto_seq`` as acknowledged by the central office."""

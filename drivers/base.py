@@ -1,6 +1,6 @@
 """The interfaces every reader and door-I/O driver implements.
 
-Seams (docs/drivers.md):
+Seams (docs/architecture.md, "Modules and seams"):
 - ``Reader.read(timeout)`` returns within about ``timeout`` seconds, with a card read or
   None; it raises ``DeviceError`` when the device is gone, and the agent reopens it with a
   capped back-off.
@@ -23,9 +23,11 @@ class DeviceError(Exception):
 
 
 class DriverOptions(BaseModel):
-    """Base of every driver's options: unknown keys are errors."""
+    """Base of every driver's options: unknown keys and wrong types are errors ("9600" is
+    not a number); path fields opt out of strictness one by one, as TOML spells them as
+    strings."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
 
 @dataclass(frozen=True, slots=True)

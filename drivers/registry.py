@@ -1,8 +1,9 @@
 """The explicit table of drivers.
 
-A driver module imports its hardware library inside ``open()``, so every module here
-imports on a machine without that library, and options can be validated before any device
-opens.
+A driver module imports an optional hardware library (one installed as an extra, such as
+libosdp or gpiod) inside ``open()``, so every module here imports on a machine without that
+library, and options can be validated before any device opens. pyserial is a core
+dependency and is imported normally.
 """
 
 from __future__ import annotations

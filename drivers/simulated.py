@@ -13,6 +13,8 @@ import threading
 from pathlib import Path
 from typing import Any
 
+from pydantic import Field
+
 from drivers.base import CardRead, DeviceError, DriverOptions, Input, Reader, Relay
 
 
@@ -94,7 +96,7 @@ class SimulatedReader(Reader):
 class SimulatedRelayOptions(DriverOptions):
     """Options of the simulated relay."""
 
-    state_file: Path | None = None
+    state_file: Path | None = Field(default=None, strict=False)
     """Where to mirror the relay state as JSON, so another process can watch it."""
 
 

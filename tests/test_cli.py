@@ -30,7 +30,7 @@ import structlog
 from agent import cli, logs
 from agent.config import parse_config
 from agent.keys import CredentialHasher, load_site_key, log_prefix
-from agent.runtime import Agent
+from agent.runtime import Agent, resolve_store_path
 from agent.store import CredentialEntry, Event, Store
 from drivers.base import CardRead
 from drivers.simulated import SimBus, SimulatedRelay
@@ -50,6 +50,9 @@ HEX64 = re.compile(r"[0-9a-f]{64}")
 
 # -- helpers -------------------------------------------------------------------------
 
+
+LIVE_PID = os.getpid()
+"""A process that is surely alive, recorded as the agent's pid in built stores."""
 
 def run_cli(*args: str, cwd: Path, env: dict[str, str] | None = None,
             timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
@@ -103,6 +106,7 @@ relay = {{ driver = "{relay_driver}", options = {{ state_file = {front_state} }}
 id = "back"
 fail_mode = "safe"
 relay = {{ driver = "simulated", options = {{ state_file = {toml_str(back_state)} }} }}
+contact = {{ driver = "simulated" }}
 
 [[readers]]
 id = "front-in"
@@ -172,9 +176,9 @@ def site(tmp_path: Path) -> Site:
                               "mode": "normal"})
         door_forced = json.dumps({"lock": "locked", "contact": "open", "alarm": "forced",
                                   "mode": "normal"})
-        store.append(Event("agent_started", data={"version": "test", "pid": 4242,
+        store.append(Event("agent_started", data={"version": "test", "pid": LIVE_PID,
                                                   "config": str(config)}),
-                     device=("system", "agent", json.dumps({"state": "running", "pid": 4242})))
+                     device=("system", "agent", json.dumps({"state": "running", "pid": LIVE_PID})))
         store.append(Event("clock_checked", reason="ok", data={"now_ms": clock[0]}),
                      device=("system", "clock", json.dumps({"state": "ok"})))
         store.append(Event("reader_online", door="front", reader="front-in",
@@ -413,7 +417,7 @@ def test_status_json_reports_allowlist_outbox_doors_readers_and_clock(site: Site
     assert report["outbox"] == 5
     assert report["clock"]["state"] == "ok"
     assert report["agent"]["state"] == "running"
-    assert report["agent"]["pid"] == 4242
+    assert report["agent"]["pid"] == LIVE_PID
     assert report["mode"] == "normal"
     assert report["doors"]["front"]["lock"] == "locked"
     assert report["doors"]["front"]["alarm"] is None
@@ -431,10 +435,10 @@ def test_status_text_shows_each_door_reader_and_count(site: Site) -> None:
     assert status == 0
     lines = text.splitlines()
     assert lines[0] == "site test-site  gateway test-gw"
-    assert lines[1].startswith("agent      running (pid 4242), since ")
+    assert lines[1].startswith(f"agent      running (pid {LIVE_PID}), since ")
     assert "mode       normal" in lines
     assert "clock      ok" in lines
-    assert "door       front: locked, closed" in lines
+    assert "door       front: locked, not monitored" in lines
     assert "door       back: locked, open, ALARM forced" in lines
     assert "reader     front-in: online" in lines
     assert "reader     back-in: unknown" in lines
@@ -844,3 +848,19 @@ def test_config_option_before_or_after_the_command(tmp_path: Path, argv: list[st
     out = io.StringIO()
     assert cli.main([a.format(cfg=config) for a in argv], out=out) == 0
     assert f"{config}: OK" in out.getvalue()
+
+
+def test_status_reports_an_agent_that_ended_without_stopping(tmp_path: Path) -> None:
+    """An agent recorded as running whose process is gone (SIGKILL, crash) is shown as not
+    running rather than running."""
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True)
+    config = write_config(tmp_path)
+    cfg = parse_config(config.read_text(), str(config))
+    store = Store(resolve_store_path(cfg, config))
+    store.append(Event("agent_started"), device=(
+        "system", "agent", json.dumps({"state": "running", "pid": int(gone.stdout)})))
+    store.close()
+    out = io.StringIO()
+    assert cli.main(["status", "--json", "-c", str(config)], out=out) == 0
+    assert json.loads(out.getvalue())["agent"]["state"].startswith("not running")

@@ -576,3 +576,49 @@ def test_background_checkpoint_keeps_commits_out_of_checkpointing(tmp_path: Path
         assert busy == 0 and log_frames == done
     finally:
         store.close()
+
+
+def test_prune_stops_at_the_first_recent_event(store: Store, clock: MsClock) -> None:
+    """An event stamped by a clock stuck in 1970 among recent ones does not make prune
+    delete the recent events before it: deletion stops at the first recent event."""
+    append_n(store, 3)
+    clock.advance_days(30)
+    append_n(store, 2)
+    real = clock.now_ms
+    clock.now_ms = 1_000  # a board that booted without its clock
+    append_n(store, 1)
+    clock.now_ms = real
+    append_n(store, 2)
+    deleted = store.prune(retention_days=7, max_events=1_000_000, keep_unacked=False)
+    assert deleted == 3
+    assert [e.seq for e in store.events()] == [4, 5, 6, 7, 8]
+    assert store.verify_chain().ok
+
+
+def test_prune_in_batches_deletes_a_large_prefix(store: Store, clock: MsClock,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """A prune of more events than one batch deletes them all, batch by batch, and the
+    chain still verifies from the final anchor."""
+    monkeypatch.setattr("agent.store.PRUNE_BATCH", 50)
+    for _ in range(120):
+        store.append(Event("filler"))
+    with closing(sqlite3.connect(store.path)) as conn:
+        conn.execute("UPDATE events SET ts_ms = 0")  # all of them old (chain not involved)
+        conn.commit()
+    clock.advance_days(1)
+    store.append(Event("recent"))
+    assert store.prune(retention_days=1, max_events=1_000_000, keep_unacked=False) == 120
+    assert store.meta("chain_anchor_seq") == "120"
+    assert [e.kind for e in store.events()] == ["recent"]
+
+
+def test_prune_removes_old_presence(store: Store, clock: MsClock) -> None:
+    """Presence rows older than presence_max_age_s are deleted, newer ones kept, so the
+    last passage of a tenant is not kept for ever."""
+    store.append(Event("access_granted"), presence=(CRED_A, Direction.ENTRY))
+    clock.advance_days(2)
+    store.append(Event("access_granted"), presence=(CRED_B, Direction.ENTRY))
+    store.prune(retention_days=365, max_events=1_000_000, keep_unacked=False,
+                presence_max_age_s=86_400)
+    assert store.lookup(CRED_A).presence is None
+    assert store.lookup(CRED_B).presence is not None
