@@ -177,6 +177,40 @@ class ReaderConfig(_Model):
     debounce_s: float = Field(default=1.5, ge=0, le=60)
 
 
+class SyncConfig(_Model):
+    """The link to the central office's MQTT broker (docs/protocol.md)."""
+
+    enabled: bool = False
+    host: str = "localhost"
+    port: int = Field(default=8883, ge=1, le=65535)
+    protocol: Literal["5", "3.1.1"] = "5"
+    tls: bool = True
+    ca_file: str = "ca.crt"
+    cert_file: str = "gateway.crt"
+    key_file: str = "gateway.key"
+    """TLS files: bare names are looked up like keys (credentials directory, then the store
+    folder); the client certificate's CN is the gateway id."""
+    username: str | None = None
+    password_file: str | None = None
+    prefix: str = Field(default="pg/v1", pattern=r"^[A-Za-z0-9_-]+(/[A-Za-z0-9_-]+)*$")
+    trusted_keys: str = "trusted-keys.txt"
+    """The office's Ed25519 public keys, ``<key id> <base64>`` a line."""
+    keepalive_s: int = Field(default=30, ge=5, le=3600)
+    batch_size: int = Field(default=500, ge=1, le=10_000)
+    ack_timeout_s: float = Field(default=15.0, gt=0, le=3600)
+    status_interval_s: float = Field(default=60.0, ge=1, le=3600)
+    max_message_bytes: int = Field(default=8 * 1024 * 1024, ge=1024)
+    heartbeat_max_age_s: int = Field(default=86_400, ge=1)
+    """Past this age of the newest valid heartbeat the lists are stale: an alarm is raised
+    and ``offline_policy`` applies."""
+    offline_policy: Literal["keep_deciding", "recent_only"] = "keep_deciding"
+    recent_window_h: float = Field(default=168.0, gt=0)
+    """With ``recent_only``: while stale, admit only permits the office confirmed within
+    this many hours."""
+    resync_interval_s: float = Field(default=30.0, ge=1)
+    """At most one resync request per this many seconds."""
+
+
 class LoggingConfig(_Model):
     """Log format and level."""
 
@@ -192,6 +226,7 @@ class Config(_Model):
     keys: KeysConfig = KeysConfig()
     policy: PolicyConfig = PolicyConfig()
     logging: LoggingConfig = LoggingConfig()
+    sync: SyncConfig = SyncConfig()
     doors: tuple[DoorConfig, ...] = Field(min_length=1, strict=False)
     readers: tuple[ReaderConfig, ...] = Field(min_length=1, strict=False)
 

@@ -39,8 +39,16 @@ from agent.decision import (
     decide,
 )
 from agent.door import DoorWorker
-from agent.keys import CredentialHasher, load_site_key, log_prefix, resolve_secret_path
+from agent.keys import (
+    CredentialHasher,
+    SecretError,
+    load_site_key,
+    log_prefix,
+    resolve_secret_path,
+)
 from agent.store import Event, Store, StoreError
+from agent.sync import SyncWorker, TlsFiles
+from agent.wire import load_trusted_keys
 from drivers import registry
 from drivers.base import CardRead, DeviceError, Reader
 from drivers.simulated import BUS, SimBus
@@ -146,8 +154,9 @@ class Agent:
         self._door_schedule = {d.id: d.schedule for d in config.doors}
         self.failed = False
         """Set when the agent stopped because a worker died (exit status 1)."""
-        self.keep_unacked = False
-        """Never prune events the office has not acknowledged (set when sync is on)."""
+        self.keep_unacked = config.sync.enabled
+        """Never prune events the office has not acknowledged (when sync is on)."""
+        self.sync: SyncWorker | None = None
 
     # -- start ---------------------------------------------------------------------------
 
@@ -169,13 +178,19 @@ class Agent:
         self._check_clock()
         for door in self.config.doors:
             self._start_door(door.id)
-        if self.policy.mode is not Mode.NORMAL:
+        # A mode the office commanded outlives a restart; otherwise the configured mode.
+        commanded = (self.store.stream_detail("cmd") or {}).get("action")
+        if commanded in {m.value for m in Mode}:
+            self.set_mode(Mode(commanded), source="central command (restored)")
+        elif self.policy.mode is not Mode.NORMAL:
             self.set_mode(self.policy.mode, source="config")
         for reader in self.config.readers:
             self._spawn(f"reader-{reader.id}", self._reader_loop, reader)
         self._spawn("housekeeping", self._housekeeping)
         if self._uses_simulation():
             self._start_sim_socket()
+        if self.config.sync.enabled:
+            self._start_sync()
         log.info("agent_started", site=self.config.site.site_id,
                  gateway=self.config.site.gateway_id, doors=len(self.doors),
                  readers=len(self.config.readers), store=str(self.store_path))
@@ -206,6 +221,40 @@ class Agent:
         self._threads.append(thread)
 
     # -- events ----------------------------------------------------------------------
+
+    def _start_sync(self) -> None:
+        sync = self.config.sync
+        base, cfg_dir = self.store_path.parent, self.config_dir
+        def secret(name: str) -> Path:
+            return resolve_secret_path(name, base, cfg_dir)
+        try:
+            keys = load_trusted_keys(secret(sync.trusted_keys))
+        except (OSError, ValueError) as exc:
+            raise SecretError(f"sync.trusted_keys: {exc}") from exc
+        tls = None
+        if sync.tls:
+            tls = TlsFiles(secret(sync.ca_file), secret(sync.cert_file), secret(sync.key_file))
+            for key, path in (("ca_file", tls.ca), ("cert_file", tls.cert),
+                              ("key_file", tls.key)):
+                if not path.is_file():
+                    raise SecretError(f"sync.{key}: {path}: file not found")
+        password = None
+        if sync.password_file:
+            try:
+                password = secret(sync.password_file).read_text("utf-8").strip()
+            except OSError as exc:
+                raise SecretError(f"sync.password_file: {exc}") from exc
+        self.sync = SyncWorker(self, sync, keys, tls=tls, password=password)
+        self.sync.start()
+
+    def record_event(self, event: Event) -> None:
+        """Append an event for another component (sync); raises StoreError."""
+        self._record(event)
+
+    def set_stale_cutoff(self, cutoff: int | None) -> None:
+        """Apply (or lift) the stale-list policy: grants need ``confirmed_at >= cutoff``."""
+        if self.policy.stale_cutoff != cutoff:
+            self.policy = replace(self.policy, stale_cutoff=cutoff)
 
     def _record(self, event: Event, *, device: tuple[str, str, str] | None = None) -> None:
         assert self.store is not None
@@ -420,6 +469,8 @@ class Agent:
             return
         self._stopping.set()
         deadline = time.monotonic() + timeout
+        if self.sync is not None:
+            self.sync.stop()
         for thread in self._threads:
             thread.join(max(0.0, deadline - time.monotonic()))
         for door in self.doors.values():
@@ -469,6 +520,8 @@ class Agent:
         """Names of worker threads that have ended while the agent runs."""
         dead = [f"door-{d}" for d, w in self.doors.items() if not w.alive]
         dead += [t.name for t in self._threads if not t.is_alive()]
+        if self.sync is not None and not self.sync.alive:
+            dead.append("sync")
         return dead
 
 

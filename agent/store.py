@@ -91,7 +91,9 @@ LIST_MIGRATIONS: tuple[str, ...] = (
     CREATE TABLE revocations (
         key BLOB PRIMARY KEY,           -- a credential hash or a permit hash
         kind TEXT NOT NULL CHECK (kind IN ('credential', 'permit')),
-        revoked_at INTEGER NOT NULL
+        revoked_at INTEGER NOT NULL,
+        stream TEXT,                    -- the stream that brought it (rev, all, snapshot)
+        seq INTEGER                     -- and its seq there
     ) WITHOUT ROWID;
     CREATE TABLE sync_state (
         stream TEXT PRIMARY KEY,
@@ -111,7 +113,7 @@ _CREDENTIALS_TABLE = """CREATE TABLE {name} (
     schedule TEXT NOT NULL DEFAULT 'always', confirmed_at INTEGER) WITHOUT ROWID"""
 _REVOCATIONS_TABLE = """CREATE TABLE {name} (
     key BLOB PRIMARY KEY, kind TEXT NOT NULL CHECK (kind IN ('credential', 'permit')),
-    revoked_at INTEGER NOT NULL) WITHOUT ROWID"""
+    revoked_at INTEGER NOT NULL, stream TEXT, seq INTEGER) WITHOUT ROWID"""
 """The allowlist table as ``replace_allowlist`` rebuilds it (same columns as migration 1)."""
 
 
@@ -673,8 +675,8 @@ class Store:
             conn = self._ls.writer
             try:
                 conn.execute("BEGIN IMMEDIATE")
-                conn.executemany("INSERT OR REPLACE INTO revocations VALUES (?,?,?)",
-                                 ((k, kind, now_s) for k, kind in keys))
+                conn.executemany("INSERT OR REPLACE INTO revocations VALUES (?,?,?,?,?)",
+                                 ((k, kind, now_s, stream, version) for k, kind in keys))
                 if version is not None:
                     conn.execute("INSERT OR REPLACE INTO sync_state VALUES (?,?,?,NULL)",
                                  (stream, version, self._clock_ms()))
@@ -721,21 +723,28 @@ class Store:
         def run(conn: sqlite3.Connection) -> None:
             conn.executemany("INSERT INTO credentials_new VALUES (?,?,?,?,?,?,?)",
                              (_credential_row(e) for e in entries))
-            conn.executemany("INSERT OR REPLACE INTO revocations_new VALUES (?,?,?)",
-                             ((k, kind, now_s) for k, kind in revoked))
+            conn.executemany("INSERT OR REPLACE INTO revocations_new VALUES (?,?,?,?,NULL)",
+                             ((k, kind, now_s, "snapshot") for k, kind in revoked))
         self._list_write("stage snapshot chunk", run)
 
     def commit_snapshot(self, version: int, streams: Mapping[str, int],
                         expected: tuple[int, int]) -> None:
         """Swap the staged list and revocations in, in one transaction, with the list
         version and the revocation streams' seqs it covers. ``expected`` (entries,
-        revocations) must match what was staged, or nothing changes."""
+        revocations) must match what was staged, or nothing changes.
+
+        Revocations that arrived on a stream after the seq the snapshot covers (they may
+        overtake the snapshot on their own topic) are kept, and a stream's recorded seq
+        never goes backwards."""
         def run(conn: sqlite3.Connection) -> None:
             staged = (int(conn.execute("SELECT count(*) FROM credentials_new").fetchone()[0]),
                       int(conn.execute("SELECT count(*) FROM revocations_new").fetchone()[0]))
             if staged != expected:
                 raise ValueError(f"staged {staged[0]} entries and {staged[1]} revocations, "
                                  f"the manifest lists {expected[0]} and {expected[1]}")
+            for stream, seq in streams.items():
+                conn.execute("INSERT OR IGNORE INTO revocations_new SELECT * FROM revocations "
+                             "WHERE stream = ? AND seq > ?", (stream, seq))
             conn.execute("DROP TABLE credentials")
             conn.execute("ALTER TABLE credentials_new RENAME TO credentials")
             conn.execute("CREATE INDEX credentials_permit ON credentials(permit)")
@@ -746,8 +755,9 @@ class Store:
                          (version, now, json.dumps({"entries": staged[0],
                                                     "revocations": staged[1]})))
             for stream, seq in streams.items():
-                conn.execute("INSERT OR REPLACE INTO sync_state VALUES (?,?,?,NULL)",
-                             (stream, seq, now))
+                conn.execute("INSERT INTO sync_state VALUES (?,?,?,NULL) ON CONFLICT(stream) "
+                             "DO UPDATE SET version = max(version, excluded.version), "
+                             "updated_ms = excluded.updated_ms", (stream, seq, now))
         self._list_write(f"apply snapshot version {version}", run)
 
     def abort_snapshot(self) -> None:
