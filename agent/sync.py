@@ -134,6 +134,7 @@ class SyncWorker:
         self._last_resync = 0.0
         self._refusal_logged: dict[str, float] = {}
         self._stale: bool | None = None
+        self._last_stale_check = 0.0
         self._started = clock()
         self.counters = Counters()
         self._client = self._make_client(tls, password)
@@ -252,7 +253,9 @@ class SyncWorker:
 
     def _tick(self) -> None:
         now = time.monotonic()
-        self._check_stale()
+        if now - self._last_stale_check >= 1.0:
+            self._last_stale_check = now
+            self._check_stale()
         if not self._connected:
             return
         if now - self._last_status >= self.config.status_interval_s:

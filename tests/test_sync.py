@@ -245,11 +245,13 @@ def online(office: Office) -> None:
     office.wait("status", lambda b: b["state"] == "online", "the gateway online")
 
 
+@pytest.mark.parametrize("protocol", ["5", "3.1.1"])
 def test_snapshot_in_chunks_is_applied_and_acknowledged(make_gateway: GatewayFactory,
-                                                        office: Office) -> None:
-    """A signed manifest and its chunks replace the list atomically; the gateway reports
-    the version applied, and the cards are then decided from it."""
-    gw = make_gateway()
+                                                        office: Office, protocol: str) -> None:
+    """Over MQTT 5 and 3.1.1 alike, a signed manifest and its chunks replace the list
+    atomically; the gateway reports the version applied, and the cards are then decided
+    from it."""
+    gw = make_gateway(protocol=protocol)
     online(office)
     office.wait("request", lambda b: b["reason"] == "no_list", "a first resync request")
     office.snapshot([CARD_A, CARD_B, CARD_C], chunk_size=2)
