@@ -204,21 +204,25 @@ STREAM_TYPES: dict[str, tuple[str, ...]] = {
 """Which message types each stream may carry; anything else on it is refused."""
 
 
+Hex64 = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
+Short = Annotated[str, Field(max_length=128)]
+
+
 class WireEvent(_Body):
     """One event as the gateway sends it (the stored event, hash chain included)."""
 
     seq: int = Field(ge=1)
-    event_id: str
+    event_id: Annotated[str, Field(pattern=r"^[0-9a-f-]{36}$")]
     ts_ms: int
-    kind: str
-    door: str | None
-    reader: str | None
-    direction: str | None
-    reason: str | None
-    cred: str | None
+    kind: Short
+    door: Short | None
+    reader: Short | None
+    direction: Short | None
+    reason: Short | None
+    cred: Annotated[str, Field(pattern=r"^[0-9a-f]{10}$")] | None
     data: dict[str, Any]
-    prev_hash: str
-    hash: str
+    prev_hash: Hex64
+    hash: Hex64
 
 
 class EventBatch(_Body):
