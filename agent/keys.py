@@ -35,7 +35,7 @@ def resolve_secret_path(name: str, base: Path | None = None,
     path = Path(name)
     if path.is_absolute():
         return path
-    if len(path.parts) > 1:
+    if "/" in name:  # "./site.key" too: a path, not a bare credential name
         return (config_dir or Path.cwd()) / path
     creds = os.environ.get("CREDENTIALS_DIRECTORY")
     if creds and (Path(creds) / name).exists():
