@@ -1,8 +1,11 @@
 """Secrets and keyed hashing of card identifiers.
 
 Card and permit numbers never reach the database, a log line or a payload in the clear:
-they are replaced by HMAC-SHA256 under the site key, which the central office shares so
-that it can compute the same hashes for the allowlists it sends (docs/security.md).
+card identifiers are replaced by HMAC-SHA256 under the site key, which the central office
+shares so that it can compute the same hashes for the allowlists it sends. Permit hashes
+come from the office only, made under its own permit key (one for every building, so one
+broadcast revocation covers them all); the gateway never needs that key. ``permit`` below
+serves the demo and tests, where the site key stands in for it (docs/security.md).
 """
 
 from __future__ import annotations

@@ -157,6 +157,7 @@ class Agent:
         self.keep_unacked = config.sync.enabled
         """Never prune events the office has not acknowledged (when sync is on)."""
         self.sync: SyncWorker | None = None
+        self._high_water = False
 
     # -- start ---------------------------------------------------------------------------
 
@@ -179,7 +180,7 @@ class Agent:
         for door in self.config.doors:
             self._start_door(door.id)
         # A mode the office commanded outlives a restart; otherwise the configured mode.
-        commanded = (self.store.stream_detail("cmd") or {}).get("action")
+        commanded = (self.store.stream_detail("mode") or {}).get("mode")
         if commanded in {m.value for m in Mode}:
             self.set_mode(Mode(commanded), source="central command (restored)")
         elif self.policy.mode is not Mode.NORMAL:
@@ -417,7 +418,21 @@ class Agent:
             return 0
         if deleted:
             log.info("events_pruned", count=deleted)
+        self._check_high_water()
         return deleted
+
+    def _check_high_water(self) -> None:
+        """Alarm once when the stored events pass 80 % of ``max_events`` (with sync on,
+        undelivered events are never pruned, so a silent office could fill the disk)."""
+        assert self.store is not None
+        stored = self.store.counts()["events"]
+        high = stored >= 0.8 * self.config.store.max_events
+        if high and not self._high_water:
+            self._record(Event("event_store_high_water", data={
+                "events": stored, "max_events": self.config.store.max_events}))
+            log.error("event_store_high_water", events=stored,
+                      max_events=self.config.store.max_events)
+        self._high_water = high
 
     # -- simulation control ----------------------------------------------------------
 

@@ -624,8 +624,11 @@ class Store:
     def mark_acked(self, upto_seq: int) -> int:
         """Mark events up to ``upto_seq`` as acknowledged by the central office."""
         with self._write_lock:
-            cur = self._writer.execute(
-                "UPDATE events SET acked = 1 WHERE acked = 0 AND seq <= ?", (upto_seq,))
+            try:
+                cur = self._writer.execute(
+                    "UPDATE events SET acked = 1 WHERE acked = 0 AND seq <= ?", (upto_seq,))
+            except sqlite3.Error as exc:
+                raise StoreError(f"{self.path}: cannot mark events delivered: {exc}") from exc
             return int(cur.rowcount)
 
     # -- allowlist -----------------------------------------------------------------
@@ -742,6 +745,10 @@ class Store:
             if staged != expected:
                 raise ValueError(f"staged {staged[0]} entries and {staged[1]} revocations, "
                                  f"the manifest lists {expected[0]} and {expected[1]}")
+            row = conn.execute("SELECT version FROM sync_state WHERE stream='list'").fetchone()
+            if row is not None and int(row[0]) >= version:
+                raise ValueError(f"the list is already at version {row[0]}, not older than "
+                                 f"this snapshot's {version}")
             for stream, seq in streams.items():
                 conn.execute("INSERT OR IGNORE INTO revocations_new SELECT * FROM revocations "
                              "WHERE stream = ? AND seq > ?", (stream, seq))

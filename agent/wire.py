@@ -44,7 +44,7 @@ forged issue time)."""
 
 Ident = Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9_-]{0,62}$")]
 KeyId = Annotated[str, Field(pattern=r"^[A-Za-z0-9._-]{1,64}$")]
-B64Hash = Annotated[str, Field(min_length=43, max_length=44)]
+B64Hash = Annotated[str, Field(pattern=r"^[A-Za-z0-9+/]{43}=$")]
 """A 32-byte hash in standard base64 (44 characters with padding)."""
 
 

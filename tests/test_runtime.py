@@ -269,3 +269,23 @@ def test_taps_are_decided_and_recorded_while_a_whole_list_is_applied(
     finally:
         applier.join()
     assert harness.store.counts()["credentials"] == 400_001
+
+
+def test_event_store_high_water_alarm(tmp_path: Path) -> None:
+    """When stored events pass 80 % of max_events and cannot be pruned, one
+    event_store_high_water alarm is recorded, not one per housekeeping run."""
+    h = Harness(tmp_path)
+    h.config = h.config.model_copy(update={"store": h.config.store.model_copy(
+        update={"max_events": 1000})})
+    h.agent = Agent(h.config, bus=h.bus)
+    h.agent.keep_unacked = True  # as with sync on: nothing acknowledged, nothing pruned
+    h.start()
+    try:
+        for _ in range(800):
+            h.store.append(Event("filler"))
+        h.agent.prune()
+        h.agent.prune()
+        kinds = [e.kind for e in h.store.events()]
+        assert kinds.count("event_store_high_water") == 1
+    finally:
+        h.agent.stop()

@@ -412,7 +412,8 @@ def test_events_leave_the_outbox_only_when_acknowledged(make_gateway: GatewayFac
 def test_commands_switch_modes_and_survive_a_restart(broker: Broker, office: Office,
                                                      tmp_path: Path) -> None:
     """A signed lockdown command denies every card, is acknowledged, and is still in
-    force after the agent restarts; a normal command lifts it."""
+    force after the agent restarts, even when a status command came after it; a normal
+    command lifts it."""
     folder = tmp_path / "gw"
     folder.mkdir()
     gw = Gateway(folder, broker, office.trusted)
@@ -424,6 +425,9 @@ def test_commands_switch_modes_and_survive_a_restart(broker: Broker, office: Off
         office.send("cmd", Command(type="command", action="lockdown", **office.header("cmd")))
         office.wait("applied", lambda b: b["stream"] == "cmd", "the command applied")
         assert gw.tap(CARD_A).reason is Reason.LOCKDOWN
+        office.send("cmd", Command(type="command", action="status", **office.header("cmd")))
+        office.wait("applied", lambda b: b["stream"] == "cmd" and b["seq"] == 2,
+                    "the status command applied")
     finally:
         gw.agent.stop()
     again = Gateway(folder, broker, office.trusted)
