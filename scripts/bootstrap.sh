@@ -26,6 +26,41 @@ if [ ! -x "$venv/bin/python" ]; then
         fi
     fi
 fi
+# The test suite talks to real peers: Mosquitto (tests/broker.py), pcscd with the vpcd
+# virtual reader (PC/SC tests), libnfc's nfc-list (PN532 cross-check); pyscard builds from
+# source here (swig, libpcsclite-dev). Only the programs are wanted: a policy-rc.d that
+# answers 101 keeps the packages from starting their system services.
+dev_packages="mosquitto mosquitto-clients pcscd vsmartcard-vpcd libpcsclite-dev swig libnfc-bin"
+if [ "$flavour" = dev ]; then
+    missing=""
+    for pkg in $dev_packages; do
+        dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" \
+            || missing="$missing $pkg"
+    done
+    if [ -n "$missing" ]; then
+        if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+            policy=/usr/sbin/policy-rc.d
+            own_policy=
+            if [ ! -e "$policy" ]; then
+                printf '#!/bin/sh\nexit 101\n' >"$policy"
+                chmod 755 "$policy"
+                own_policy=1
+            fi
+            status=0
+            # shellcheck disable=SC2086 # word splitting of the package list is wanted
+            { apt-get update -qq &&
+              DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $missing >/dev/null; } \
+                || status=$?
+            if [ -n "$own_policy" ]; then rm -f "$policy"; fi
+            [ "$status" = 0 ] || { echo "could not install:$missing" >&2; exit "$status"; }
+        else
+            echo "the tests need these Debian packages:$missing" \
+                 "(sudo apt-get install$missing)" >&2
+            exit 2
+        fi
+    fi
+fi
+
 stamp="$venv/.installed-$flavour"
 if [ ! -f "$stamp" ] || [ "$here/pyproject.toml" -nt "$stamp" ]; then
     "$venv/bin/python" -m pip install -q --upgrade pip >&2
