@@ -194,7 +194,7 @@ def write_pem(folder: Path, name: str, key: Key, cert: x509.Certificate) -> tupl
                                 serialization.PrivateFormat.PKCS8,
                                 serialization.NoEncryption())
     _write_new(key_path, key_pem, 0o600)
-    os.chmod(key_path, 0o600)  # the umask may have narrowed it further, never widened
+    key_path.chmod(0o600)  # exactly 0600 whatever the umask took away
     _write_new(cert_path, cert.public_bytes(serialization.Encoding.PEM), 0o644)
     return key_path, cert_path
 

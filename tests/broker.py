@@ -76,6 +76,7 @@ class BrokerOptions(TypedDict, total=False):
     autosave_interval: int
     max_queued_messages: int
     message_size_limit: int | None
+    tcp_nodelay: bool
     template: Path | None
 
 
@@ -95,11 +96,14 @@ class Broker:
                  acl_file: Path | None = None, allow_anonymous: bool | None = None,
                  persistence: bool = False, autosave_interval: int = 1,
                  max_queued_messages: int = 100_000, message_size_limit: int | None = None,
-                 template: Path | None = None) -> None:
+                 tcp_nodelay: bool = False, template: Path | None = None) -> None:
         """``allow_anonymous`` defaults to true for a plain listener and false for TLS.
         ``autosave_interval`` (seconds) only matters for ``kill``: a clean ``stop`` saves
-        the database anyway. With ``template``, the template supplies every setting and
-        ``tls``/``acl_file`` only provide the paths its lines are rewritten to."""
+        the database anyway. ``tcp_nodelay`` sets mosquitto's ``set_tcp_nodelay`` (Nagle
+        off on client sockets: otherwise a small message the broker sends right after
+        another may wait for the client's delayed ACK, about 40 ms). With ``template``, the
+        template supplies every setting and ``tls``/``acl_file`` only provide the paths its
+        lines are rewritten to."""
         self._binary = mosquitto_binary()
         self.folder = folder
         self.tls = tls
@@ -109,6 +113,7 @@ class Broker:
         self.autosave_interval = autosave_interval
         self.max_queued_messages = max_queued_messages
         self.message_size_limit = message_size_limit
+        self.tcp_nodelay = tcp_nodelay
         self.template = template
         self.folder.mkdir(parents=True, exist_ok=True)
         self.config_path = folder / "mosquitto.conf"
@@ -187,6 +192,8 @@ class Broker:
         lines.append(f"max_queued_messages {self.max_queued_messages}")
         if self.message_size_limit is not None:
             lines.append(f"message_size_limit {self.message_size_limit}")
+        if self.tcp_nodelay:
+            lines.append("set_tcp_nodelay true")
         if self.persistence:
             lines += self._persistence_lines()
         if self.acl_file is not None:
@@ -195,39 +202,44 @@ class Broker:
         lines += self._tls_lines()
         return "\n".join(lines) + "\n"
 
+    def _rewrite(self, key: str, raw: str, where: str) -> str | None:
+        """One template line as the test broker needs it (None drops it)."""
+        if key in _REFUSED_IN_TEMPLATE:
+            raise BrokerError(f"{where}: the test broker cannot rewrite {key}")
+        if key == "listener":
+            return f"listener {self._port} {HOST}"
+        if key in ("cafile", "certfile", "keyfile"):
+            if self.tls is None:
+                raise BrokerError(f"{where}: the template needs TLS files")
+            return f"{key} {getattr(self.tls, key)}"
+        if key == "acl_file":
+            if self.acl_file is None:
+                raise BrokerError(f"{where}: the template needs acl_file")
+            return f"acl_file {self.acl_file}"
+        if key == "persistence_location":
+            self.persistence_dir.mkdir(exist_ok=True)
+            return f"persistence_location {self.persistence_dir}/"
+        if key in ("log_dest", "user"):
+            return None  # replaced by the common lines
+        return raw
+
     def _render_template(self, template: Path) -> str:
         lines = self._common_lines()
         listeners = 0
-        tls = self.tls
         for number, raw in enumerate(template.read_text().splitlines(), start=1):
             stripped = raw.strip()
             if not stripped or stripped.startswith("#"):
                 lines.append(raw)
                 continue
-            key, _, _value = stripped.partition(" ")
+            key = stripped.split()[0]
             where = f"{template}:{number}: {stripped!r}"
-            if key in _REFUSED_IN_TEMPLATE:
-                raise BrokerError(f"{where}: the test broker cannot rewrite {key}")
             if key == "listener":
                 listeners += 1
                 if listeners > 1:
                     raise BrokerError(f"{where}: the test broker has one listener")
-                lines.append(f"listener {self._port} {HOST}")
-            elif key in ("cafile", "certfile", "keyfile"):
-                if tls is None:
-                    raise BrokerError(f"{where}: the template needs TLS files")
-                lines.append(f"{key} {getattr(tls, key)}")
-            elif key == "acl_file":
-                if self.acl_file is None:
-                    raise BrokerError(f"{where}: the template needs acl_file")
-                lines.append(f"acl_file {self.acl_file}")
-            elif key == "persistence_location":
-                self.persistence_dir.mkdir(exist_ok=True)
-                lines.append(f"persistence_location {self.persistence_dir}/")
-            elif key in ("log_dest", "user"):
-                continue  # replaced by the common lines
-            else:
-                lines.append(raw)
+            line = self._rewrite(key, raw, where)
+            if line is not None:
+                lines.append(line)
         if listeners == 0:
             raise BrokerError(f"{template}: no listener line")
         return "\n".join(lines) + "\n"
@@ -294,6 +306,8 @@ class Broker:
             return None
         if process.poll() is None:
             process.send_signal(sig)
+            # A paused broker (``pause``) handles SIGTERM only once it runs again.
+            process.send_signal(signal.SIGCONT)
         try:
             return process.wait(timeout=STOP_TIMEOUT_S)
         except subprocess.TimeoutExpired:
@@ -315,6 +329,18 @@ class Broker:
         """Stop cleanly and start again on the same port."""
         self.stop()
         self.start()
+
+    def pause(self) -> None:
+        """Freeze the process (SIGSTOP): its sockets stay open and nothing answers, as
+        when a broker host hangs or a NAT drops a connection without a reset."""
+        if self._process is None or self._process.poll() is not None:
+            raise BrokerError("not running")
+        self._process.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        """Let a paused broker run again (SIGCONT); harmless when it is not paused."""
+        if self._process is not None and self._process.poll() is None:
+            self._process.send_signal(signal.SIGCONT)
 
     def __enter__(self) -> Broker:
         self.start()
