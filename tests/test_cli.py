@@ -283,8 +283,8 @@ def test_check_config_serial_reader_option_error_names_the_option(
 
 
 @pytest.mark.parametrize(("kind", "reader_driver", "relay_driver"), [
-    ("reader", "wiegand", "simulated"),
-    ("relay", "simulated", "wiegand"),
+    ("reader", "teleporter", "simulated"),
+    ("relay", "simulated", "teleporter"),
 ])
 def test_check_config_unknown_driver_is_named(tmp_path: Path, kind: str, reader_driver: str,
                                               relay_driver: str) -> None:
@@ -294,7 +294,7 @@ def test_check_config_unknown_driver_is_named(tmp_path: Path, kind: str, reader_
     result = run_cli("check-config", "-c", str(config), cwd=tmp_path)
     assert result.returncode == 2
     key = "readers[0].driver" if kind == "reader" else "doors[0].relay.driver"
-    assert f"{config}: {key}: unknown {kind} driver 'wiegand'" in result.stderr
+    assert f"{config}: {key}: unknown {kind} driver 'teleporter'" in result.stderr
     assert "simulated" in result.stderr
 
 
@@ -665,10 +665,10 @@ def test_safe_state_tries_every_door_and_closes_every_relay(
 
 def test_safe_state_with_an_invalid_configuration_exits_2(tmp_path: Path) -> None:
     """``safe-state`` refuses an invalid configuration with exit 2 before touching a relay."""
-    config = write_config(tmp_path, relay_driver="wiegand")
+    config = write_config(tmp_path, relay_driver="teleporter")
     result = run_cli("safe-state", "-c", str(config), cwd=tmp_path)
     assert result.returncode == 2
-    assert "unknown relay driver 'wiegand'" in result.stderr
+    assert "unknown relay driver 'teleporter'" in result.stderr
     assert not (tmp_path / "back.json").exists()
 
 
