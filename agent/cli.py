@@ -322,6 +322,14 @@ def cmd_keygen(args: argparse.Namespace, out: TextIO) -> int:
     return EXIT_OK
 
 
+def cmd_doctor(args: argparse.Namespace, out: TextIO) -> int:
+    """Check devices, files and the clock; print fixes (agent/doctor.py)."""
+    from agent.doctor import run_doctor  # noqa: PLC0415 - keep the daemon's import light
+
+    config, path = _load(args)
+    return run_doctor(config, path, out)
+
+
 def cmd_safe_state(args: argparse.Namespace, out: TextIO) -> int:
     """Drive every relay to its door's safe state (systemd ``ExecStopPost=``)."""
     from drivers import registry  # noqa: PLC0415
@@ -420,6 +428,8 @@ def build_parser() -> argparse.ArgumentParser:
     keygen = sub.add_parser("keygen", help="write a new random site key file")
     keygen.add_argument("path")
     keygen.set_defaults(func=cmd_keygen)
+    sub.add_parser("doctor", parents=[common], help="check devices, files and the clock"
+                   ).set_defaults(func=cmd_doctor)
     sub.add_parser("safe-state", parents=[common], help="put every relay in its safe state"
                    ).set_defaults(func=cmd_safe_state)
     return parser

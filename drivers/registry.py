@@ -18,13 +18,23 @@ from drivers.base import Input, Reader, Relay
 Kind = Literal["reader", "relay", "input"]
 
 READERS: dict[str, str] = {
+    "idcard": "drivers.idcard:IdCardReader",
+    "osdp": "drivers.osdp:OsdpReader",
+    "pcsc": "drivers.pcsc:PcscReader",
+    "qr": "drivers.qr:QrReader",
     "serial": "drivers.serial_reader:SerialReader",
+    "pn532": "drivers.pn532:Pn532Reader",
     "simulated": "drivers.simulated:SimulatedReader",
+    "wiegand": "drivers.wiegand:WiegandReader",
 }
 RELAYS: dict[str, str] = {
+    "gpio": "drivers.gpio:GpioRelay",
+    "osdp": "drivers.osdp:OsdpRelay",
+    "relay_board": "drivers.relay_board:SerialRelayBoard",
     "simulated": "drivers.simulated:SimulatedRelay",
 }
 INPUTS: dict[str, str] = {
+    "gpio": "drivers.gpio:GpioInput",
     "simulated": "drivers.simulated:SimulatedInput",
 }
 _TABLES: dict[Kind, dict[str, str]] = {"reader": READERS, "relay": RELAYS, "input": INPUTS}
