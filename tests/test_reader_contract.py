@@ -8,6 +8,7 @@ value comes back as ``f"{kind}:{value}"``.
 
 from __future__ import annotations
 
+import hashlib
 import time
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, ClassVar
@@ -15,6 +16,7 @@ from typing import TYPE_CHECKING, ClassVar
 import pytest
 
 from drivers.base import CardRead, DeviceError, Reader
+from drivers.qr import QrReader
 from drivers.serial_reader import SerialReader, em4100_frame
 from drivers.simulated import SimBus, SimulatedReader
 
@@ -35,6 +37,10 @@ class ReaderContract:
     def make_reader(self) -> Reader:
         """A new, unopened reader of the driver under test."""
         raise NotImplementedError
+
+    def expected_id(self, value: str) -> str:
+        """The normalised id a card presented with ``value`` comes back as."""
+        return f"{self.kind}:{value}"
 
     def present(self, value: str) -> None:
         """Make a card with ``value`` appear at the reader made by ``make_reader``."""
@@ -60,7 +66,7 @@ class ReaderContract:
         self.present(CARD_A)
         got = reader.read(READ_TIMEOUT)
         assert isinstance(got, CardRead)
-        assert got.card_id == f"{self.kind}:{CARD_A}"
+        assert got.card_id == self.expected_id(CARD_A)
         assert before <= got.at <= time.monotonic()
         assert reader.read(0.05) is None
 
@@ -70,7 +76,7 @@ class ReaderContract:
             self.present(value)
         got = [reader.read(READ_TIMEOUT) for _ in range(3)]
         assert [r.card_id if r else None for r in got] == [
-            f"{self.kind}:{CARD_A}", f"{self.kind}:{CARD_B}", f"{self.kind}:{CARD_B}"]
+            self.expected_id(CARD_A), self.expected_id(CARD_B), self.expected_id(CARD_B)]
 
     def test_rejected_starts_at_zero(self, reader: Reader) -> None:
         """A freshly opened reader has refused nothing yet."""
@@ -106,7 +112,7 @@ class ReaderContract:
         self.present(CARD_B)
         got = reader.read(READ_TIMEOUT)
         assert got is not None
-        assert got.card_id == f"{self.kind}:{CARD_B}"
+        assert got.card_id == self.expected_id(CARD_B)
 
 
 class TestSimulatedReaderContract(ReaderContract):
@@ -139,3 +145,23 @@ class TestSerialReaderContract(ReaderContract):
     def present(self, value: str) -> None:
         """Write the RDM6300 frame for the card to the device end of the pty."""
         self.pty.write(em4100_frame(value))
+
+
+class TestQrScannerContract(ReaderContract):
+    """The contract for the QR scanner driver over a pseudo-terminal."""
+
+    @pytest.fixture(autouse=True)
+    def _peer(self, pty_peer: PtyPeer) -> None:
+        self.peer = pty_peer
+
+    def make_reader(self) -> Reader:
+        """A QR scanner reader on the pty."""
+        return QrReader("qr-front", {"port": self.peer.path})
+
+    def present(self, value: str) -> None:
+        """Scan a code holding ``value``: the scanner sends the text and CR LF."""
+        self.peer.write(value.encode() + b"\r\n")
+
+    def expected_id(self, value: str) -> str:
+        """The scanned text arrives only as its SHA-256."""
+        return f"qr:{hashlib.sha256(value.encode()).hexdigest()}"
