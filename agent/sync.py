@@ -73,6 +73,9 @@ REFUSAL_EVENT_EVERY_S = 60.0
 """Refusals are logged one by one but recorded as events at most once a minute per reason,
 so a flood of forged messages cannot fill the event log."""
 TICK_S = 0.05
+STAGING = "staging"
+"""The pseudo-stream recording the list version of the last snapshot whose staging began;
+above the applied list version after a restart, it means the staging was cut short."""
 
 
 @dataclass(slots=True)
@@ -252,9 +255,21 @@ class SyncWorker:
             for topic in self.topics.subscriptions():
                 self._client.subscribe(topic, qos=1)
             self._inflight = None  # resend from the first unacknowledged event
+            if not session_present and self._staging is not None:
+                # The broker lost our session (restarted without persistence, or the
+                # session expired): the rest of the snapshot's chunks will not come.
+                log.warning("snapshot_lost_with_session", version=self._staging.manifest.seq)
+                self._abort_snapshot()
             self._publish_status()
-            if self._versions().get("list", 0) == 0:
+            versions = self._versions()
+            if versions.get("list", 0) == 0:
                 self._request_resync("no_list")
+            elif self._staging is None and versions.get(STAGING, 0) > versions["list"]:
+                # A snapshot was being staged when the agent stopped (a crash, a power
+                # cut): the chunks it had taken from the broker are gone with it, and the
+                # rest are ignored without their manifest, so ask for the list again now
+                # rather than at the next heartbeat (up to 15 min with serve's default).
+                self._request_resync("interrupted_snapshot")
         elif kind == "connect_failed":
             now = time.monotonic()
             if now - self._last_connect_warning >= 60.0:
@@ -472,7 +487,9 @@ class SyncWorker:
     def _on_snapshot(self, manifest: Snapshot) -> None:
         if self._staging is not None:
             log.warning("snapshot_superseded", version=self._staging.manifest.seq)
-        self._store().begin_snapshot()
+        store = self._store()
+        store.set_stream(STAGING, manifest.seq)  # first: see "interrupted_snapshot"
+        store.begin_snapshot()
         self._staging = Staging(manifest)
         log.info("snapshot_started", version=manifest.seq, chunks=len(manifest.chunk_sha256),
                  entries=manifest.entries)

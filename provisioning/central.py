@@ -37,10 +37,11 @@ import os
 import queue
 import re
 import secrets
+import socket
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
@@ -454,6 +455,18 @@ def _wall_ms() -> int:
     return time.time_ns() // 1_000_000
 
 
+def _no_delay(_client: Client, _userdata: Any, sock: Any) -> None:
+    """Turn off Nagle's algorithm on a new broker connection (paho leaves it on).
+
+    With it on, a message published right after a small unacknowledged packet (the
+    manual PUBACK of the last gateway message) waits for the broker's delayed TCP ACK,
+    about 40 ms on Linux: bench/revocation.py measured a p50 of 49 ms from revoke to the
+    gateway's ``applied``, almost all of it this wait."""
+    if isinstance(sock, socket.socket):
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
 def _b64(data: bytes | None) -> str | None:
     return None if data is None else wire.b64(data)
 
@@ -791,6 +804,7 @@ class Central:
             client.tls_set(ca_certs=str(ca) if ca else None,
                            certfile=str(cert) if cert else None,
                            keyfile=str(key) if key else None)
+        client.on_socket_open = _no_delay
         return client
 
     def _flush(self) -> None:
@@ -903,6 +917,33 @@ class Central:
                      self._now(), self._now_ms()))
         self._op(do)
         return cred
+
+    def enroll_many(self, gateway: str, cards: Iterable[tuple[str, str]], *,
+                    valid_from: int | None = None, valid_until: int | None = None
+                    ) -> int:
+        """Store (or replace) the entries of many ``(card id, permit number)`` pairs for
+        ``gateway`` in one transaction (an import, a building's first enrollment): one
+        commit instead of one per card. Every pair is checked before anything is
+        written. Returns how many were stored."""
+        if valid_from is not None and valid_until is not None and valid_until <= valid_from:
+            raise CentralUsageError("--until: must be after --from")
+        hasher = self._hasher(gateway)
+        permit_key = self.permit_key()
+        now, now_ms = self._now(), self._now_ms()
+        rows = []
+        for card_id, permit_number in cards:
+            if not permit_number.strip():
+                raise CentralUsageError("--permit: empty permit number")
+            rows.append((gateway, hasher.credential(normalise_card_id(card_id)),
+                         permit_hash(permit_key, permit_number), valid_from, valid_until,
+                         None, None, now, now_ms))
+
+        def do() -> None:
+            with self._db.tx() as conn:
+                conn.executemany("INSERT OR REPLACE INTO entries VALUES (?,?,?,?,?,?,?,?,?)",
+                                 rows)
+        self._op(do)
+        return len(rows)
 
     def remove(self, gateway: str, card_id: str) -> bytes:
         """Delete a card's entry for ``gateway``; returns its credential hash."""

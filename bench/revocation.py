@@ -1,0 +1,168 @@
+"""Benchmark: a revocation from the office to enforcement at the door and back.
+
+The office is the ``Central`` library running its serve loop (``Central.run``) in a
+thread of this process; the gateway is the real agent as a child process
+(``python -m agent.cli run``, simulated reader), both on a local mosquitto
+(tests/broker.py, persistence on, ``set_tcp_nodelay`` unless ``--nagle``). After the
+gateway has applied its first list (``--revocations`` enrolled cards), the office
+revokes one card at a time with ``Central.revoke`` (the seq committed, the message
+signed and published), and the clock stops when the gateway's ``applied`` report for
+that seq has been stored by the office. Each time the benchmark then checks, outside
+the timed span, that the agent's store says the card is revoked, and every
+``--tap-every``-th card is also presented at the reader to confirm a denial.
+
+Prints one JSON object as its last line: ``count``, ``p50_ms``, ``p99_ms``, ``max_ms``,
+``mean_ms`` (office publish → gateway applied and enforced → ``applied`` stored at the
+office) and ``taps_denied`` (sample taps, each denied as ``revoked``).
+
+Run: ``python bench/revocation.py`` (1,000 revocations) or ``--quick`` (100).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import MutableMapping
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # for tests.broker
+
+from agent.wire import Revoked, b64
+from tests.broker import Broker
+from tests.harness import (
+    GATEWAY,
+    HASHER,
+    SITE_KEY,
+    AgentProcess,
+    Office,
+    card_id,
+)
+
+
+class AppliedHook:
+    """A structlog processor that notes when the office has stored a gateway's
+    ``applied`` report (the ``gateway_applied`` log line follows the commit)."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._seen: dict[tuple[str, int], tuple[float, str]] = {}
+
+    def __call__(self, _logger: Any, _method: str, event: MutableMapping[str, Any]
+                 ) -> MutableMapping[str, Any]:
+        if event.get("event") in ("gateway_applied", "gateway_refused"):
+            with self._cond:
+                status = "applied" if event["event"] == "gateway_applied" else "refused"
+                self._seen[(str(event["stream"]), int(event["seq"] or 0))] = (
+                    time.perf_counter(), status)
+                self._cond.notify_all()
+        return event
+
+    def wait(self, stream: str, seq: int, timeout: float = 10.0) -> float:
+        """When ``(stream, seq)`` was reported applied; raises if refused or late."""
+        with self._cond:
+            if not self._cond.wait_for(lambda: (stream, seq) in self._seen, timeout):
+                raise SystemExit(f"no applied report for {stream} {seq} in {timeout:g} s")
+            at, status = self._seen[(stream, seq)]
+        if status != "applied":
+            raise SystemExit(f"the gateway refused {stream} {seq}")
+        return at
+
+
+def percentile(values: list[float], q: float) -> float:
+    """The ``q`` quantile (0..1) by nearest rank."""
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, round(q * len(ordered)) - 1))]
+
+
+def card(i: int) -> str:
+    """The EM4100 value of revocable card ``i``."""
+    return f"{0xB000000000 + i:010X}"
+
+
+def main() -> int:
+    """Run the benchmark and print its JSON figures."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--revocations", type=int, default=1_000)
+    parser.add_argument("--tap-every", type=int, default=10, metavar="N",
+                        help="present every N-th revoked card at the reader (default 10)")
+    parser.add_argument("--nagle", action="store_true",
+                        help="leave the broker's set_tcp_nodelay off (mosquitto's default)")
+    parser.add_argument("--quick", action="store_true", help="100 revocations")
+    parser.add_argument("--keep", metavar="DIR", help="work in DIR and keep the logs")
+    args = parser.parse_args()
+    if args.quick:
+        args.revocations = 100
+    hook = AppliedHook()
+    with tempfile.TemporaryDirectory(prefix="permitgate-bench-") as tmp:
+        folder = Path(args.keep) if args.keep else Path(tmp)
+        log_file = (folder / "office.log").open("w")
+        structlog.configure(
+            processors=[hook, structlog.processors.TimeStamper(fmt="iso", utc=True),
+                        structlog.processors.JSONRenderer()],
+            logger_factory=structlog.PrintLoggerFactory(log_file))
+        broker = Broker(folder / "broker", persistence=True, tcp_nodelay=not args.nagle)
+        broker.start()
+        gw = folder / "gw"
+        gw.mkdir(parents=True, exist_ok=True)
+        (gw / "site.key").write_text(SITE_KEY.hex())
+        office = Office(folder / "central", broker, gw / "site.key")
+        central = office.central
+        central.enroll_many(GATEWAY, [(card_id(card(i)), f"P-R{i}")
+                                      for i in range(args.revocations)])
+        stop = threading.Event()
+        serving = threading.Thread(target=central.run, args=(stop,), name="office")
+        agent = AgentProcess(gw, broker, office.trusted_keys, status_interval_s=5)
+        latencies: list[float] = []
+        denied = 0
+        try:
+            serving.start()
+            if not central.subscribed.wait(15):
+                raise SystemExit("the office did not subscribe")
+            agent.start()
+            hook.wait("list", 1, timeout=60)
+            for i in range(args.revocations):
+                cred = HASHER.credential(card_id(card(i)))
+                started = time.perf_counter()
+                seq = central.revoke(GATEWAY, [Revoked(kind="credential", hash=b64(cred))])
+                latencies.append((hook.wait("rev", seq) - started) * 1000)
+                if not agent.store().lookup(cred).revoked:
+                    raise SystemExit(f"revocation {seq} acknowledged but not in the store")
+                if i % args.tap_every == 0:
+                    decision = agent.decide(card(i))
+                    if (decision.kind, decision.reason) != ("access_denied", "revoked"):
+                        raise SystemExit(f"card {i}: {decision.kind} ({decision.reason}) "
+                                         "after its revocation was applied")
+                    denied += 1
+        finally:
+            agent.close()
+            stop.set()
+            serving.join(30)
+            office.close()
+            broker.stop()
+            log_file.close()
+    figures: dict[str, Any] = {
+        "benchmark": "revocation",
+        "count": len(latencies),
+        "p50_ms": round(percentile(latencies, 0.50), 3),
+        "p99_ms": round(percentile(latencies, 0.99), 3),
+        "max_ms": round(max(latencies), 3),
+        "mean_ms": round(statistics.fmean(latencies), 3),
+        "taps_denied": denied,
+        "broker_tcp_nodelay": not args.nagle,
+        "gateway": "agent child process (python -m agent.cli run), simulated reader",
+        "office": "Central.run in a thread of this process",
+    }
+    print(json.dumps(figures))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
