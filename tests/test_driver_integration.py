@@ -21,10 +21,13 @@ from agent.decision import Decision, Reason
 from agent.keys import CredentialHasher
 from agent.runtime import Agent, ReadTiming
 from agent.store import CredentialEntry
+from drivers.base import Reader
+from drivers.idcard import IdCardReader
 from drivers.simulated import SimBus
 from drivers.wiegand import WiegandReader, encode
 from tests.conftest import PtyPeer
-from tests.test_idcard import SELECTED, SERIAL_ID, SamPeer
+from tests.test_idcard import FOUND, NO_CARD, SELECTED, SERIAL_ID, SamPeer, sam_reply
+from tests.test_reader_contract import ReaderContract
 from tests.test_wiegand import RecordedLines
 
 KEY = bytes(range(32))
@@ -177,3 +180,51 @@ def test_grant_drives_the_usb_relay_board(tmp_path: Path, pty_peer: PtyPeer,
     site.bus.tap("front-in", "em4100:67003B51C6")
     assert site.next_decision(1).granted
     wait_for(lambda: drain() == b"\xa0\x01\x01\xa2\xa0\x01\x00\xa1", "on, then off")
+
+
+class TestIdCardReaderContract(ReaderContract):
+    """The ID-card module reader runs the shared reader contract against the scripted
+    module: each presentation is find → select with the card's serial, then 'no card'."""
+
+    @pytest.fixture(autouse=True)
+    def _module(self, pty_peer: PtyPeer) -> Iterator[None]:
+        self.pty = pty_peer
+        self.module = SamPeer(pty_peer)
+        yield
+        self.module.stop()
+
+    def make_reader(self) -> Reader:
+        """An ID-card reader on the pty, polling fast."""
+        return IdCardReader("desk", {"port": self.pty.path, "poll_interval": 0.02})
+
+    def present(self, value: str) -> None:
+        """Put a card with serial ``value`` (padded to 8 bytes) in the field, then take it
+        away after it was selected."""
+        serial = bytes.fromhex(value.ljust(16, "0"))
+        with self.module.lock:
+            self.module.script.extend([FOUND, sam_reply(0x90, serial), NO_CARD])
+
+    def expected_id(self, value: str) -> str:
+        """The serial as 16 upper-case hex digits."""
+        return f"idcard:{value.ljust(16, '0').upper()}"
+
+
+class TestWiegandReaderContract(ReaderContract):
+    """The Wiegand reader runs the shared reader contract on recorded D0/D1 edges (GPIO
+    cannot be simulated on this kernel): a card value maps to an H10301 frame."""
+
+    def make_reader(self) -> Reader:
+        """A Wiegand reader whose line request is a recorded edge source."""
+        self.lines = RecordedLines(17, 18)
+        return WiegandReader("gate", {"chip": "/dev/gpiochip0", "d0": 17, "d1": 18,
+                                      "format": "h10301"},
+                             open_lines=lambda _o, _c: self.lines)
+
+    def present(self, value: str) -> None:
+        """Send the H10301 frame of facility = first byte, card = last two bytes."""
+        self.lines.present(encode("h10301", int(value[-4:], 16),
+                                  facility=int(value[:2], 16)))
+
+    def expected_id(self, value: str) -> str:
+        """Facility and card number in decimal."""
+        return f"wiegand26:{int(value[:2], 16)}:{int(value[-4:], 16)}"
