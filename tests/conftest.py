@@ -4,8 +4,9 @@ Mosquitto brokers (tests/broker.py)."""
 from __future__ import annotations
 
 import os
+import time
 import tty
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -72,3 +73,14 @@ def brokers(tmp_path: Path) -> Iterator[BrokerPool]:
 def broker(brokers: BrokerPool) -> Broker:
     """A running Mosquitto with one plain, anonymous listener on 127.0.0.1."""
     return brokers.start()
+
+
+def wait_for(condition: Callable[[], bool], what: str, timeout: float = 20.0) -> None:
+    """Poll ``condition`` until it holds; fail naming ``what`` after ``timeout`` seconds
+    (a bound on failure only: a passing test never waits that long)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")

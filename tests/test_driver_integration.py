@@ -9,8 +9,7 @@ from __future__ import annotations
 import hashlib
 import os
 import select
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +24,7 @@ from drivers.base import Reader
 from drivers.idcard import IdCardReader
 from drivers.simulated import SimBus
 from drivers.wiegand import WiegandReader, encode
-from tests.conftest import PtyPeer
+from tests.conftest import PtyPeer, wait_for
 from tests.test_idcard import FOUND, NO_CARD, SELECTED, SERIAL_ID, SamPeer, sam_reply
 from tests.test_reader_contract import ReaderContract
 from tests.test_wiegand import RecordedLines
@@ -33,14 +32,6 @@ from tests.test_wiegand import RecordedLines
 KEY = bytes(range(32))
 
 
-def wait_for(condition: Callable[[], bool], what: str, timeout: float = 10.0) -> None:
-    """Poll ``condition`` until true; fail naming ``what`` after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return
-        time.sleep(0.02)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 class Site:

@@ -12,7 +12,7 @@ import os
 import re
 import shutil
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +29,7 @@ from drivers import registry
 from drivers.base import CardRead, DeviceError, Reader
 from drivers.pcsc import PcscReader
 from drivers.simulated import SimBus
+from tests.conftest import wait_for
 from tests.test_reader_contract import READ_TIMEOUT, ReaderContract
 from tests.vcard import (
     GET_UID,
@@ -46,14 +47,6 @@ SETTLE_S = 1.0
 """How long a test listens for a read that must not come: over two pcscd polls (400 ms)."""
 
 
-def wait_for(condition: Callable[[], bool], what: str, timeout: float = 10.0) -> None:
-    """Poll ``condition`` until true; fail naming ``what`` after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return
-        time.sleep(0.02)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 @pytest.fixture(scope="session")

@@ -14,7 +14,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -22,20 +22,12 @@ import pytest
 from agent.keys import CredentialHasher
 from agent.store import CredentialEntry, Store, StoredEvent
 from drivers.serial_reader import em4100_frame
-from tests.conftest import PtyPeer
+from tests.conftest import PtyPeer, wait_for
 
 KEY = bytes(range(32))
 VALID = ("67003B51C6", "67003BA86C", "1122334455")
 
 
-def wait_for(condition: Callable[[], bool], what: str, timeout: float = 15.0) -> None:
-    """Poll ``condition`` until true; fail naming ``what`` after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 class AgentProcess:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from datetime import date, datetime
 from pathlib import Path
 from typing import Any
@@ -20,6 +20,7 @@ from agent.runtime import Agent, ReadTiming, clock_state
 from agent.store import CredentialEntry, Event, Store, StoreError
 from drivers.base import CardRead, DeviceError
 from drivers.simulated import SimBus, SimulatedReader, SimulatedRelay
+from tests.conftest import wait_for
 
 KEY = bytes(range(32))
 CARD = "em4100:67003B51C6"
@@ -53,14 +54,6 @@ debounce_s = 0.5
 """
 
 
-def wait_for(condition: Callable[[], bool], what: str, timeout: float = 10.0) -> None:
-    """Poll ``condition`` until true; fail naming ``what`` after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return
-        time.sleep(0.02)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 class Harness:

@@ -43,6 +43,7 @@ from agent.wire import (
 )
 from drivers.simulated import SimBus
 from tests.broker import Broker
+from tests.conftest import wait_for
 
 KEY = bytes(range(32))
 GW = "gw-1"
@@ -53,14 +54,6 @@ PERMIT_A = b"P" * 32
 HASHER = CredentialHasher(KEY)
 
 
-def wait_for(condition: Callable[[], bool], what: str, timeout: float = 15.0) -> None:
-    """Poll ``condition`` until true; fail naming ``what`` after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return
-        time.sleep(0.02)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 class Office:

@@ -7,8 +7,7 @@ import signal
 import subprocess
 import sys
 import threading
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -17,6 +16,7 @@ from agent.store import Store
 from provisioning import pki
 from provisioning.central import Central, keygen
 from tests.broker import BrokerPool, TlsFiles
+from tests.conftest import wait_for
 
 REPO = Path(__file__).resolve().parent.parent
 TEMPLATE = REPO / "config" / "mosquitto" / "permitgate.conf"
@@ -25,14 +25,6 @@ SITE_KEY = bytes(range(32))
 CARD = "em4100:67003B51C6"
 
 
-def wait_for(condition: Callable[[], bool], what: str, timeout: float = 20.0) -> None:
-    """Poll ``condition`` until true; fail naming ``what`` after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 @pytest.fixture
