@@ -30,6 +30,8 @@ EmitFn = Callable[[Event, str], None]
 POLL_S = 0.05
 """Input poll period: 50 ms, well inside the 400 ms input that IEC 60839-11-1 (Table 2,
 line 24) requires a grade 2 controller to process."""
+RECLAIM_S = 5.0
+"""How often a door worker tries again to claim a relay or input that failed to open."""
 REX_GRACE_S = 5.0
 """After an exit request the door may open without a forced-door alarm for this long."""
 
@@ -43,6 +45,7 @@ class DoorState:
     held_alarm: bool = False
     forced_alarm: bool = False
     mode: Mode = Mode.NORMAL
+    faults: tuple[str, ...] = ()
 
     def as_json(self) -> str:
         """The state as ``status`` shows it."""
@@ -52,6 +55,7 @@ class DoorState:
             "alarm": "forced" if self.forced_alarm else "held_open" if self.held_alarm
             else None,
             "mode": self.mode.value,
+            "faults": list(self.faults),
         })
 
 
@@ -78,6 +82,8 @@ class DoorWorker:
         self._thread: threading.Thread | None = None
         self.state = DoorState()
         self._faults: set[str] = set()
+        self._claimed = {"relay": False, "contact": contact is None, "rex": rex is None}
+        self._next_claim = 0.0
 
     @property
     def alive(self) -> bool:
@@ -120,24 +126,38 @@ class DoorWorker:
     def start(self) -> None:
         """Claim the devices, lock the door, and start the worker thread.
 
-        If any of that fails the door is left in its safe state with every device released
-        before the error propagates: the caller never gets a worker to stop, so this is the
-        only place that can do it.
+        A device that cannot be claimed (a relay board unplugged, an OSDP reader offline at
+        boot) is a fault, reported as ``relay_fault``/``contact_fault``/``rex_fault`` and
+        claimed again every ``RECLAIM_S`` by the worker: one broken door never stops the
+        agent, and the other doors go on working.
         """
-        try:
-            self.relay.open()
-            self.relay.set(False)
-            for dev in (self.contact, self.rex):
-                if dev is not None:
-                    dev.open()
-            self._emit("door_locked", reason="startup")
-            self._thread = threading.Thread(target=self._run, name=f"door-{self.config.id}",
-                                            daemon=True)
-            self._thread.start()
-        except BaseException:
-            self._thread = None
-            self._to_safe_state()
-            raise
+        self._claim()
+        self._thread = threading.Thread(target=self._run, name=f"door-{self.config.id}",
+                                        daemon=True)
+        self._thread.start()
+
+    def _claim(self) -> None:
+        if not self._claimed["relay"]:
+            try:
+                self.relay.open()
+                self.relay.set(False)
+            except Exception as exc:  # noqa: BLE001 - reported as a fault, claimed again
+                self._fault("relay", exc)
+            else:
+                self._claimed["relay"] = True
+                self._clear("relay")
+                self.state.unlocked = False
+                self._emit("door_locked", reason="startup")
+        for what, dev in (("contact", self.contact), ("rex", self.rex)):
+            if dev is None or self._claimed[what]:
+                continue
+            try:
+                dev.open()
+            except Exception as exc:  # noqa: BLE001 - reported as a fault, claimed again
+                self._fault(what, exc)
+            else:
+                self._claimed[what] = True
+                self._clear(what)
 
     def stop(self, timeout: float = 2.0) -> None:
         """Stop the thread; the loop's ``finally`` leaves the relay in its safe state."""
@@ -191,6 +211,9 @@ class DoorWorker:
 
     def _tick(self, deadline: float, mode: Mode, pulse: bool = False) -> None:
         now = self._clock()
+        if not all(self._claimed.values()) and now >= self._next_claim:
+            self._next_claim = now + RECLAIM_S
+            self._claim()
         if mode is not self.state.mode:
             self.state.mode = mode
         rex = self._read(self.rex, "rex") is True
@@ -204,13 +227,13 @@ class DoorWorker:
                 self._egress_until = now + self.config.unlock_s
         want = (mode is Mode.FREE_PASSAGE or now < self._egress_until
                 or (mode is not Mode.LOCKDOWN and (now < deadline or pulse)))
-        if want != self.state.unlocked:
+        if want != self.state.unlocked and self._claimed["relay"]:
             try:
                 self.relay.set(want)
             except Exception as exc:  # noqa: BLE001 - a relay fault is reported, retried
                 self._fault("relay", exc)
             else:
-                self._faults.discard("relay")
+                self._clear("relay")
                 self.state.unlocked = want
                 self._emit("door_unlocked" if want else "door_locked")
         self._watch_contact(now)
@@ -245,20 +268,29 @@ class DoorWorker:
             self._emit("door_held_open")
 
     def _read(self, dev: Input | None, what: str) -> bool | None:
-        """The input's level: False without a device, None when the read failed."""
+        """The input's level: False without a device, None when the read failed or the
+        device is not claimed yet."""
         if dev is None:
             return False
+        if not self._claimed[what]:
+            return None
         try:
             level = dev.active()
         except Exception as exc:  # noqa: BLE001 - an input fault is reported, retried
             self._fault(what, exc)
             return None
-        self._faults.discard(what)
+        self._clear(what)
         return level
+
+    def _clear(self, what: str) -> None:
+        if what in self._faults:
+            self._faults.discard(what)
+            self.state.faults = tuple(sorted(self._faults))
 
     def _fault(self, what: str, exc: Exception) -> None:
         if what not in self._faults:
             self._faults.add(what)
+            self.state.faults = tuple(sorted(self._faults))
             self._emit(f"{what}_fault", error=str(exc))
 
     def _emit(self, kind: str, reason: str | None = None, error: str | None = None) -> None:

@@ -20,7 +20,7 @@ import pytest
 
 from agent.config import DoorConfig
 from agent.decision import Mode
-from agent.door import DoorWorker
+from agent.door import RECLAIM_S, DoorWorker
 from agent.store import Event
 from drivers.base import DeviceError
 from drivers.simulated import SimBus, SimulatedInput, SimulatedRelay
@@ -73,6 +73,12 @@ class FlakyRelay(SimulatedRelay):
         self.fail_all = threading.Event()
         self.attempts: list[bool] = []
         self.closed = 0
+        self.fail_open = False
+
+    def open(self) -> None:
+        """Fail while ``fail_open`` is set, as an unplugged board does."""
+        if self.fail_open:
+            raise DeviceError(f"relay {self.name}: no such device")
 
     def set(self, unlocked: bool) -> None:
         """Record the attempt, then fail or drive the simulated lock."""
@@ -267,22 +273,43 @@ def test_start_drives_the_relay_locked_first(make_door: DoorFactory, fail_mode: 
     assert door.events[0] == ("door_locked", "startup")
 
 
-@pytest.mark.parametrize("fail_mode", ["secure", "safe"])
-def test_failed_start_leaves_the_safe_state(make_door: DoorFactory, fail_mode: str) -> None:
-    """When start() fails to claim an input it raises, with the relay left in the door's safe
-    state and released, and no worker thread running."""
+def test_device_that_cannot_be_claimed_is_a_fault_claimed_again(
+        make_door: DoorFactory) -> None:
+    """An input that fails to open at start is reported once as a fault, the door still
+    starts locked and works, and the worker claims the input again later, after which the
+    door is watched as usual."""
     bus = SimBus()
-    relay = FlakyRelay("d1.relay", bus)
     contact = FlakyInput("d1.contact", bus)
     contact.fail_open = True
-    door = make_door(relay=relay, contact=contact, bus=bus, fail_mode=fail_mode, start=False)
-    threads_before = set(threading.enumerate())
-    with pytest.raises(DeviceError, match="no such line"):
-        door.worker.start()
-    assert relay.history[-1] is door.worker.safe_unlocked
-    assert door.unlocked is door.worker.safe_unlocked
-    assert relay.closed == 1
-    assert set(threading.enumerate()) <= threads_before
+    door = make_door(contact=contact, bus=bus)
+    door.wait_event("contact_fault")
+    assert door.relay.history == [False]
+    assert door.worker.state.faults == ("contact",)
+    door.worker.grant()
+    door.wait_event("door_unlocked")
+    contact.fail_open = False
+    door.at(RECLAIM_S + UNLOCK_S)
+    door.wait_for(lambda: door.worker.state.faults == (), "the contact to be claimed")
+    door.settle()
+    door.set_contact(True)
+    door.wait_event("door_forced")
+    assert door.count("contact_fault") == 1
+
+
+def test_relay_that_cannot_be_claimed_is_retried(make_door: DoorFactory) -> None:
+    """A relay whose open() fails is a relay_fault, the worker keeps running, and once the
+    relay can be claimed it is locked and grants drive it."""
+    bus = SimBus()
+    relay = FlakyRelay("d1.relay", bus)
+    relay.fail_open = True
+    door = make_door(relay=relay, bus=bus)
+    door.wait_event("relay_fault")
+    assert door.worker.alive
+    relay.fail_open = False
+    door.at(RECLAIM_S)
+    door.wait_event("door_locked", "startup")
+    door.worker.grant()
+    door.wait_event("door_unlocked")
 
 
 def test_stop_leaves_a_fail_secure_door_locked(make_door: DoorFactory) -> None:
