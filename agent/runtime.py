@@ -309,6 +309,7 @@ class Agent:
         online: bool | None = None
         last_card: str | None = None
         last_seen = 0.0
+        alarms: dict[str, bool] = {}
         while not self._stopping.is_set():
             try:
                 reader.open()
@@ -318,6 +319,7 @@ class Agent:
                 opened_at = time.monotonic()
                 while not self._stopping.is_set():
                     read = reader.read(READ_TIMEOUT_S)
+                    alarms = self._reader_alarms(cfg, reader, alarms)
                     if attempt and time.monotonic() - opened_at >= STABLE_S:
                         attempt = 0  # stayed up: the next failure starts a fresh back-off
                     if read is None:
@@ -346,6 +348,22 @@ class Agent:
                     reader.close()
                 except Exception as exc:  # noqa: BLE001 - closing must not stop the loop
                     log.warning("reader_close_failed", reader=cfg.id, error=str(exc))
+
+    def _reader_alarms(self, cfg: ReaderConfig, reader: Reader, known: dict[str, bool]
+                       ) -> dict[str, bool]:
+        """Record a reader_tamper / reader_power event when a device alarm changes."""
+        current = reader.alarms()
+        for name, active in current.items():
+            if known.get(name, False) != active:
+                event = Event(f"reader_{name}", door=cfg.door, reader=cfg.id,
+                              reason="raised" if active else "cleared")
+                try:
+                    self._record(event)
+                except StoreError as exc:
+                    log.error("event_not_recorded", kind=event.kind, error=str(exc))
+                (log.warning if active else log.info)(event.kind, reader=cfg.id,
+                                                      active=active)
+        return current
 
     def _reader_state(self, cfg: ReaderConfig, state: str, attempt: int,
                       error: str | None = None) -> None:

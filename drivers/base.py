@@ -69,6 +69,11 @@ class Reader(ABC):
     def feedback(self, granted: bool) -> None:  # noqa: B027 - optional hook, no-op by default
         """Show the outcome on the reader (LED, buzzer) where the device can."""
 
+    def alarms(self) -> dict[str, bool]:
+        """Alarm inputs the device reports (``tamper``, ``power`` failure), True while
+        raised; readers without them report none. Polled by the agent, never blocks."""
+        return {}
+
 
 class Relay(ABC):
     """A lock output."""

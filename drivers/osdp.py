@@ -1256,6 +1256,11 @@ class OsdpReader(Reader):
             return {"online": False, "secure": False, "state": "closed", "reason": None}
         return bus.snapshot(slot)
 
+    def alarms(self) -> dict[str, bool]:
+        """The PD's local tamper and power-failure reports (osdp_LSTATR)."""
+        status = self.status
+        return {key: bool(status[key]) for key in ("tamper", "power") if key in status}
+
     def close(self) -> None:
         """Leave the bus (the last user closes the port); safe to call twice."""
         bus, slot = self._bus, self._slot

@@ -92,6 +92,10 @@ class SimulatedReader(Reader):
         """Remember the outcome shown."""
         self.feedback_log.append(granted)
 
+    def alarms(self) -> dict[str, bool]:
+        """Tamper as set on the bus under ``"<reader>.tamper"``."""
+        return {"tamper": self.bus.level(f"{self.name}.tamper")}
+
 
 class SimulatedRelayOptions(DriverOptions):
     """Options of the simulated relay."""

@@ -291,3 +291,16 @@ def test_event_store_high_water_alarm(tmp_path: Path) -> None:
         assert kinds.count("event_store_high_water") == 1
     finally:
         h.agent.stop()
+
+
+def test_reader_tamper_becomes_an_event(harness: Harness) -> None:
+    """A tamper alarm a reader reports is recorded as reader_tamper raised, and its end as
+    reader_tamper cleared, once each."""
+    harness.bus.set_level("front-in.tamper", True)
+
+    def tamper_events() -> list[str | None]:
+        return [e.reason for e in harness.store.events() if e.kind == "reader_tamper"]
+
+    wait_for(lambda: tamper_events() == ["raised"], "the tamper alarm")
+    harness.bus.set_level("front-in.tamper", False)
+    wait_for(lambda: tamper_events() == ["raised", "cleared"], "the alarm cleared")
