@@ -187,6 +187,8 @@ def cmd_status(args: argparse.Namespace, out: TextIO) -> int:
               f"clock      {report['clock']['state']}\n")
     for door_id, door in report["doors"].items():
         alarm = f", ALARM {door['alarm']}" if door.get("alarm") else ""
+        if door.get("faults"):
+            alarm += f", FAULT {' '.join(door['faults'])}"
         out.write(f"door       {door_id}: {door.get('lock')}, {door.get('contact', '?')}"
                   f"{alarm}\n")
     for reader_id, reader in report["readers"].items():

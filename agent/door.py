@@ -286,6 +286,7 @@ class DoorWorker:
         if what in self._faults:
             self._faults.discard(what)
             self.state.faults = tuple(sorted(self._faults))
+            self._emit(f"{what}_restored")
 
     def _fault(self, what: str, exc: Exception) -> None:
         if what not in self._faults:

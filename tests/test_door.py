@@ -290,6 +290,7 @@ def test_device_that_cannot_be_claimed_is_a_fault_claimed_again(
     contact.fail_open = False
     door.at(RECLAIM_S + UNLOCK_S)
     door.wait_for(lambda: door.worker.state.faults == (), "the contact to be claimed")
+    door.wait_event("contact_restored")
     door.settle()
     door.set_contact(True)
     door.wait_event("door_forced")
@@ -308,6 +309,7 @@ def test_relay_that_cannot_be_claimed_is_retried(make_door: DoorFactory) -> None
     relay.fail_open = False
     door.at(RECLAIM_S)
     door.wait_event("door_locked", "startup")
+    door.wait_event("relay_restored")
     door.worker.grant()
     door.wait_event("door_unlocked")
 
