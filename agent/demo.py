@@ -191,12 +191,12 @@ def run_demo(out: TextIO, folder: Path | None = None,
         store.close()
         out.write(f"\n{report.checked} events recorded, hash chain "
                   f"{'intact' if report.ok else 'BROKEN'}.\n")
-        out.write("\nTry your own:\n"
+        out.write("\nTry your own (from a checkout, run ./permitgate instead of permitgate):\n"
                   "  permitgate run                      # the simulated building, "
                   "no hardware needed\n"
                   "  permitgate sim tap front-in em4100:67003B51C6   # in another terminal\n"
                   "  permitgate status; permitgate events tail\n"
-                  "  permitgate run --config config/permitgate.example.toml  "
-                  "# your own readers\n")
+                  "  permitgate check-config -c config/permitgate.example.toml  "
+                  "# then edit it for your readers\n")
         return 0 if report.ok and len(results) == len(SCRIPT) else 1
 
