@@ -58,6 +58,9 @@ class Reason(StrEnum):
     ANTI_PASSBACK = "anti_passback"
     LOCKDOWN = "lockdown"
     STORE_ERROR = "store_error"
+    DOOR_FAULT = "door_fault"
+    """Everything else would grant, but the door's relay is faulted (not claimed or not
+    answering): the door cannot be opened, so the record says so instead of 'granted'."""
     STALE_UNCONFIRMED = "stale_unconfirmed"
     """The lists are stale (no valid heartbeat from the office for too long) and the
     offline policy admits only permits the office confirmed recently; this one was not."""
@@ -119,6 +122,7 @@ class Request:
     direction: Direction
     now: datetime
     door_schedule: str = "always"
+    door_fault: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -183,9 +187,10 @@ def decide(request: Request, lookup: Lookup, policy: Policy) -> Decision:  # noq
     if not (in_schedule(grant.schedule, request.now, policy)
             and in_schedule(request.door_schedule, request.now, policy)):
         return Decision(False, Reason.OUTSIDE_SCHEDULE)
+    outcome = Decision(True, Reason.GRANTED)
     if policy.passback is not Passback.OFF and _passback_violated(
             request, lookup.presence, policy, now_s):
         if policy.passback is Passback.HARD:
             return Decision(False, Reason.ANTI_PASSBACK)
-        return Decision(True, Reason.GRANTED_PASSBACK_VIOLATION)
-    return Decision(True, Reason.GRANTED)
+        outcome = Decision(True, Reason.GRANTED_PASSBACK_VIOLATION)
+    return Decision(False, Reason.DOOR_FAULT) if request.door_fault else outcome

@@ -86,6 +86,11 @@ class DoorWorker:
         self._next_claim = 0.0
 
     @property
+    def relay_faulted(self) -> bool:
+        """Whether the relay is unclaimed or failing: a grant could not open the door."""
+        return "relay" in self._faults
+
+    @property
     def alive(self) -> bool:
         """Whether the worker thread is running (False before start and after it ended)."""
         return self._thread is not None and self._thread.is_alive()

@@ -277,7 +277,8 @@ class Agent:
         cred = self.hasher.credential(read.card_id)
         direction = Direction(reader.direction)
         request = Request(reader.door, direction, datetime.now(self.config.zone),
-                          self._door_schedule[reader.door])
+                          self._door_schedule[reader.door],
+                          door_fault=self.doors[reader.door].relay_faulted)
         decision = decide(request, self.store.lookup(cred), self.policy)
         prefix = log_prefix(cred)
         event = Event("access_granted" if decision.granted else "access_denied",

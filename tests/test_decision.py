@@ -222,6 +222,12 @@ CASES: list[tuple[str, Request, Lookup, Policy, Decision]] = [
      policy(mode=Mode.FREE_PASSAGE, passback=Passback.HARD),
      Decision(True, Reason.GRANTED_FREE_PASSAGE)),
     # -- store errors ---------------------------------------------------------------------
+    ("door_fault", dataclasses.replace(request(), door_fault=True), Lookup(grant=Grant()),
+     NORMAL, denied(Reason.DOOR_FAULT)),
+    ("door_fault_revoked_stays_revoked", dataclasses.replace(request(), door_fault=True),
+     Lookup(grant=Grant(), revoked=True), NORMAL, denied(Reason.REVOKED)),
+    ("door_fault_unknown_stays_unknown", dataclasses.replace(request(), door_fault=True),
+     Lookup(), NORMAL, denied(Reason.UNKNOWN_CARD)),
     ("stale_unconfirmed", request(), Lookup(grant=Grant(confirmed_at=MON_10_S - 10)),
      policy(stale_cutoff=MON_10_S - 5), denied(Reason.STALE_UNCONFIRMED)),
     ("stale_never_confirmed", request(), Lookup(grant=Grant()),

@@ -208,7 +208,8 @@ def test_reader_failure_is_reported_and_reopened(tmp_path: Path) -> None:
 
 def test_relay_that_cannot_be_claimed_does_not_stop_the_agent(tmp_path: Path) -> None:
     """A relay failing at start is recorded as a relay_fault and shown in the door's state;
-    the agent still starts, decides and records taps, and stops cleanly."""
+    the agent still starts, decides and records taps (a valid card is denied as door_fault,
+    since the door cannot open), and stops cleanly."""
 
     class BrokenRelay(SimulatedRelay):
         def open(self) -> None:
@@ -219,7 +220,7 @@ def test_relay_that_cannot_be_claimed_does_not_stop_the_agent(tmp_path: Path) ->
     try:
         faults = [e for e in h.store.events() if e.kind == "relay_fault"]
         assert len(faults) == 1 and "ttyUSB9" in faults[0].data["error"]
-        assert h.tap("front-in", CARD, 1).granted
+        assert h.tap("front-in", CARD, 1) == Decision(False, Reason.DOOR_FAULT)
         state = next(json.loads(d["state"]) for d in h.store.device_states()
                      if d["kind"] == "door")
         assert state["faults"] == ["relay"]
