@@ -17,23 +17,17 @@ The text is taken exactly as scanned: no trimming, no case folding.
 from __future__ import annotations
 
 import hashlib
-import time
 import unicodedata
-from collections import deque
 from dataclasses import dataclass
-from typing import Any, NoReturn
+from typing import Any
 
-import serial
-import structlog
 from pydantic import Field
 
-from drivers.base import CardRead, DeviceError, DriverOptions, Reader
-
-_log = structlog.get_logger()
+from drivers.base import DriverOptions
+from drivers.serialport import SerialStreamReader
 
 _CR = 0x0D
 _LF = 0x0A
-_CHUNK = 4096
 
 
 class QrOptions(DriverOptions):
@@ -108,73 +102,14 @@ def _decode(line: bytes) -> Scanned | Refused | None:
     return Scanned(hashlib.sha256(text.encode("utf-8")).hexdigest())
 
 
-class QrReader(Reader):
+class QrReader(SerialStreamReader):
     """A QR or barcode scanner on a serial port; reports ``qr:<sha256 of the text>``."""
 
     Options = QrOptions
+    label = "qr reader"
 
-    def __init__(self, name: str, options: dict[str, Any]) -> None:
-        super().__init__(name, options)
-        self._port: serial.Serial | None = None
-        self._decoder = QrLineDecoder(self.options.max_len)
-        self._pending: deque[CardRead] = deque()
+    def _new_decoder(self) -> QrLineDecoder:
+        return QrLineDecoder(self.options.max_len)
 
-    def open(self) -> None:
-        """Open the port; raise ``DeviceError`` naming it when that fails."""
-        self.close()
-        path = self.options.port
-        try:
-            port = serial.Serial(port=path, baudrate=self.options.baudrate, timeout=0,
-                                 exclusive=True)
-        except (OSError, ValueError) as exc:  # SerialException is an OSError
-            raise DeviceError(f"qr reader {self.name}: cannot open {path}: {exc}") from exc
-        self._port = port
-        self._decoder.clear()
-        self._pending.clear()
-        self.rejected = 0
-
-    def read(self, timeout: float) -> CardRead | None:
-        """The next scan, or None after about ``timeout`` seconds without one."""
-        port = self._port
-        if port is None:
-            raise DeviceError(f"qr reader {self.name}: {self.options.port} is not open")
-        deadline = time.monotonic() + max(timeout, 0.0)
-        while not self._pending:
-            remaining = deadline - time.monotonic()
-            self._consume(self._receive(port, max(remaining, 0.0)))
-            if not self._pending and remaining <= 0:
-                return None
-        return self._pending.popleft()
-
-    def _receive(self, port: serial.Serial, timeout: float) -> bytes:
-        """Wait up to ``timeout`` for a first byte, then take what else has arrived."""
-        try:
-            port.timeout = timeout
-            first = port.read(1)
-            waiting = port.in_waiting if first else 0
-            return first + port.read(min(waiting, _CHUNK)) if waiting else first
-        except OSError as exc:  # SerialException is an OSError
-            self._fail(exc)
-
-    def _fail(self, exc: OSError) -> NoReturn:
-        self.close()
-        raise DeviceError(f"qr reader {self.name}: {self.options.port} failed: {exc}") from exc
-
-    def _consume(self, data: bytes) -> None:
-        for item in self._decoder.feed(data):
-            if isinstance(item, Scanned):
-                self._pending.append(CardRead(f"qr:{item.digest}"))
-            else:
-                self.rejected += 1
-                _log.warning("reader_frame_rejected", reader=self.name, reason=item.reason,
-                             length=item.length)
-
-    def close(self) -> None:
-        """Release the port; safe to call twice or after a failed open."""
-        port, self._port = self._port, None
-        if port is None:
-            return
-        try:
-            port.close()
-        except OSError as exc:
-            _log.warning("reader_close_failed", reader=self.name, error=str(exc))
+    def _card_id(self, item: Any) -> str | None:
+        return f"qr:{item.digest}" if isinstance(item, Scanned) else None

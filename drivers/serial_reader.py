@@ -20,17 +20,14 @@ from __future__ import annotations
 
 import operator
 import re
-import time
-from collections import deque
 from dataclasses import dataclass
 from functools import reduce
 from typing import Any, Literal, Protocol
 
-import serial
-import structlog
 from pydantic import Field, ValidationInfo, field_validator
 
-from drivers.base import CardRead, DeviceError, DriverOptions, Reader
+from drivers.base import DriverOptions
+from drivers.serialport import CHUNK, SerialStreamReader
 
 DEFAULT_PATTERN = r"^\s*(?P<card>[0-9A-Fa-f]{4,32})\s*$"
 """A line holding only 4 to 32 hex digits, with optional surrounding blanks."""
@@ -45,10 +42,6 @@ _HEX_DIGITS = frozenset(b"0123456789ABCDEFabcdef")
 _EM4100_BODY = 12
 """Hex characters between STX and ETX: 10 for version + data, 2 for the checksum."""
 
-_CHUNK = 4096
-"""Most bytes taken from the port in one go; 9600 baud delivers about 960 bytes/s."""
-
-_log = structlog.get_logger()
 
 
 class SerialReaderOptions(DriverOptions):
@@ -70,7 +63,7 @@ class SerialReaderOptions(DriverOptions):
     uppercase: bool = True
     """ascii only: upper-case the ``card`` group, so hex ids compare equal in any case."""
 
-    max_line: int = Field(default=128, ge=1, le=_CHUNK)
+    max_line: int = Field(default=128, ge=1, le=CHUNK)
     """ascii only: longer lines are refused whole, up to the next line end."""
 
     @field_validator("pattern")
@@ -225,16 +218,13 @@ class LineDecoder:
         return Accepted(card.upper() if self._uppercase else card)
 
 
-class SerialReader(Reader):
+class SerialReader(SerialStreamReader):
     """A card reader on a serial port (RDM6300-style EM4100 frames or ASCII lines)."""
 
     Options = SerialReaderOptions
 
     def __init__(self, name: str, options: dict[str, Any]) -> None:
         super().__init__(name, options)
-        self._port: serial.Serial | None = None
-        self._pending: deque[CardRead] = deque()
-        self._decoder: Decoder = self._new_decoder()
         self._kind = "em4100" if self.options.format == "em4100" else self.options.id_kind
 
     def _new_decoder(self) -> Decoder:
@@ -243,75 +233,5 @@ class SerialReader(Reader):
             return Em4100Decoder()
         return LineDecoder(re.compile(opts.pattern), opts.uppercase, opts.max_line)
 
-    def open(self) -> None:
-        """Open the port; raise ``DeviceError`` naming it when that fails.
-
-        pyserial flushes the input buffer on open, so reads the device made before the
-        agent was listening are dropped rather than opening a door late. ``exclusive``
-        takes an advisory lock: a second agent on the same port is refused, instead of
-        each one getting half of the bytes.
-        """
-        self.close()
-        path = self.options.port
-        try:
-            port = serial.Serial(port=path, baudrate=self.options.baudrate, timeout=0,
-                                 exclusive=True)
-        except (OSError, ValueError) as exc:  # SerialException is an OSError
-            raise DeviceError(f"serial reader {self.name}: cannot open {path}: {exc}") from exc
-        self._port = port
-        self._pending.clear()
-        self._decoder = self._new_decoder()
-        self.rejected = 0
-
-    def read(self, timeout: float) -> CardRead | None:
-        """The next card read, or None after about ``timeout`` seconds without one."""
-        port = self._port
-        if port is None:
-            raise DeviceError(f"serial reader {self.name}: {self.options.port} is not open")
-        deadline = time.monotonic() + max(timeout, 0.0)
-        while not self._pending:
-            remaining = deadline - time.monotonic()
-            self._consume(self._receive(port, max(remaining, 0.0)))
-            if not self._pending and remaining <= 0:
-                # At least one non-blocking pass even with timeout 0, and a stream of
-                # garbage cannot keep read() past its deadline.
-                return None
-        return self._pending.popleft()
-
-    def _receive(self, port: serial.Serial, timeout: float) -> bytes:
-        """Wait up to ``timeout`` for a first byte, then take what else has arrived.
-
-        A device that goes away (USB reader unplugged, pty peer closed) shows up as a
-        SerialException ("device reports readiness to read but returned no data": the
-        kernel hangs the tty up and read() returns 0 bytes), as "Could not configure port:
-        (5, 'Input/output error')" from the timeout setter, or as a bare OSError EIO from
-        ``in_waiting``. All are OSErrors; all become DeviceError, after the port is closed.
-        """
-        try:
-            port.timeout = timeout
-            first = port.read(1)
-            waiting = port.in_waiting if first else 0
-            return first + port.read(min(waiting, _CHUNK)) if waiting else first
-        except OSError as exc:  # SerialException is an OSError
-            self.close()
-            raise DeviceError(
-                f"serial reader {self.name}: {self.options.port} failed: {exc}") from exc
-
-    def _consume(self, data: bytes) -> None:
-        for decoded in self._decoder.feed(data):
-            if isinstance(decoded, Accepted):
-                self._pending.append(CardRead(f"{self._kind}:{decoded.value}"))
-            else:
-                self.rejected += 1
-                _log.warning("reader_frame_rejected", reader=self.name, reason=decoded.reason,
-                             length=decoded.length)
-
-    def close(self) -> None:
-        """Release the port; safe to call twice or after a failed open."""
-        port, self._port = self._port, None
-        if port is None:
-            return
-        try:
-            port.close()
-        except OSError as exc:
-            _log.warning("reader_close_failed", reader=self.name, error=str(exc))
+    def _card_id(self, item: Any) -> str | None:
+        return f"{self._kind}:{item.value}" if isinstance(item, Accepted) else None
