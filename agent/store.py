@@ -211,8 +211,8 @@ def time_ordered_uuid(ms: int) -> uuid.UUID:
 
 
 def _too_new(path: Path, found: int, known: int) -> StoreError:
-    return StoreError(f"{path}: schema version {found} is newer than this agent understands "
-                      f"({known}); upgrade permitgate")
+    return StoreError(f"{path}: schema version {found} is newer than this program "
+                      f"understands ({known}); upgrade permitgate")
 
 
 def _statements(script: str) -> list[str]:
@@ -230,7 +230,7 @@ def _statements(script: str) -> list[str]:
     return statements
 
 
-def _rollback(conn: sqlite3.Connection) -> None:
+def rollback(conn: sqlite3.Connection) -> None:
     """Roll back an open transaction, if any; a failing rollback is not a second error."""
     if conn.in_transaction:
         with contextlib.suppress(sqlite3.Error):
@@ -260,12 +260,15 @@ def lists_path(path: Path) -> Path:
     return path.with_name(f"{path.stem}-lists{path.suffix or '.db'}")
 
 
-class _Database:
-    """One SQLite file: per-thread reader connections, one writer, its migrations."""
+class SqliteFile:
+    """One SQLite file: WAL with ``synchronous=FULL``, per-thread connections, one writer
+    connection, numbered migrations applied in one transaction. The agent's two databases
+    and the central office's database (provisioning/central.py) are each one of these."""
 
-    def __init__(self, path: Path, migrations: tuple[str, ...], *, autocheckpoint: bool
-                 ) -> None:
+    def __init__(self, path: Path, migrations: tuple[str, ...], *, autocheckpoint: bool,
+                 busy_timeout_s: float = 5.0) -> None:
         self.path = path
+        self._busy_timeout_s = busy_timeout_s
         self._local = threading.local()
         self._connections: list[sqlite3.Connection] = []
         self._conn_lock = threading.Lock()
@@ -283,14 +286,15 @@ class _Database:
 
     def _connect(self) -> sqlite3.Connection:
         try:
-            conn = sqlite3.connect(self.path, timeout=5.0, isolation_level=None,
-                                   check_same_thread=False)
+            conn = sqlite3.connect(self.path, timeout=self._busy_timeout_s,
+                                   isolation_level=None, check_same_thread=False)
             conn.execute("PRAGMA journal_mode=WAL")
             # FULL: in WAL mode the log is fsynced on every commit, so an event is on disk
             # before the door it records opens (NORMAL may lose the last commits on power
             # loss: docs/events.md).
             conn.execute("PRAGMA synchronous=FULL")
-            conn.execute("PRAGMA busy_timeout=5000")
+            conn.execute(f"PRAGMA busy_timeout={int(self._busy_timeout_s * 1000)}")
+            conn.execute("PRAGMA foreign_keys=ON")
             # A whole-list apply grows the WAL to the size of the list (~250 MB for 1M
             # entries); truncate it back to 64 MB after checkpoints so the SD card keeps room.
             conn.execute("PRAGMA journal_size_limit=67108864")
@@ -329,7 +333,7 @@ class _Database:
                     "SELECT value FROM meta WHERE key='schema_version'").fetchone()
                 current = int(row[0]) if row else 0
             if current > len(migrations):
-                _rollback(conn)
+                rollback(conn)
                 raise _too_new(self.path, current, len(migrations))
             for version in range(current + 1, len(migrations) + 1):
                 for statement in _statements(migrations[version - 1]):
@@ -338,10 +342,10 @@ class _Database:
                              (str(version),))
             conn.execute("COMMIT")
         except sqlite3.DatabaseError as exc:
-            _rollback(conn)
+            rollback(conn)
             raise StoreError(f"{self.path}: cannot prepare the schema: {exc}") from exc
         except BaseException:
-            _rollback(conn)
+            rollback(conn)
             raise
 
     def meta(self, key: str) -> str | None:
@@ -363,9 +367,9 @@ class Store:
         except OSError as exc:
             raise StoreError(f"{path.parent}: cannot create the store directory: "
                              f"{exc.strerror}") from exc
-        self._ev = _Database(path, EVENT_MIGRATIONS, autocheckpoint=not background_checkpoint)
+        self._ev = SqliteFile(path, EVENT_MIGRATIONS, autocheckpoint=not background_checkpoint)
         try:
-            self._ls = _Database(self.lists_path, LIST_MIGRATIONS, autocheckpoint=True)
+            self._ls = SqliteFile(self.lists_path, LIST_MIGRATIONS, autocheckpoint=True)
         except BaseException:
             self._ev.close()
             raise
@@ -487,7 +491,7 @@ class Store:
                                  (*device, ts_ms))
                 conn.execute("COMMIT")
             except sqlite3.Error as exc:
-                _rollback(conn)
+                rollback(conn)
                 raise StoreError(f"{self.path}: cannot record event {event.kind!r}: "
                                  f"{exc}") from exc
             stored = StoredEvent(seq, event_id, ts_ms, event.kind, event.door, event.reader,
@@ -610,7 +614,7 @@ class Store:
                                  (anchor[1],))
                     conn.execute("COMMIT")
                 except sqlite3.Error as exc:
-                    _rollback(conn)
+                    rollback(conn)
                     raise StoreError(f"{self.path}: cannot prune events: {exc}") from exc
         if presence_max_age_s is not None:
             with self._write_lock:
@@ -662,11 +666,11 @@ class Store:
             except Exception as exc:
                 # Whatever failed (the database, a bad row, the source of the entries), the
                 # transaction is rolled back and the previous list stays in force.
-                _rollback(conn)
+                rollback(conn)
                 raise StoreError(f"{self.lists_path}: allowlist version {version} not applied: "
                                  f"{type(exc).__name__}: {exc}") from exc
             except BaseException:
-                _rollback(conn)
+                rollback(conn)
                 raise
             return count
 
@@ -685,7 +689,7 @@ class Store:
                                  (stream, version, self._clock_ms()))
                 conn.execute("COMMIT")
             except sqlite3.Error as exc:
-                _rollback(conn)
+                rollback(conn)
                 raise StoreError(f"{self.lists_path}: revocations not applied: {exc}") from exc
         return len(keys)
 
@@ -799,11 +803,11 @@ class Store:
                 work(conn)
                 conn.execute("COMMIT")
             except Exception as exc:
-                _rollback(conn)
+                rollback(conn)
                 raise StoreError(f"{self.lists_path}: cannot {what}: "
                                  f"{type(exc).__name__}: {exc}") from exc
             except BaseException:
-                _rollback(conn)
+                rollback(conn)
                 raise
 
     def first_unacked(self) -> int | None:

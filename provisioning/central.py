@@ -61,7 +61,7 @@ from pydantic import BaseModel, ValidationError
 
 from agent import wire
 from agent.keys import SITE_KEY_BYTES, CredentialHasher, SecretError, load_site_key, parse_key
-from agent.store import GENESIS, Event, event_hash
+from agent.store import GENESIS, Event, SqliteFile, StoreError, event_hash, rollback
 
 log = structlog.get_logger()
 
@@ -323,56 +323,32 @@ def check_ident(value: str, what: str) -> str:
 # -- database -----------------------------------------------------------------------
 
 
-def _statements(script: str) -> list[str]:
-    statements: list[str] = []
-    buffer = ""
-    for line in script.splitlines(keepends=True):
-        buffer += line
-        if sqlite3.complete_statement(buffer):
-            statements.append(buffer.strip())
-            buffer = ""
-    if buffer.strip():
-        statements.append(buffer.strip())
-    return statements
-
-
-class _Database:
-    """The central database: one connection per thread, short write transactions."""
+class _Database(SqliteFile):
+    """The central database (``agent.store.SqliteFile``: WAL, ``synchronous=FULL`` so an
+    event is on disk before the ack that lets the gateway forget it, and a seq before the
+    message that carries it leaves), with errors as ``CentralError``."""
 
     def __init__(self, path: Path) -> None:
-        self.path = path
-        self._local = threading.local()
-        self._lock = threading.Lock()
-        self._connections: list[sqlite3.Connection] = []
         try:
-            self._migrate()
-        except BaseException:
-            self.close()
-            raise
+            super().__init__(path, MIGRATIONS, autocheckpoint=True, busy_timeout_s=10.0)
+        except StoreError as exc:
+            raise CentralError(str(exc)) from exc
 
     def conn(self) -> sqlite3.Connection:
         """This thread's connection."""
-        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
-        if conn is None:
-            try:
-                conn = sqlite3.connect(self.path, timeout=10.0, isolation_level=None,
-                                       check_same_thread=False)
-                conn.execute("PRAGMA journal_mode=WAL")
-                # FULL: an event is on disk before the ack that lets the gateway forget it,
-                # and a seq is on disk before the message that carries it leaves.
-                conn.execute("PRAGMA synchronous=FULL")
-                conn.execute("PRAGMA busy_timeout=10000")
-                conn.execute("PRAGMA foreign_keys=ON")
-            except sqlite3.Error as exc:
-                raise CentralError(f"{self.path}: cannot open the database: {exc}") from exc
-            with self._lock:
-                self._connections.append(conn)
-            self._local.conn = conn
-        return conn
+        try:
+            return super().conn()
+        except StoreError as exc:
+            raise CentralError(str(exc)) from exc
 
     def db(self) -> sqlite_utils.Database:
         """A sqlite-utils view on this thread's connection (for reads)."""
         return sqlite_utils.Database(self.conn())
+
+    def close(self) -> None:
+        """Close every connection; a later use opens fresh ones."""
+        super().close()
+        self._local = threading.local()
 
     @contextlib.contextmanager
     def tx(self) -> Iterator[sqlite3.Connection]:
@@ -383,42 +359,11 @@ class _Database:
             yield conn
             conn.execute("COMMIT")
         except sqlite3.Error as exc:
-            self._rollback(conn)
+            rollback(conn)
             raise CentralError(f"{self.path}: {exc}") from exc
         except BaseException:
-            self._rollback(conn)
+            rollback(conn)
             raise
-
-    @staticmethod
-    def _rollback(conn: sqlite3.Connection) -> None:
-        if conn.in_transaction:
-            with contextlib.suppress(sqlite3.Error):
-                conn.execute("ROLLBACK")
-
-    def _migrate(self) -> None:
-        with self.tx() as conn:
-            current = 0
-            if "meta" in sqlite_utils.Database(conn).table_names():
-                row = conn.execute("SELECT value FROM meta WHERE key='schema_version'"
-                                   ).fetchone()
-                current = int(row[0]) if row else 0
-            if current > len(MIGRATIONS):
-                raise CentralError(f"{self.path}: schema version {current} is newer than "
-                                   f"this tool understands ({len(MIGRATIONS)})")
-            for version in range(current + 1, len(MIGRATIONS) + 1):
-                for statement in _statements(MIGRATIONS[version - 1]):
-                    conn.execute(statement)
-                conn.execute("INSERT OR REPLACE INTO meta VALUES ('schema_version', ?)",
-                             (str(version),))
-
-    def close(self) -> None:
-        """Close every connection opened on the file."""
-        with self._lock:
-            for conn in self._connections:
-                with contextlib.suppress(sqlite3.Error):
-                    conn.close()
-            self._connections.clear()
-        self._local = threading.local()
 
 
 # -- the central office -------------------------------------------------------------------
