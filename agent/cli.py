@@ -18,12 +18,14 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TextIO
 
-from agent import __version__, logs
+from agent import __version__
 from agent.config import DEFAULT_CONFIG_NAME, Config, ConfigError, load_config
-from agent.keys import SITE_KEY_BYTES, SecretError
 from agent.runtime import Agent, check_drivers, resolve_store_path
-from agent.store import Store, StoredEvent, StoreError
+from agent.store import Store, StoredEvent
+from common import logs
+from common.sqlite import StoreError
 from drivers.registry import DriverError
+from protocol.hashing import SITE_KEY_BYTES, SecretError
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
 

@@ -20,10 +20,10 @@ from typing import TextIO
 
 from agent.config import WEEKDAYS, Config, parse_config
 from agent.decision import Decision
-from agent.keys import CredentialHasher
 from agent.runtime import Agent, ReadTiming
 from agent.store import CredentialEntry, Store
 from drivers.serial_reader import em4100_frame
+from protocol.hashing import CredentialHasher
 
 
 @dataclass(frozen=True, slots=True)

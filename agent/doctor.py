@@ -30,10 +30,12 @@ from typing import Any, Literal, TextIO
 import serial
 
 from agent.config import Config
-from agent.keys import SecretError, load_site_key, resolve_secret_path
+from agent.keys import load_site_key, resolve_secret_path
 from agent.runtime import clock_state, config_dir, resolve_store_path
-from agent.store import Store, StoreError, lists_path
-from agent.wire import load_trusted_keys
+from agent.store import Store, lists_path
+from common.sqlite import StoreError
+from protocol.hashing import SecretError
+from protocol.signing import load_trusted_keys
 
 Status = Literal["ok", "warn", "fail", "skip"]
 _LABEL: dict[Status, str] = {"ok": "ok  ", "warn": "warn", "fail": "FAIL", "skip": "--  "}

@@ -19,8 +19,8 @@ import structlog
 
 from agent.config import DoorConfig
 from agent.decision import Mode
-from agent.store import Event
 from drivers.base import Input, Relay
+from protocol.chain import Event
 
 log = structlog.get_logger()
 

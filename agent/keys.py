@@ -1,29 +1,19 @@
-"""Secrets and keyed hashing of card identifiers.
+"""Where the gateway's secrets live, and reading the site key.
 
-Card and permit numbers never reach the database, a log line or a payload in the clear:
-card identifiers are replaced by HMAC-SHA256 under the site key, which the central office
-shares so that it can compute the same hashes for the allowlists it sends. Permit hashes
-come from the office only, made under its own permit key (one for every building, so one
-broadcast revocation covers them all); the gateway never needs that key. ``permit`` below
-serves the demo and tests, where the site key stands in for it (docs/security.md).
+The keyed hashing itself (``CredentialHasher``), the key format and ``SecretError`` are
+the protocol's (``protocol.hashing``): the office hashes with the same construction.
+Permit hashes come from the office only, made under its own permit key; the gateway
+never needs that key. ``CredentialHasher.permit`` under the site key serves the demo and
+tests (docs/security.md).
 """
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import os
 import secrets
 from pathlib import Path
 
-SITE_KEY_BYTES = 32
-LOG_PREFIX_HEX = 10
-"""Hex digits of a credential hash shown in logs and events: 40 bits, enough to tell
-cards apart in a building, too few to serve as a lookup key elsewhere."""
-
-
-class SecretError(Exception):
-    """A secret is missing, unreadable or malformed; the message names the file."""
+from protocol.hashing import SITE_KEY_BYTES, SecretError, parse_key
 
 
 def resolve_secret_path(name: str, base: Path | None = None,
@@ -69,43 +59,3 @@ def load_site_key(path: Path, *, generate_missing: bool = False) -> bytes:
     except OSError as exc:
         raise SecretError(f"{path}: cannot read site key: {exc.strerror}") from exc
     return parse_key(data, path)
-
-
-def parse_key(data: bytes, path: Path) -> bytes:
-    """Accept 32 raw bytes or their 64-character hex form (surrounding space ignored)."""
-    text = data.strip()
-    if len(text) == SITE_KEY_BYTES * 2:
-        try:
-            return bytes.fromhex(text.decode("ascii"))
-        except (UnicodeDecodeError, ValueError):
-            pass
-    if len(data) == SITE_KEY_BYTES:
-        return data
-    raise SecretError(f"{path}: a site key is 32 bytes or 64 hex characters, found "
-                    f"{len(data)} bytes")
-
-
-class CredentialHasher:
-    """Keyed hashing of card identifiers and permit numbers under the site key."""
-
-    __slots__ = ("_key",)
-
-    def __init__(self, site_key: bytes) -> None:
-        if len(site_key) != SITE_KEY_BYTES:
-            raise ValueError("site key must be 32 bytes")
-        self._key = site_key
-
-    def credential(self, card_id: str) -> bytes:
-        """The 32-byte lookup key of a normalised card identifier (``"em4100:…"``)."""
-        return hmac.new(self._key, b"cred\x00" + card_id.encode("utf-8"),
-                        hashlib.sha256).digest()
-
-    def permit(self, permit_number: str) -> bytes:
-        """The 32-byte lookup key of a permit number (all cards of one permit share it)."""
-        return hmac.new(self._key, b"permit\x00" + permit_number.strip().upper().encode(),
-                        hashlib.sha256).digest()
-
-
-def log_prefix(credential_hash: bytes) -> str:
-    """The short prefix of a credential hash used in logs and events."""
-    return credential_hash.hex()[:LOG_PREFIX_HEX]

@@ -39,19 +39,16 @@ from agent.decision import (
     decide,
 )
 from agent.door import DoorWorker
-from agent.keys import (
-    CredentialHasher,
-    SecretError,
-    load_site_key,
-    log_prefix,
-    resolve_secret_path,
-)
-from agent.store import Event, Store, StoreError
+from agent.keys import load_site_key, resolve_secret_path
+from agent.store import Store
 from agent.sync import SyncWorker, TlsFiles
-from agent.wire import load_trusted_keys
+from common.sqlite import StoreError
 from drivers import registry
 from drivers.base import CardRead, DeviceError, Reader
 from drivers.simulated import BUS, SimBus
+from protocol.chain import Event
+from protocol.hashing import CredentialHasher, SecretError, log_prefix
+from protocol.signing import load_trusted_keys
 
 log = structlog.get_logger()
 
@@ -245,8 +242,15 @@ class Agent:
                 password = secret(sync.password_file).read_text("utf-8").strip()
             except OSError as exc:
                 raise SecretError(f"sync.password_file: {exc}") from exc
-        self.sync = SyncWorker(self, sync, keys, tls=tls, password=password)
+        assert self.store is not None
+        self.sync = SyncWorker(self, self.store, sync, keys,
+                               gateway=self.config.site.gateway_id,
+                               site=self.config.site.site_id, tls=tls, password=password)
         self.sync.start()
+
+    def current_mode(self) -> Mode:
+        """The site mode in force (``SyncHost``)."""
+        return self.policy.mode
 
     def record_event(self, event: Event) -> None:
         """Append an event for another component (sync); raises StoreError."""

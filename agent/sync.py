@@ -1,4 +1,4 @@
-"""Sync with the central office over MQTT (protocol: docs/protocol.md, agent/wire.py).
+"""Sync with the central office over MQTT (protocol: docs/protocol.md, the ``protocol`` package).
 
 One worker thread owns everything: it applies central messages, publishes events from the
 durable outbox, status, acknowledgements and resync requests. paho's network thread only
@@ -24,7 +24,7 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import paho.mqtt.client as mqtt
 import structlog
@@ -35,9 +35,11 @@ from paho.mqtt.properties import Properties
 
 from agent.config import SyncConfig
 from agent.decision import Mode
-from agent.keys import SecretError
-from agent.store import CredentialEntry, Event, StoreError
-from agent.wire import (
+from agent.store import CredentialEntry
+from common.sqlite import StoreError
+from protocol.chain import Event
+from protocol.hashing import SecretError
+from protocol.messages import (
     MAX_CLOCK_SKEW_S,
     STREAM_TYPES,
     Applied,
@@ -45,24 +47,24 @@ from agent.wire import (
     Delta,
     Entry,
     EventAck,
+    EventBatch,
     Heartbeat,
     RefusedError,
     ResyncRequest,
     Revocation,
     Snapshot,
     Status,
-    Topics,
+    WireEvent,
     chunk_digest,
     is_chunk,
-    open_envelope,
     parse_central,
     parse_chunk,
-    stream_of,
-    unb64,
 )
+from protocol.signing import open_envelope, unb64
+from protocol.topics import Topics, stream_of
 
 if TYPE_CHECKING:
-    from agent.runtime import Agent
+    from agent.store import Store
 
 log = structlog.get_logger()
 
@@ -114,16 +116,35 @@ class Counters:
     reconnects: int = 0
 
 
+class SyncHost(Protocol):
+    """What the sync worker needs of the agent besides its store, and nothing more."""
+
+    def current_mode(self) -> Mode:
+        """The site mode in force."""
+
+    def set_mode(self, mode: Mode, *, source: str) -> None:
+        """Switch the site mode (a central command) and record it."""
+
+    def set_stale_cutoff(self, cutoff: int | None) -> None:
+        """Apply (or lift, with None) the stale-list policy."""
+
+    def record_event(self, event: Event) -> None:
+        """Append an event to the chain; raises ``StoreError``."""
+
+
 class SyncWorker:
     """The agent's side of the MQTT link."""
 
-    def __init__(self, agent: Agent, config: SyncConfig, keys: dict[str, Ed25519PublicKey],
-                 *, tls: TlsFiles | None = None, password: str | None = None,
+    def __init__(self, host: SyncHost, store: Store, config: SyncConfig,
+                 keys: dict[str, Ed25519PublicKey], *, gateway: str, site: str,
+                 tls: TlsFiles | None = None, password: str | None = None,
                  clock: Callable[[], float] = time.time) -> None:
-        self.agent = agent
+        self.host = host
+        self.store = store
         self.config = config
         self.keys = keys
-        self.gateway = agent.config.site.gateway_id
+        self.gateway = gateway
+        self.site = site
         self.topics = Topics(self.gateway, config.prefix)
         self._clock = clock
         self._inbox: queue.Queue[tuple[Any, ...]] = queue.Queue()
@@ -341,10 +362,9 @@ class SyncWorker:
         events = store.events(after_seq=first - 1, limit=self.config.batch_size)
         if not events:
             return
-        payload = json.dumps({"type": "events", "gateway": self.gateway,
-                              "events": [e.as_dict() for e in events]},
-                             separators=(",", ":"), ensure_ascii=False)
-        if self._publish("events", payload):
+        batch = EventBatch(type="events", gateway=self.gateway,
+                           events=[WireEvent.model_validate(e.as_dict()) for e in events])
+        if self._publish("events", batch.model_dump_json()):
             self._inflight = InFlight(events[0].seq, events[-1].seq, now)
             self.counters.batches_sent += 1
 
@@ -356,8 +376,8 @@ class SyncWorker:
             states.setdefault(row["kind"], {})[row["id"]] = json.loads(row["state"])
         status = Status(
             type="status", gateway=self.gateway, state="online", ts_ms=self._now_ms(),
-            site=self.agent.config.site.site_id, versions=self._versions(),
-            outbox=store.counts()["outbox"], mode=self.agent.policy.mode.value,
+            site=self.site, versions=self._versions(),
+            outbox=store.counts()["outbox"], mode=self.host.current_mode().value,
             clock=states.get("system", {}).get("clock", {}).get("state"),
             stale=bool(self._stale), doors=states.get("door", {}),
             readers=states.get("reader", {}), refused=dict(self.counters.refused))
@@ -464,7 +484,7 @@ class SyncWorker:
 
     def _on_command(self, cmd: Command) -> None:
         if cmd.action in ("lockdown", "free_passage", "normal"):
-            self.agent.set_mode(Mode(cmd.action), source=f"central command {cmd.seq}")
+            self.host.set_mode(Mode(cmd.action), source=f"central command {cmd.seq}")
             # Kept apart from the cmd stream, so a later status or resync command does not
             # make a restart forget the commanded mode.
             self._store().set_stream("mode", cmd.seq, {"mode": cmd.action})
@@ -576,9 +596,9 @@ class SyncWorker:
         now = self._clock()
         stale = now - reference > self.config.heartbeat_max_age_s
         if stale and self.config.offline_policy == "recent_only":
-            self.agent.set_stale_cutoff(int(now - self.config.recent_window_h * 3600))
+            self.host.set_stale_cutoff(int(now - self.config.recent_window_h * 3600))
         elif self._stale:
-            self.agent.set_stale_cutoff(None)
+            self.host.set_stale_cutoff(None)
         if stale != self._stale:
             if stale or self._stale is not None:
                 kind = "sync_stale" if stale else "sync_fresh"
@@ -594,14 +614,12 @@ class SyncWorker:
 
     def _record(self, event: Event) -> None:
         try:
-            self.agent.record_event(event)
+            self.host.record_event(event)
         except StoreError as exc:
             log.error("event_not_recorded", kind=event.kind, error=str(exc))
 
-    def _store(self) -> Any:
-        store = self.agent.store
-        assert store is not None
-        return store
+    def _store(self) -> Store:
+        return self.store
 
     def _versions(self) -> dict[str, int]:
         versions: dict[str, int] = self._store().versions()
@@ -613,9 +631,7 @@ class SyncWorker:
 
 def entry_of(entry: Entry) -> CredentialEntry:
     """A wire allowlist entry as a store entry."""
-    cred, permit, valid_from, valid_until, doors, schedule, confirmed = entry
     return CredentialEntry(
-        cred=unb64(cred), permit=unb64(permit) if permit is not None else None,
-        valid_from=valid_from, valid_until=valid_until,
-        doors=tuple(doors) if doors is not None else None, schedule=schedule or "always",
-        confirmed_at=confirmed)
+        cred=unb64(entry.cred), permit=None if entry.permit is None else unb64(entry.permit),
+        valid_from=entry.valid_from, valid_until=entry.valid_until, doors=entry.doors,
+        schedule=entry.schedule or "always", confirmed_at=entry.confirmed_at)

@@ -39,12 +39,13 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # for tests.broker
 
-from agent import logs
 from agent.config import ReaderConfig, parse_config
 from agent.decision import Decision
 from agent.runtime import Agent, ReadTiming
-from agent.store import CredentialEntry, Event, Store
+from agent.store import CredentialEntry, Store
+from common import logs
 from drivers.simulated import SimBus
+from protocol.chain import Event
 from tests.broker import Broker
 from tests.harness import (
     GATEWAY,

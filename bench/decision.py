@@ -29,13 +29,13 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from agent import logs
 from agent.config import ReaderConfig, parse_config
 from agent.decision import Decision
-from agent.keys import CredentialHasher
 from agent.runtime import Agent, ReadTiming
 from agent.store import CredentialEntry, Store
+from common import logs
 from drivers.simulated import SimBus, SimulatedRelay
+from protocol.hashing import CredentialHasher
 
 CONFIG = """
 [site]

@@ -35,7 +35,8 @@ import structlog
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # for tests.broker
 
-from agent.wire import Revoked, b64
+from protocol.messages import Revoked
+from protocol.signing import b64
 from tests.broker import Broker
 from tests.harness import (
     GATEWAY,

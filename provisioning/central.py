@@ -1,6 +1,6 @@
 """The central office: allowlists, revocations and commands out; events, status in.
 
-``Central`` is the reference peer of the gateway's sync (``agent/wire.py`` is the
+``Central`` is the reference peer of the gateway's sync (``protocol`` is the
 contract) and a working tool for a small office (``permitgate-central``). It keeps its
 state in one folder:
 
@@ -35,7 +35,6 @@ import fcntl
 import json
 import os
 import queue
-import re
 import secrets
 import socket
 import sqlite3
@@ -59,9 +58,29 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 from pydantic import BaseModel, ValidationError
 
-from agent import wire
-from agent.keys import SITE_KEY_BYTES, CredentialHasher, SecretError, load_site_key, parse_key
-from agent.store import GENESIS, Event, SqliteFile, StoreError, event_hash, rollback
+from common.sqlite import SqliteFile, StoreError, rollback
+from protocol import ids
+from protocol.chain import GENESIS, contents_match
+from protocol.hashing import SITE_KEY_BYTES, CredentialHasher, SecretError, parse_key, read_key
+from protocol.messages import (
+    GATEWAY_MESSAGES,
+    Applied,
+    Chunk,
+    Command,
+    Delta,
+    Entry,
+    EventAck,
+    EventBatch,
+    Heartbeat,
+    ResyncRequest,
+    Revocation,
+    Revoked,
+    Snapshot,
+    Status,
+    chunk_digest,
+)
+from protocol.signing import b64, sign, unb64
+from protocol.topics import Topics, office_subscription, parse_outbound
 
 log = structlog.get_logger()
 
@@ -97,11 +116,7 @@ MAX_GATEWAY_PAYLOAD = 8 * 1024 * 1024
 """Gateway messages larger than this are refused unread (an event batch is far smaller)."""
 MAX_CHUNK_ENTRIES = 10_000
 
-_IDENT = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
-_KID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
-_CARD = re.compile(r"^([a-z0-9][a-z0-9_-]{0,31}):(\S{1,128})$")
-_EM4100 = re.compile(r"^[0-9A-F]{10}$")
-COMMAND_ACTIONS: tuple[str, ...] = get_args(wire.Command.model_fields["action"].annotation)
+COMMAND_ACTIONS: tuple[str, ...] = get_args(Command.model_fields["action"].annotation)
 
 MIGRATIONS: tuple[str, ...] = (
     # 1: the initial schema.
@@ -252,7 +267,7 @@ def keygen(folder: Path, kid: str = DEFAULT_KID) -> KeygenResult:
     Refuses to overwrite an existing key or to list a key id twice. The permit key is
     created only when missing: replacing it would change every permit hash.
     """
-    if not _KID.match(kid):
+    if not ids.KEY_ID_RE.match(kid):
         raise CentralUsageError(f"--kid {kid!r}: use 1-64 letters, digits, '.', '_', '-'")
     try:
         folder.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -297,34 +312,27 @@ def permit_hash(permit_key: bytes, permit_number: str) -> bytes:
 
 
 def normalise_card_id(text: str) -> str:
-    """A card id as the gateway's reader reports it: ``kind:id``; EM4100 ids are 10
-    upper-case hex digits. Raises ``CentralUsageError`` naming ``--card``."""
-    value = text.strip()
-    match = _CARD.match(value)
-    if not match:
-        raise CentralUsageError("--card: expected a normalised card id such as "
-                                "em4100:67003B51C6 (kind, colon, id)")
-    kind, ident = match.groups()
-    if kind == "em4100":
-        ident = ident.upper()
-        if not _EM4100.match(ident):
-            raise CentralUsageError("--card: an em4100 id is 10 hex digits")
-    return f"{kind}:{ident}"
+    """A card id as the gateway's reader reports it (``protocol.ids.normalise_card_id``);
+    raises ``CentralUsageError`` naming ``--card``."""
+    try:
+        return ids.normalise_card_id(text)
+    except ValueError as exc:
+        raise CentralUsageError(f"--card: {exc}") from None
 
 
 def check_ident(value: str, what: str) -> str:
     """``value`` if it is a protocol identifier (lower-case letters, digits, '_', '-')."""
-    if not _IDENT.match(value):
-        raise CentralUsageError(f"{what} {value!r}: use 1-63 lower-case letters, digits, "
-                                "'_' or '-', starting with a letter or digit")
-    return value
+    try:
+        return ids.check_ident(value, what)
+    except ValueError as exc:
+        raise CentralUsageError(str(exc)) from None
 
 
 # -- database -----------------------------------------------------------------------
 
 
 class _Database(SqliteFile):
-    """The central database (``agent.store.SqliteFile``: WAL, ``synchronous=FULL`` so an
+    """The central database (``common.sqlite.SqliteFile``: WAL, ``synchronous=FULL`` so an
     event is on disk before the ack that lets the gateway forget it, and a seq before the
     message that carries it leaves), with errors as ``CentralError``."""
 
@@ -413,7 +421,7 @@ def _no_delay(_client: Client, _userdata: Any, sock: Any) -> None:
 
 
 def _b64(data: bytes | None) -> str | None:
-    return None if data is None else wire.b64(data)
+    return None if data is None else b64(data)
 
 
 class Central:
@@ -503,7 +511,7 @@ class Central:
         trusted = self.folder / TRUSTED_KEYS_NAME
         kids = _listed_kids(trusted)
         if self._signing_kid is not None:
-            if not _KID.match(self._signing_kid):
+            if not ids.KEY_ID_RE.match(self._signing_kid):
                 raise CentralUsageError(f"--signing-kid {self._signing_kid!r}: not a key id")
             candidates = [self._signing_kid]
         else:
@@ -547,7 +555,7 @@ class Central:
     def _hasher(self, gateway: str) -> CredentialHasher:
         row = self._gateway_row(gateway)
         try:
-            return CredentialHasher(load_site_key(Path(row["site_key_path"])))
+            return CredentialHasher(read_key(Path(row["site_key_path"])))
         except SecretError as exc:
             raise CentralUsageError(f"gateway {gateway}: {exc}") from None
 
@@ -606,11 +614,11 @@ class Central:
         if op == "snapshot":
             return self._do_snapshot(args["gateway"], int(args["chunk_entries"]))
         if op == "delta":
-            return self._do_delta(args["gateway"], [wire.unb64(c) for c in args["upsert"]],
+            return self._do_delta(args["gateway"], [unb64(c) for c in args["upsert"]],
                                   list(args["remove"]))
         if op == "revoke":
             return self._do_revoke(args["target"],
-                                   [wire.Revoked(**item) for item in args["items"]])
+                                   [Revoked(**item) for item in args["items"]])
         if op == "command":
             return self._do_command(args["gateway"], args["action"])
         if op == "heartbeat":
@@ -781,7 +789,7 @@ class Central:
 
     def _signed(self, topic: str, body: BaseModel) -> None:
         kid, key = self._signing()
-        self._send(topic, wire.sign(key, kid, topic, body))
+        self._send(topic, sign(key, kid, topic, body))
 
     def _times(self, ttl: int) -> tuple[int, int]:
         now = self._now()
@@ -809,14 +817,14 @@ class Central:
             folder.mkdir(mode=0o700, exist_ok=True)
             path = folder / f"{gateway_id}.key"
             if path.exists():
-                if load_site_key(path) != site_key:
+                if read_key(path) != site_key:
                     raise CentralUsageError(f"{path}: holds a different site key")
             else:
                 _create_secret(path, site_key.hex() + "\n")
         else:
             path = site_key.resolve()
             try:
-                load_site_key(path)
+                read_key(path)
             except SecretError as exc:
                 raise CentralUsageError(f"--site-key: {exc}") from None
 
@@ -903,20 +911,21 @@ class Central:
         self._op(do)
         return cred
 
-    def entries(self, gateway: str) -> list[wire.Entry]:
+    def entries(self, gateway: str) -> list[Entry]:
         """The stored allowlist of ``gateway`` as wire entries, by credential hash."""
         return [self._entry(r) for r in self._db.db().query(
             "SELECT * FROM entries WHERE gateway = ? ORDER BY cred", [gateway])]
 
     @staticmethod
-    def _entry(row: dict[str, Any]) -> wire.Entry:
-        return (wire.b64(row["cred"]), _b64(row["permit"]), row["valid_from"],
-                row["valid_until"], None if row["doors"] is None else json.loads(row["doors"]),
-                row["schedule"], row["confirmed_at"])
+    def _entry(row: dict[str, Any]) -> Entry:
+        return Entry(cred=b64(row["cred"]), permit=_b64(row["permit"]),
+                     valid_from=row["valid_from"], valid_until=row["valid_until"],
+                     doors=None if row["doors"] is None else tuple(json.loads(row["doors"])),
+                     schedule=row["schedule"], confirmed_at=row["confirmed_at"])
 
-    def revocations(self, gateway: str) -> list[wire.Revoked]:
+    def revocations(self, gateway: str) -> list[Revoked]:
         """What a snapshot for ``gateway`` revokes: its own and the global revocations."""
-        return [wire.Revoked(kind=r["kind"], hash=wire.b64(r["hash"]))
+        return [Revoked(kind=r["kind"], hash=b64(r["hash"]))
                 for r in self._db.db().query(
                     "SELECT kind, hash FROM revocations WHERE gateway IN (?, '*') "
                     "GROUP BY kind, hash ORDER BY kind, hash", [gateway])]
@@ -943,23 +952,23 @@ class Central:
             db = sqlite_utils.Database(conn)
             entries = [self._entry(r) for r in db.query(
                 "SELECT * FROM entries WHERE gateway = ? ORDER BY cred", [gateway])]
-            revoked = [wire.Revoked(kind=r["kind"], hash=wire.b64(r["hash"]))
+            revoked = [Revoked(kind=r["kind"], hash=b64(r["hash"]))
                        for r in db.query(
                            "SELECT kind, hash FROM revocations WHERE gateway IN (?, '*') "
                            "GROUP BY kind, hash ORDER BY kind, hash", [gateway])]
         count = max(1, -(-len(entries) // chunk_entries), -(-len(revoked) // chunk_entries))
-        payloads = [wire.Chunk(
+        payloads = [Chunk(
             type="chunk", version=version, index=i,
             entries=entries[i * chunk_entries:(i + 1) * chunk_entries],
             revoked=revoked[i * chunk_entries:(i + 1) * chunk_entries],
         ).model_dump_json().encode() for i in range(count)]
         issued, expires = self._times(self.ttl_s)
-        manifest = wire.Snapshot(
+        manifest = Snapshot(
             type="snapshot", gateway=gateway, seq=version, issued_at=issued,
             expires_at=expires, entries=len(entries), revoked=len(revoked),
-            chunk_sha256=[wire.chunk_digest(p) for p in payloads], rev_seq=rev_seq,
+            chunk_sha256=[chunk_digest(p) for p in payloads], rev_seq=rev_seq,
             all_seq=all_seq)
-        topic = wire.Topics(gateway).inbound("list")
+        topic = Topics(gateway).inbound("list")
         self._signed(topic, manifest)
         for payload in payloads:
             self._send(topic, payload)
@@ -972,8 +981,8 @@ class Central:
         """Send the stored entries of the cards ``upsert`` and the removal of the cards
         ``remove`` (card ids) as version ``base + 1``; returns the new version."""
         hasher = self._hasher(gateway)
-        up = [wire.b64(hasher.credential(normalise_card_id(c))) for c in upsert]
-        gone = [wire.b64(hasher.credential(normalise_card_id(c))) for c in remove]
+        up = [b64(hasher.credential(normalise_card_id(c))) for c in upsert]
+        gone = [b64(hasher.credential(normalise_card_id(c))) for c in remove]
         if not up and not gone:
             raise CentralUsageError("delta: nothing to upsert or remove")
         return int(self._publish_op("delta", {"gateway": gateway, "upsert": up,
@@ -993,14 +1002,14 @@ class Central:
                 "UPDATE gateways SET list_version = list_version + 1, list_published_ms = ? "
                 "WHERE id = ? RETURNING list_version", (self._now_ms(), gateway)).fetchone()[0]
         issued, expires = self._times(self.ttl_s)
-        self._signed(wire.Topics(gateway).inbound("list"), wire.Delta(
+        self._signed(Topics(gateway).inbound("list"), Delta(
             type="delta", gateway=gateway, seq=version, issued_at=issued, expires_at=expires,
             base=version - 1, upsert=rows, remove=remove))
         log.info("delta_published", gateway=gateway, version=version, upserts=len(rows),
                  removals=len(remove))
         return int(version)
 
-    def revoke(self, target: str, items: Sequence[wire.Revoked]) -> int:
+    def revoke(self, target: str, items: Sequence[Revoked]) -> int:
         """Revoke ``items`` at gateway ``target``, or at every gateway with ``"*"``
         (broadcast stream). Returns the stream seq used."""
         if not items:
@@ -1014,7 +1023,7 @@ class Central:
         return int(self._publish_op("revoke", {
             "target": target, "items": [i.model_dump() for i in items]}))
 
-    def _do_revoke(self, target: str, items: list[wire.Revoked]) -> int:
+    def _do_revoke(self, target: str, items: list[Revoked]) -> int:
         now_ms = self._now_ms()
         with self._db.tx() as conn:
             if target == "*":
@@ -1024,12 +1033,12 @@ class Central:
                 seq = conn.execute("UPDATE gateways SET rev_seq = rev_seq + 1 WHERE id = ? "
                                    "RETURNING rev_seq", (target,)).fetchone()[0]
             conn.executemany("INSERT OR REPLACE INTO revocations VALUES (?,?,?,?,?)",
-                             [(target, i.kind, wire.unb64(i.hash), seq, now_ms)
+                             [(target, i.kind, unb64(i.hash), seq, now_ms)
                               for i in items])
         issued, expires = self._times(self.ttl_s)
-        topic = (wire.Topics("*").broadcast_revocations if target == "*"
-                 else wire.Topics(target).inbound("rev"))
-        self._signed(topic, wire.Revocation(
+        topic = (Topics("*").broadcast_revocations if target == "*"
+                 else Topics(target).inbound("rev"))
+        self._signed(topic, Revocation(
             type="revocation", gateway=target, seq=seq, issued_at=issued, expires_at=expires,
             items=items))
         log.info("revocation_published", gateway=target, seq=seq, items=len(items))
@@ -1040,12 +1049,12 @@ class Central:
         if not permit_number.strip():
             raise CentralUsageError("--permit: empty permit number")
         digest = permit_hash(self.permit_key(), permit_number)
-        return self.revoke(gateway, [wire.Revoked(kind="permit", hash=wire.b64(digest))])
+        return self.revoke(gateway, [Revoked(kind="permit", hash=b64(digest))])
 
     def revoke_card(self, gateway: str, card_id: str) -> int:
         """Revoke one card at ``gateway``."""
         digest = self._hasher(gateway).credential(normalise_card_id(card_id))
-        return self.revoke(gateway, [wire.Revoked(kind="credential", hash=wire.b64(digest))])
+        return self.revoke(gateway, [Revoked(kind="credential", hash=b64(digest))])
 
     def command(self, gateway: str, action: str) -> int:
         """Send an operational command; returns its seq."""
@@ -1059,7 +1068,7 @@ class Central:
             seq = conn.execute("UPDATE gateways SET cmd_seq = cmd_seq + 1 WHERE id = ? "
                                "RETURNING cmd_seq", (gateway,)).fetchone()[0]
         issued, expires = self._times(self.ttl_s)
-        self._signed(wire.Topics(gateway).inbound("cmd"), wire.Command(
+        self._signed(Topics(gateway).inbound("cmd"), Command(
             type="command", gateway=gateway, seq=seq, issued_at=issued, expires_at=expires,
             action=cast(Any, action)))
         log.info("command_published", gateway=gateway, seq=seq, action=action)
@@ -1077,7 +1086,7 @@ class Central:
                 "RETURNING hb_seq, list_version, rev_seq", (gateway,)).fetchone()
             all_seq = conn.execute("SELECT seq FROM streams WHERE name = 'all'").fetchone()[0]
         issued, expires = self._times(self.heartbeat_ttl_s)
-        self._signed(wire.Topics(gateway).inbound("hb"), wire.Heartbeat(
+        self._signed(Topics(gateway).inbound("hb"), Heartbeat(
             type="heartbeat", gateway=gateway, seq=seq, issued_at=issued,
             expires_at=expires, list_version=version, rev_seq=rev_seq, all_seq=all_seq))
         log.debug("heartbeat_published", gateway=gateway, seq=seq, list_version=version)
@@ -1146,7 +1155,7 @@ class Central:
         client = self._new_client(self.client_id, manual_ack=True)
         # paho's queue is memory only (B6): bound it; the protocol recovers anything lost.
         client.max_queued_messages_set(10_000)
-        topic = f"{wire.PROTOCOL}/gw/+/out/#"
+        topic = office_subscription()
 
         def on_connect(c: Client, _u: Any, flags: ConnectFlags, rc: ReasonCode,
                        _p: Properties | None) -> None:
@@ -1248,25 +1257,23 @@ class Central:
         if parsed is None:
             return
         gateway, body = parsed
-        if isinstance(body, wire.EventBatch):
+        if isinstance(body, EventBatch):
             self._on_events(gateway, body)
-        elif isinstance(body, wire.Applied):
+        elif isinstance(body, Applied):
             self._on_applied(gateway, body)
-        elif isinstance(body, wire.Status):
+        elif isinstance(body, Status):
             self._on_status(gateway, body)
-        elif isinstance(body, wire.ResyncRequest):
+        elif isinstance(body, ResyncRequest):
             self._on_resync(gateway, body)
 
     def _parse(self, msg: _Incoming) -> tuple[str, BaseModel] | None:
         """The gateway and validated body of a message, or None (counted, logged)."""
-        parts = msg.topic.split("/")
-        head = wire.PROTOCOL.split("/")
-        if (len(parts) != len(head) + 4 or parts[:len(head)] != head
-                or parts[len(head)] != "gw" or parts[len(head) + 2] != "out"):
+        parsed = parse_outbound(msg.topic)
+        if parsed is None:
             self._malformed(None, "?", f"unexpected topic {msg.topic[:200]!r}")
             return None
-        gateway, kind = parts[len(head) + 1], parts[len(head) + 3]
-        known = bool(_IDENT.match(gateway)) and self._db.conn().execute(
+        gateway, kind = parsed
+        known = bool(ids.IDENT_RE.match(gateway)) and self._db.conn().execute(
             "SELECT 1 FROM gateways WHERE id = ?", (gateway,)).fetchone() is not None
         if not known:
             self._malformed(None, kind, f"message from unknown gateway {gateway[:64]!r}")
@@ -1274,7 +1281,7 @@ class Central:
                 conn.execute("INSERT INTO meta VALUES ('unknown_gateway_messages', '1') ON "
                              "CONFLICT (key) DO UPDATE SET value = CAST(value AS INTEGER) + 1")
             return None
-        model = wire.GATEWAY_MESSAGES.get(kind)
+        model = GATEWAY_MESSAGES.get(kind)
         problem = None
         body: BaseModel | None = None
         if model is None:
@@ -1297,7 +1304,7 @@ class Central:
             return None
         return gateway, body
 
-    def store_events(self, gateway: str, batch: wire.EventBatch) -> StoreResult:
+    def store_events(self, gateway: str, batch: EventBatch) -> StoreResult:
         """Store a batch once (dedupe by seq), check its links, advance ``acked_upto``.
 
         A seq received again with different contents, a link that does not match its
@@ -1324,9 +1331,7 @@ class Central:
                                          f"(hash {ev.hash[:16]}…, stored {stored[:16]}…)"))
                     continue
                 new += 1
-                recomputed = event_hash(ev.prev_hash, ev.seq, ev.event_id, ev.ts_ms, Event(
-                    ev.kind, ev.door, ev.reader, ev.direction, ev.reason, ev.cred, ev.data))
-                if recomputed != ev.hash:
+                if not contents_match(ev):
                     problems.append((ev.seq, "contents do not match the event's hash"))
                 if ev.seq == 1 and ev.prev_hash != GENESIS:
                     problems.append((1, "the first event does not start the chain"))
@@ -1355,20 +1360,20 @@ class Central:
         return StoreResult(len(batch.events), new, int(upto),
                            tuple(f"seq {s}: {p}" for s, p in problems))
 
-    def _on_events(self, gateway: str, batch: wire.EventBatch) -> None:
+    def _on_events(self, gateway: str, batch: EventBatch) -> None:
         result = self.store_events(gateway, batch)
         # The ack goes out only after the commit above: the gateway may then forget them.
         with self._db.tx() as conn:
             ack_seq = conn.execute("UPDATE gateways SET ack_seq = ack_seq + 1 WHERE id = ? "
                                    "RETURNING ack_seq", (gateway,)).fetchone()[0]
         issued, expires = self._times(self.ttl_s)
-        self._signed(wire.Topics(gateway).inbound("ack"), wire.EventAck(
+        self._signed(Topics(gateway).inbound("ack"), EventAck(
             type="event_ack", gateway=gateway, seq=ack_seq, issued_at=issued,
             expires_at=expires, upto=result.acked_upto))
         log.info("events_stored", gateway=gateway, received=result.received, new=result.new,
                  acked_upto=result.acked_upto, problems=len(result.problems))
 
-    def _on_applied(self, gateway: str, msg: wire.Applied) -> None:
+    def _on_applied(self, gateway: str, msg: Applied) -> None:
         now_ms = self._now_ms()
         with self._db.tx() as conn:
             conn.execute("INSERT OR REPLACE INTO applied VALUES (?,?,?,?,?,?,?,?)",
@@ -1380,7 +1385,7 @@ class Central:
         log.info(event, gateway=gateway, stream=msg.stream, seq=msg.seq, reason=msg.reason,
                  list_version=msg.list_version)
 
-    def _on_status(self, gateway: str, msg: wire.Status) -> None:
+    def _on_status(self, gateway: str, msg: Status) -> None:
         now_ms = self._now_ms()
         with self._db.tx() as conn:
             conn.execute("UPDATE gateways SET status = ?, status_ms = ? WHERE id = ?",
@@ -1390,7 +1395,7 @@ class Central:
                              "WHERE id = ?", (msg.versions["list"], now_ms, gateway))
         log.info("gateway_status", gateway=gateway, state=msg.state)
 
-    def _on_resync(self, gateway: str, msg: wire.ResyncRequest) -> None:
+    def _on_resync(self, gateway: str, msg: ResyncRequest) -> None:
         now_ms = self._now_ms()
         reason = msg.reason[:200]  # the gateway's words, kept short
         with self._db.tx() as conn:

@@ -18,8 +18,8 @@ from pathlib import Path
 from types import FrameType
 from typing import Any, TextIO
 
-from agent import logs
-from agent.keys import SecretError, log_prefix
+from common import logs
+from protocol.hashing import SecretError, log_prefix
 from provisioning.central import (
     COMMAND_ACTIONS,
     DEFAULT_HEARTBEAT_EVERY_S,

@@ -21,9 +21,10 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from agent.keys import CredentialHasher
-from agent.store import GENESIS, Event, Store, StoredEvent, event_hash
+from agent.store import Store, StoredEvent
 from drivers.serial_reader import em4100_frame
+from protocol.chain import GENESIS, Event, event_hash
+from protocol.hashing import CredentialHasher
 from provisioning.central import TRUSTED_KEYS_NAME, Central, keygen
 from tests.broker import Broker
 from tests.conftest import PtyPeer

@@ -26,7 +26,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
-from agent.wire import INBOUND_KINDS, Topics
+from protocol.topics import INBOUND_KINDS, Topics
 from provisioning import pki
 from tests.broker import Broker, BrokerPool, TlsFiles
 

@@ -3,7 +3,7 @@
 Everything runs against a real Mosquitto (``broker`` fixture, tests/broker.py). The
 gateway side is played by a raw paho client that checks every message the way a gateway
 must: the envelope verifies against the ``trusted-keys.txt`` that ``keygen`` wrote (via
-``agent.wire.open_envelope``/``parse_central``), snapshot chunks hash to the manifest's
+``agent.open_envelope``/``parse_central``), snapshot chunks hash to the manifest's
 ``chunk_sha256``. Events are made by the agent's own store (``agent.store.Store.append``),
 so their hash chain is the real one.
 """
@@ -33,9 +33,27 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
-from agent import wire
-from agent.keys import CredentialHasher
-from agent.store import Event, Store
+from agent.store import Store
+from protocol.chain import Event
+from protocol.hashing import CredentialHasher
+from protocol.messages import (
+    STREAM_TYPES,
+    Chunk,
+    Command,
+    Delta,
+    EventAck,
+    EventBatch,
+    Heartbeat,
+    RefusedError,
+    Revocation,
+    Snapshot,
+    chunk_digest,
+    is_chunk,
+    parse_central,
+    parse_chunk,
+)
+from protocol.signing import b64, load_trusted_keys, open_envelope
+from protocol.topics import Topics, stream_of
 from provisioning.central import (
     PERMIT_KEY_NAME,
     TRUSTED_KEYS_NAME,
@@ -60,8 +78,8 @@ CARDS = {
 }
 OTHER_CARD = ("em4100:A1B2C3D4E5", "P-999")
 
-CentralMessage = wire.Snapshot | wire.Delta | wire.Revocation | wire.Command | \
-    wire.Heartbeat | wire.EventAck
+CentralMessage = Snapshot | Delta | Revocation | Command | \
+    Heartbeat | EventAck
 
 
 # -- helpers --------------------------------------------------------------------------
@@ -92,12 +110,12 @@ class Office:
 
     def cred(self, gateway: str, card: str) -> str:
         """The base64 credential hash a gateway's allowlist holds for ``card``."""
-        return wire.b64(CredentialHasher(self.site_keys[gateway]).credential(card))
+        return b64(CredentialHasher(self.site_keys[gateway]).credential(card))
 
     def permit(self, number: str) -> str:
         """The base64 permit hash, the same in every building."""
         key = bytes.fromhex((self.folder / PERMIT_KEY_NAME).read_text().strip())
-        return wire.b64(permit_hash(key, number))
+        return b64(permit_hash(key, number))
 
 
 @pytest.fixture
@@ -110,7 +128,7 @@ def office(tmp_path: Path, broker: Broker) -> Iterator[Office]:
         for gateway, key in site_keys.items():
             central.add_gateway(gateway, f"site-{gateway}", key)
     yield Office(folder, broker, site_keys,
-                 wire.load_trusted_keys(folder / TRUSTED_KEYS_NAME))
+                 load_trusted_keys(folder / TRUSTED_KEYS_NAME))
 
 
 class GatewayPeer:
@@ -118,7 +136,7 @@ class GatewayPeer:
 
     def __init__(self, broker: Broker, gateway: str) -> None:
         self.gateway = gateway
-        self.topics = wire.Topics(gateway)
+        self.topics = Topics(gateway)
         self.inbox: queue.Queue[tuple[str, bytes]] = queue.Queue()
         self.raw: list[bytes] = []
         subscribed = threading.Event()
@@ -155,22 +173,22 @@ class GatewayPeer:
     def next_central(self, keys: dict[str, Ed25519PublicKey]) -> tuple[str, CentralMessage]:
         """The next message, verified and parsed as a signed central message."""
         topic, payload = self.next()
-        assert not wire.is_chunk(payload), f"unexpected chunk on {topic}"
-        return topic, wire.parse_central(wire.open_envelope(payload, topic, keys, MAX_BYTES))
+        assert not is_chunk(payload), f"unexpected chunk on {topic}"
+        return topic, parse_central(open_envelope(payload, topic, keys, MAX_BYTES))
 
     def receive_snapshot(self, keys: dict[str, Ed25519PublicKey]
-                         ) -> tuple[wire.Snapshot, list[wire.Chunk]]:
+                         ) -> tuple[Snapshot, list[Chunk]]:
         """A manifest and its chunks, each chunk checked against the manifest's hash."""
         topic, manifest = self.next_central(keys)
         assert topic == self.topics.inbound("list")
-        assert isinstance(manifest, wire.Snapshot)
+        assert isinstance(manifest, Snapshot)
         chunks = []
         for index, digest in enumerate(manifest.chunk_sha256):
             topic, payload = self.next()
             assert topic == self.topics.inbound("list")
-            assert wire.is_chunk(payload)
-            assert wire.chunk_digest(payload) == digest
-            chunk = wire.parse_chunk(payload, MAX_BYTES)
+            assert is_chunk(payload)
+            assert chunk_digest(payload) == digest
+            chunk = parse_chunk(payload, MAX_BYTES)
             assert (chunk.version, chunk.index) == (manifest.seq, index)
             chunks.append(chunk)
         return manifest, chunks
@@ -266,15 +284,15 @@ def make_events(tmp_path: Path, count: int) -> list[dict[str, Any]]:
 def batch(gateway: str, events: list[dict[str, Any]]) -> dict[str, Any]:
     """An ``events`` message body."""
     body = {"type": "events", "gateway": gateway, "events": events}
-    wire.EventBatch.model_validate(body)  # the test sends only well-formed batches
+    EventBatch.model_validate(body)  # the test sends only well-formed batches
     return body
 
 
-def wait_ack(peer: GatewayPeer, keys: dict[str, Ed25519PublicKey]) -> wire.EventAck:
+def wait_ack(peer: GatewayPeer, keys: dict[str, Ed25519PublicKey]) -> EventAck:
     """The next message, which must be a verified event ack."""
     topic, ack = peer.next_central(keys)
     assert topic == peer.topics.inbound("ack")
-    assert isinstance(ack, wire.EventAck)
+    assert isinstance(ack, EventAck)
     return ack
 
 
@@ -299,7 +317,7 @@ def test_keygen_writes_a_private_key_a_trusted_line_and_never_overwrites(tmp_pat
     assert stat.S_IMODE(first.private_key.stat().st_mode) == 0o600
     assert stat.S_IMODE(first.permit_key.stat().st_mode) == 0o600
     assert first.permit_key_created
-    keys = wire.load_trusted_keys(folder / TRUSTED_KEYS_NAME)
+    keys = load_trusted_keys(folder / TRUSTED_KEYS_NAME)
     assert list(keys) == [first.kid]
     permit_key = first.permit_key.read_bytes()
     with pytest.raises(CentralUsageError, match="listed already"):
@@ -307,7 +325,7 @@ def test_keygen_writes_a_private_key_a_trusted_line_and_never_overwrites(tmp_pat
     second = keygen(folder, "central-2")
     assert not second.permit_key_created
     assert first.permit_key.read_bytes() == permit_key
-    assert list(wire.load_trusted_keys(folder / TRUSTED_KEYS_NAME)) == ["central-1",
+    assert list(load_trusted_keys(folder / TRUSTED_KEYS_NAME)) == ["central-1",
                                                                          "central-2"]
     with pytest.raises(CentralUsageError, match="--kid"):
         keygen(folder, "bad id")
@@ -343,13 +361,13 @@ def test_snapshot_chunks_match_the_manifest_and_carry_exactly_the_enrolled_hashe
         version = central.publish_snapshot("gw1", chunk_entries=2)
     _, rev = gw1.next_central(office.keys)
     _, broadcast = gw1.next_central(office.keys)
-    assert isinstance(rev, wire.Revocation) and rev.gateway == "gw1" and rev.seq == 1
-    assert isinstance(broadcast, wire.Revocation) and broadcast.gateway == "*"
+    assert isinstance(rev, Revocation) and rev.gateway == "gw1" and rev.seq == 1
+    assert isinstance(broadcast, Revocation) and broadcast.gateway == "*"
     manifest, chunks = gw1.receive_snapshot(office.keys)
     assert manifest.seq == version == 1
     assert (manifest.gateway, manifest.rev_seq, manifest.all_seq) == ("gw1", 1, 1)
     assert len(chunks) == 2
-    entries = [tuple(e) for c in chunks for e in c.entries]
+    entries = [e for c in chunks for e in c.entries]
     assert manifest.entries == len(entries) == 3
     expected = [
         (office.cred("gw1", "em4100:67003B51C6"), office.permit("P-301"), 1_700_000_000,
@@ -359,9 +377,9 @@ def test_snapshot_chunks_match_the_manifest_and_carry_exactly_the_enrolled_hashe
         (office.cred("gw1", "em4100:0102030405"), office.permit("P-305"), None, None, None,
          None),
     ]
-    assert sorted(json.dumps(e[:6]) for e in entries) == sorted(json.dumps(e)
-                                                                for e in expected)
-    assert all(isinstance(e[6], int) for e in entries)  # confirmed_at
+    assert sorted(json.dumps(json.loads(e.model_dump_json())[:6]) for e in entries) == sorted(
+        json.dumps(e) for e in expected)
+    assert all(isinstance(e.confirmed_at, int) for e in entries)
     revoked = {(r.kind, r.hash) for c in chunks for r in c.revoked}
     assert revoked == {("credential", office.cred("gw1", "em4100:67003BA86C")),
                        ("permit", office.permit("P-777"))}
@@ -395,24 +413,24 @@ def test_every_message_verifies_and_no_seq_is_reused_across_a_restart(
             round_of_messages(central)
         for _ in range(6):
             topic, payload = gw1.next()
-            stream = wire.stream_of(topic, "gw1")
+            stream = stream_of(topic, "gw1")
             assert stream is not None
-            body = wire.open_envelope(payload, topic, office.keys, MAX_BYTES)
-            message = wire.parse_central(body)
-            assert message.type in wire.STREAM_TYPES[stream]
+            body = open_envelope(payload, topic, office.keys, MAX_BYTES)
+            message = parse_central(body)
+            assert message.type in STREAM_TYPES[stream]
             assert message.gateway == ("*" if stream == "all" else "gw1")
             assert message.issued_at <= time.time() < message.expires_at
-            other = wire.Topics("gw2").inbound(stream) if stream != "all" else topic + "x"
-            with pytest.raises(wire.RefusedError, match="bad_signature"):
-                wire.open_envelope(payload, other, office.keys, MAX_BYTES)
-            if isinstance(message, wire.Snapshot):
+            other = Topics("gw2").inbound(stream) if stream != "all" else topic + "x"
+            with pytest.raises(RefusedError, match="bad_signature"):
+                open_envelope(payload, other, office.keys, MAX_BYTES)
+            if isinstance(message, Snapshot):
                 for _chunk in message.chunk_sha256:
-                    assert wire.is_chunk(gw1.next()[1])
-            if isinstance(message, wire.Delta):
+                    assert is_chunk(gw1.next()[1])
+            if isinstance(message, Delta):
                 assert message.base == message.seq - 1
-                assert message.upsert[0][0] == office.cred("gw1", "em4100:67003B51C6")
+                assert message.upsert[0].cred == office.cred("gw1", "em4100:67003B51C6")
                 assert message.remove == [office.cred("gw1", "em4100:0102030405")]
-            if isinstance(message, wire.Heartbeat):
+            if isinstance(message, Heartbeat):
                 assert (message.list_version, message.rev_seq, message.all_seq) == (
                     seen["list"][-1], seen["rev"][-1], seen["all"][-1])
                 assert message.expires_at - message.issued_at == 3600
@@ -502,7 +520,7 @@ def test_a_resync_request_yields_a_snapshot_at_most_once_per_interval(
     gw1.send("request", request)
     manifest, chunks = gw1.receive_snapshot(office.keys)
     assert manifest.seq == 1 and manifest.entries == 1
-    assert chunks[0].entries[0][0] == office.cred("gw1", "em4100:67003B51C6")
+    assert chunks[0].entries[0].cred == office.cred("gw1", "em4100:67003B51C6")
     gw1.send("request", {**request, "reason": "again"})
     # An event batch is handled after the request (one worker, in order): its ack comes
     # before any second snapshot if, and only if, that snapshot was deferred.
@@ -531,7 +549,7 @@ def test_status_applied_and_malformed_messages_are_recorded(
     gw1.send("events", b"{not json")
     gw1.send("events", json.dumps(batch("gw2", make_events(tmp_path, 1))).encode())
     gw1.send("gossip", b"{}")
-    gw1.send_raw(wire.Topics("gw-unknown").outbound("events"), b"{}")
+    gw1.send_raw(Topics("gw-unknown").outbound("events"), b"{}")
     gw1.send("events", batch("gw1", make_events(tmp_path, 1)))
     assert wait_ack(gw1, office.keys).upto == 1
     report = central.gateway_report("gw1")
@@ -557,7 +575,7 @@ def test_serve_sends_every_gateway_a_heartbeat_once_connected(
     for peer, version in ((gw1, 0), (gw2, 1)):
         topic, beat = peer.next_central(office.keys)
         assert topic == peer.topics.inbound("hb")
-        assert isinstance(beat, wire.Heartbeat)
+        assert isinstance(beat, Heartbeat)
         assert (beat.gateway, beat.list_version, beat.rev_seq, beat.all_seq) == (
             peer.gateway, version, 0, 1)
 
@@ -575,9 +593,9 @@ def test_a_second_central_hands_its_publishing_to_the_running_one(
         with pytest.raises(CentralUsageError, match="not enrolled"):
             tool.publish_delta("gw1", upsert=["em4100:67003B51C6"])
     _, command = gw1.next_central(office.keys)
-    assert isinstance(command, wire.Command) and command.action == "status"
+    assert isinstance(command, Command) and command.action == "status"
     _, beat = gw1.next_central(office.keys)
-    assert isinstance(beat, wire.Heartbeat) and beat.seq == 1
+    assert isinstance(beat, Heartbeat) and beat.seq == 1
     # One connection under the office's client id: the tool never connected.
     assert office.broker.log().count("as permitgate-central ") == 1
 
@@ -593,7 +611,7 @@ def test_a_one_shot_command_leaves_queued_gateway_messages_for_serve(
     with office.central() as tool:
         assert tool.command("gw1", "status") == 1
     _, command = gw1.next_central(office.keys)
-    assert isinstance(command, wire.Command)
+    assert isinstance(command, Command)
     central = serving()
     assert wait_ack(gw1, office.keys).upto == 2
     assert [e["seq"] for e in central.events("gw1")] == [1, 2]
@@ -654,7 +672,7 @@ def test_cli_keygen_add_gateway_enroll_publish_serve_and_show(
     done = run_cli("enroll", "gw1", "--card", "em4100:67003b51c6", "--permit", "P-301",
                    "--until", "2030-12-31", "--doors", "front", *net)
     assert "67003" not in done.stdout
-    keys = wire.load_trusted_keys(folder / TRUSTED_KEYS_NAME)
+    keys = load_trusted_keys(folder / TRUSTED_KEYS_NAME)
     gw1 = GatewayPeer(broker, "gw1")
     serve: subprocess.Popen[str] | None = None
     lines: _Lines | None = None
@@ -663,9 +681,9 @@ def test_cli_keygen_add_gateway_enroll_publish_serve_and_show(
         manifest, chunks = gw1.receive_snapshot(keys)
         (entry,) = chunks[0].entries
         hasher = CredentialHasher(bytes.fromhex(site_key.read_text().strip()))
-        assert entry[0] == wire.b64(hasher.credential("em4100:67003B51C6"))
-        assert entry[4] == ["front"]
-        assert entry[3] is not None and entry[3] > time.time()
+        assert entry.cred == b64(hasher.credential("em4100:67003B51C6"))
+        assert entry.doors == ("front",)
+        assert entry.valid_until is not None and entry.valid_until > time.time()
 
         serve = subprocess.Popen(
             [sys.executable, "-m", "provisioning.central_cli", "serve", *net,

@@ -27,13 +27,16 @@ from typing import Any
 import pytest
 import structlog
 
-from agent import cli, logs
+from agent import cli
 from agent.config import parse_config
-from agent.keys import CredentialHasher, load_site_key, log_prefix
+from agent.keys import load_site_key
 from agent.runtime import Agent, resolve_store_path
-from agent.store import CredentialEntry, Event, Store
+from agent.store import CredentialEntry, Store
+from common import logs
 from drivers.base import CardRead
 from drivers.simulated import SimBus, SimulatedRelay
+from protocol.chain import Event
+from protocol.hashing import CredentialHasher, log_prefix
 
 KEY = bytes(range(32))
 GRANTED_CARD = "em4100:67003B51C6"

@@ -27,8 +27,9 @@ from serial.tools import list_ports
 from serial.tools.list_ports_common import ListPortInfo
 
 from agent import cli, doctor
-from agent.store import Event, Store
+from agent.store import Store
 from drivers.serial_reader import SerialReader
+from protocol.chain import Event
 
 if TYPE_CHECKING:
     from tests.conftest import PtyPeer

@@ -21,9 +21,9 @@ import pytest
 from agent.config import DoorConfig
 from agent.decision import Mode
 from agent.door import RECLAIM_S, DoorWorker
-from agent.store import Event
 from drivers.base import DeviceError
 from drivers.simulated import SimBus, SimulatedInput, SimulatedRelay
+from protocol.chain import Event
 
 UNLOCK_S = 0.3
 HELD_OPEN_S = 0.3

@@ -17,13 +17,13 @@ import pytest
 
 from agent.config import parse_config
 from agent.decision import Decision, Reason
-from agent.keys import CredentialHasher
 from agent.runtime import Agent, ReadTiming
 from agent.store import CredentialEntry
 from drivers.base import Reader
 from drivers.idcard import IdCardReader
 from drivers.simulated import SimBus
 from drivers.wiegand import WiegandReader, encode
+from protocol.hashing import CredentialHasher
 from tests.conftest import PtyPeer, wait_for
 from tests.test_idcard import FOUND, NO_CARD, SELECTED, SERIAL_ID, SamPeer, sam_reply
 from tests.test_reader_contract import ReaderContract

@@ -7,13 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from agent.keys import (
-    CredentialHasher,
-    SecretError,
-    load_site_key,
-    log_prefix,
-    resolve_secret_path,
-)
+from agent.keys import load_site_key, resolve_secret_path
+from protocol.hashing import CredentialHasher, SecretError, log_prefix
 
 
 def test_bare_name_prefers_the_systemd_credentials_directory(

@@ -26,7 +26,6 @@ from structlog.testing import capture_logs
 
 import drivers.osdp as osdp_driver
 from agent.config import parse_config
-from agent.keys import CredentialHasher
 from agent.runtime import Agent
 from agent.store import CredentialEntry
 from drivers.base import CardRead, DeviceError, Reader
@@ -47,6 +46,7 @@ from drivers.osdp import (
 )
 from drivers.registry import DriverError, check_options
 from drivers.simulated import SimBus
+from protocol.hashing import CredentialHasher
 from tests.conftest import wait_for
 from tests.test_reader_contract import ReaderContract
 

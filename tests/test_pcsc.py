@@ -22,13 +22,13 @@ from structlog.testing import capture_logs
 
 from agent.config import parse_config
 from agent.decision import Decision, Reason
-from agent.keys import CredentialHasher
 from agent.runtime import Agent, ReadTiming
 from agent.store import CredentialEntry
 from drivers import registry
 from drivers.base import CardRead, DeviceError, Reader
 from drivers.pcsc import PcscReader
 from drivers.simulated import SimBus
+from protocol.hashing import CredentialHasher
 from tests.conftest import wait_for
 from tests.test_reader_contract import READ_TIMEOUT, ReaderContract
 from tests.vcard import (

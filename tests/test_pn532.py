@@ -26,7 +26,6 @@ from structlog.testing import capture_logs
 
 from agent.config import parse_config
 from agent.decision import Decision, Reason
-from agent.keys import CredentialHasher
 from agent.runtime import Agent, ReadTiming
 from agent.store import CredentialEntry
 from drivers.base import DeviceError, Reader
@@ -47,6 +46,7 @@ from drivers.pn532 import (
 )
 from drivers.registry import DriverError, check_options, driver_class
 from drivers.simulated import SimBus
+from protocol.hashing import CredentialHasher
 from tests.pn532_peer import CLASSIC, NTAG, Card, Pn532Peer, extended_frame, host_frame
 from tests.test_reader_contract import ReaderContract
 

@@ -19,9 +19,9 @@ from pathlib import Path
 
 import pytest
 
-from agent.keys import CredentialHasher
 from agent.store import CredentialEntry, Store, StoredEvent
 from drivers.serial_reader import em4100_frame
+from protocol.hashing import CredentialHasher
 from tests.conftest import PtyPeer, wait_for
 
 KEY = bytes(range(32))

@@ -20,13 +20,13 @@ from gpiod.line import Bias, Direction, Edge, Value
 
 from agent.config import DoorConfig
 from agent.door import DoorWorker
-from agent.store import Event
 from drivers import gpio
 from drivers.base import DeviceError
 from drivers.gpio import GpioInput, GpioRelay
 from drivers.registry import DriverError, Kind, check_options, create
 from drivers.relay_board import RelayBoardOptions, SerialRelayBoard, relay_frame
 from drivers.wiegand import WiegandReader
+from protocol.chain import Event
 
 if TYPE_CHECKING:
     from tests.conftest import PtyPeer

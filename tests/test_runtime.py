@@ -16,11 +16,13 @@ import pytest
 
 from agent.config import parse_config
 from agent.decision import Decision, Mode, Reason
-from agent.keys import CredentialHasher, log_prefix
 from agent.runtime import Agent, ReadTiming, clock_state
-from agent.store import CredentialEntry, Event, Store, StoreError
+from agent.store import CredentialEntry, Store
+from common.sqlite import StoreError
 from drivers.base import CardRead, DeviceError
 from drivers.simulated import SimBus, SimulatedReader, SimulatedRelay
+from protocol.chain import Event
+from protocol.hashing import CredentialHasher, log_prefix
 from tests.conftest import wait_for
 
 KEY = bytes(range(32))

@@ -21,17 +21,10 @@ from typing import cast
 import pytest
 
 from agent.decision import Direction, Grant, Presence
-from agent.keys import CredentialHasher, log_prefix
-from agent.store import (
-    GENESIS,
-    SCHEMA_VERSION,
-    CredentialEntry,
-    Event,
-    Store,
-    StoredEvent,
-    StoreError,
-    lists_path,
-)
+from agent.store import SCHEMA_VERSION, CredentialEntry, Store, StoredEvent, lists_path
+from common.sqlite import StoreError
+from protocol.chain import GENESIS, Event
+from protocol.hashing import CredentialHasher, log_prefix
 
 DAY_MS = 86_400_000
 T0_MS = 1_780_000_000_000

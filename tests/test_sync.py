@@ -24,9 +24,10 @@ from pydantic import BaseModel
 
 from agent.config import parse_config
 from agent.decision import Decision, Mode, Reason
-from agent.keys import CredentialHasher
 from agent.runtime import Agent, ReadTiming
-from agent.wire import (
+from drivers.simulated import SimBus
+from protocol.hashing import CredentialHasher
+from protocol.messages import (
     Chunk,
     Command,
     Delta,
@@ -36,12 +37,10 @@ from agent.wire import (
     Revocation,
     Revoked,
     Snapshot,
-    Topics,
-    b64,
     chunk_digest,
-    sign,
 )
-from drivers.simulated import SimBus
+from protocol.signing import b64, sign
+from protocol.topics import Topics
 from tests.broker import Broker
 from tests.conftest import wait_for
 
@@ -115,9 +114,9 @@ class Office:
                  | None = None, version: int | None = None, confirmed: int | None = None
                  ) -> None:
         """Publish a whole list in chunks, manifest first."""
-        entries: list[Entry] = [
-            (b64(HASHER.credential(c)), b64(PERMIT_A) if c == CARD_A else None,
-             None, None, None, None, confirmed) for c in cards]
+        entries = [Entry(cred=b64(HASHER.credential(c)),
+                         permit=b64(PERMIT_A) if c == CARD_A else None, confirmed_at=confirmed)
+                   for c in cards]
         revoked = revoked or []
         version = version or self.seq.get("list", 0) + 1
         chunks = [entries[i:i + chunk_size] for i in range(0, len(entries), chunk_size)] \
@@ -365,7 +364,7 @@ def test_delta_on_the_wrong_base_is_refused_and_asks_for_a_resync(
     office.snapshot([CARD_A])
     office.wait("applied", lambda b: b["stream"] == "list", "the snapshot")
     office.send("list", Delta(type="delta", base=1, upsert=[
-        (b64(HASHER.credential(CARD_B)), None, None, None, ["front"], None, None)],
+        Entry(cred=b64(HASHER.credential(CARD_B)), doors=("front",))],
         **office.header("list", seq=2)))
     office.wait("applied", lambda b: b["stream"] == "list" and b["seq"] == 2, "delta 2")
     assert gw.tap(CARD_B).granted
@@ -446,7 +445,7 @@ def test_stale_lists_raise_an_alarm_and_apply_the_offline_policy(
     office.snapshot([CARD_A], confirmed=now)
     office.wait("applied", lambda b: b["stream"] == "list", "the snapshot")
     office.send("list", Delta(type="delta", base=1, upsert=[
-        (b64(HASHER.credential(CARD_B)), None, None, None, None, None, now - 7200)],
+        Entry(cred=b64(HASHER.credential(CARD_B)), confirmed_at=now - 7200)],
         **office.header("list", seq=2)))
     office.wait("applied", lambda b: b["stream"] == "list" and b["seq"] == 2, "the delta")
     wait_for(lambda: "sync_stale" in gw.kinds(), "the stale alarm")
@@ -479,8 +478,7 @@ def test_a_corrupted_chunk_aborts_the_snapshot_and_keeps_the_old_list(
     online(office)
     office.snapshot([CARD_A])
     office.wait("applied", lambda b: b["stream"] == "list", "the first snapshot")
-    entries: list[Entry] = [(b64(HASHER.credential(c)), None, None, None, None, None, None)
-                            for c in (CARD_B, CARD_C)]
+    entries = [Entry(cred=b64(HASHER.credential(c))) for c in (CARD_B, CARD_C)]
     good = Chunk(type="chunk", version=2, index=0, entries=entries).model_dump_json().encode()
     manifest = Snapshot(type="snapshot", entries=2, revoked=0,
                         chunk_sha256=[chunk_digest(good)], rev_seq=0, all_seq=0,

@@ -25,7 +25,7 @@ import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
 from agent.store import lists_path
-from agent.wire import Topics
+from protocol.topics import Topics
 from tests.broker import Broker, BrokerPool
 from tests.conftest import PtyPeer
 from tests.harness import (

@@ -1,0 +1,318 @@
+"""The message models of protocol v1 (pydantic) and their parsing.
+
+Central → gateway: ``Snapshot`` (+ ``Chunk``), ``Delta``, ``Revocation``, ``Command``,
+``Heartbeat``, ``EventAck``, each inside a signed envelope (``protocol.signing``) except
+chunks, which their manifest's SHA-256 list covers. Gateway → central: ``EventBatch``,
+``Applied``, ``ResyncRequest``, ``Status``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    GetJsonSchemaHandler,
+    TypeAdapter,
+    ValidationError,
+    ValidationInfo,
+    model_serializer,
+    model_validator,
+)
+from pydantic.json_schema import JsonSchemaValue
+from pydantic_core import CoreSchema
+
+from protocol.ids import B64Hash, Hex64, Ident
+
+MAX_CLOCK_SKEW_S = 300
+"""A message issued further in the future than this is refused (a wrong clock or a
+forged issue time)."""
+MAX_ITEMS = 100_000
+"""The most entries a delta, or items a revocation, may carry."""
+MAX_CHUNKS = 100_000
+"""The most chunks one snapshot manifest may list."""
+
+
+class RefusedError(Exception):
+    """A message was refused; ``reason`` is a short code (docs/protocol.md, "Refusals")."""
+
+    def __init__(self, reason: str, detail: str = "") -> None:
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+        self.detail = detail
+
+
+def first_error(exc: ValidationError) -> str:
+    """The first problem of a validation error as ``field.path: message (N problem(s))``."""
+    err = exc.errors()[0]
+    where = ".".join(str(p) for p in err["loc"]) or "<message>"
+    return f"{where}: {err['msg']} ({exc.error_count()} problem(s))"
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+
+class Header(_Body):
+    """Fields every signed central message carries."""
+
+    gateway: Ident | Literal["*"]
+    """The target gateway, or ``*`` on the broadcast topic."""
+    seq: int = Field(ge=1, le=2**53)
+    """Monotonic per stream; for ``snapshot`` and ``delta`` it is the list version."""
+    issued_at: int = Field(ge=0)
+    expires_at: int = Field(ge=0)
+    """Unix seconds; a message is refused once ``expires_at`` has passed."""
+
+
+EntryArray = tuple[B64Hash, B64Hash | None, int | None, int | None, list[Ident] | None,
+                   Ident | None, int | None]
+"""How an ``Entry`` travels: a 7-element JSON array, in the order of ``ENTRY_FIELDS``
+(an array, not an object, keeps a million-entry snapshot about half the size)."""
+ENTRY_FIELDS = ("cred", "permit", "valid_from", "valid_until", "doors", "schedule",
+                "confirmed_at")
+_ENTRY_ARRAY = TypeAdapter(EntryArray)
+
+
+class Entry(_Body):
+    """One allowlist entry (travels as a 7-element array: ``EntryArray``)."""
+
+    cred: B64Hash
+    """The card's keyed hash under the site key."""
+    permit: B64Hash | None = None
+    """The permit's keyed hash under the office's permit key."""
+    valid_from: int | None = None
+    """Unix s, inclusive; None = unbounded."""
+    valid_until: int | None = None
+    """Unix s, exclusive; None = unbounded."""
+    doors: tuple[Ident, ...] | None = None
+    """None = every door."""
+    schedule: Ident | None = None
+    """None = ``always``."""
+    confirmed_at: int | None = None
+    """When the office last confirmed the permit with the registry, Unix s."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_array(cls, value: Any, info: ValidationInfo) -> Any:
+        if isinstance(value, list | tuple):
+            items = list(value)
+            if len(items) == len(ENTRY_FIELDS) and isinstance(items[4], tuple):
+                items[4] = list(items[4])
+            checked = _ENTRY_ARRAY.validate_python(tuple(items), strict=True)
+            fields: dict[str, Any] = dict(zip(ENTRY_FIELDS, checked, strict=True))
+            if fields["doors"] is not None:
+                fields["doors"] = tuple(fields["doors"])
+            return fields
+        if info.mode == "json":
+            raise ValueError("an allowlist entry is a 7-element array")
+        return value
+
+    @model_serializer(mode="plain")
+    def _to_array(self) -> list[Any]:
+        return [self.cred, self.permit, self.valid_from, self.valid_until,
+                None if self.doors is None else list(self.doors), self.schedule,
+                self.confirmed_at]
+
+    @classmethod
+    def __get_pydantic_json_schema__(cls, _core: CoreSchema, handler: GetJsonSchemaHandler
+                                     ) -> JsonSchemaValue:
+        schema = dict(_ENTRY_ARRAY.json_schema())
+        schema["description"] = ("One allowlist entry: " + ", ".join(ENTRY_FIELDS)
+                                 + " (docs/protocol.md, \"Allowlist entries\").")
+        return schema
+
+
+class Revoked(_Body):
+    """One revocation: a credential hash, or a permit hash that stops every card of it."""
+
+    kind: Literal["credential", "permit"]
+    hash: B64Hash
+
+
+class Snapshot(Header):
+    """The signed manifest of a whole allowlist; ``chunks`` ``Chunk`` messages follow on
+    the same topic, in order."""
+
+    type: Literal["snapshot"]
+    entries: int = Field(ge=0)
+    revoked: int = Field(ge=0)
+    chunk_sha256: list[Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]] = Field(
+        min_length=1, max_length=MAX_CHUNKS)
+    rev_seq: int = Field(ge=0)
+    """The gateway revocation stream's seq this snapshot includes."""
+    all_seq: int = Field(ge=0)
+    """The broadcast revocation stream's seq this snapshot includes."""
+
+
+class Chunk(_Body):
+    """Part of a snapshot (not signed: verified by its hash in the manifest)."""
+
+    type: Literal["chunk"]
+    version: int = Field(ge=1)
+    index: int = Field(ge=0)
+    entries: list[Entry]
+    revoked: list[Revoked] = Field(default_factory=list)
+
+
+class Delta(Header):
+    """Changes on top of list version ``base``; ``seq`` is the new version."""
+
+    type: Literal["delta"]
+    base: int = Field(ge=0)
+    upsert: list[Entry] = Field(default_factory=list, max_length=MAX_ITEMS)
+    remove: list[B64Hash] = Field(default_factory=list, max_length=MAX_ITEMS)
+
+
+class Revocation(Header):
+    """Revocations, on the gateway's ``rev`` topic or the broadcast topic."""
+
+    type: Literal["revocation"]
+    items: list[Revoked] = Field(min_length=1, max_length=MAX_ITEMS)
+
+
+class Command(Header):
+    """An operational command."""
+
+    type: Literal["command"]
+    action: Literal["lockdown", "free_passage", "normal", "resync", "status"]
+
+
+class Heartbeat(Header):
+    """'Your lists are current as of these versions', with an expiry."""
+
+    type: Literal["heartbeat"]
+    list_version: int = Field(ge=0)
+    rev_seq: int = Field(ge=0)
+    all_seq: int = Field(ge=0)
+
+
+class EventAck(Header):
+    """The central office has stored every event of this gateway up to ``upto``."""
+
+    type: Literal["event_ack"]
+    upto: int = Field(ge=0)
+
+
+CentralBody = Snapshot | Delta | Revocation | Command | Heartbeat | EventAck
+CentralMessage = Annotated[CentralBody, Field(discriminator="type")]
+_CENTRAL: TypeAdapter[CentralBody] = TypeAdapter(CentralMessage)
+_CHUNK = TypeAdapter(Chunk)
+
+STREAM_TYPES: dict[str, tuple[str, ...]] = {
+    "list": ("snapshot", "delta"),
+    "rev": ("revocation",),
+    "all": ("revocation",),
+    "cmd": ("command",),
+    "hb": ("heartbeat",),
+    "ack": ("event_ack",),
+}
+"""Which message types each stream may carry; anything else on it is refused."""
+
+Short = Annotated[str, Field(max_length=128)]
+
+
+class WireEvent(_Body):
+    """One event as the gateway sends it (the stored event, hash chain included)."""
+
+    seq: int = Field(ge=1)
+    event_id: Annotated[str, Field(pattern=r"^[0-9a-f-]{36}$")]
+    ts_ms: int
+    kind: Short
+    door: Short | None
+    reader: Short | None
+    direction: Short | None
+    reason: Short | None
+    cred: Annotated[str, Field(pattern=r"^[0-9a-f]{10}$")] | None
+    data: dict[str, Any]
+    prev_hash: Hex64
+    hash: Hex64
+
+
+class EventBatch(_Body):
+    """Gateway → central: a run of consecutive events from the outbox."""
+
+    type: Literal["events"]
+    gateway: Ident
+    events: list[WireEvent] = Field(min_length=1)
+
+
+class Applied(_Body):
+    """Gateway → central: a central message was applied, or refused and why."""
+
+    type: Literal["applied"]
+    gateway: Ident
+    stream: str
+    seq: int | None
+    status: Literal["applied", "refused"]
+    reason: str | None = None
+    list_version: int
+    ts_ms: int
+
+
+class ResyncRequest(_Body):
+    """Gateway → central: send a fresh snapshot (a gap, a heartbeat ahead of us, start)."""
+
+    type: Literal["resync"]
+    gateway: Ident
+    reason: str
+    list_version: int
+    rev_seq: int
+    all_seq: int
+    ts_ms: int
+
+
+class Status(_Body):
+    """Gateway → central, retained: the gateway's state (``offline`` is the will)."""
+
+    type: Literal["status"]
+    gateway: Ident
+    state: Literal["online", "offline"]
+    ts_ms: int | None = None
+    site: str | None = None
+    versions: dict[str, int] = Field(default_factory=dict)
+    outbox: int | None = None
+    mode: str | None = None
+    clock: str | None = None
+    stale: bool | None = None
+    doors: dict[str, Any] = Field(default_factory=dict)
+    readers: dict[str, Any] = Field(default_factory=dict)
+    refused: dict[str, int] = Field(default_factory=dict)
+
+
+GatewayBody = EventBatch | Applied | ResyncRequest | Status
+GATEWAY_MESSAGES: dict[str, type[GatewayBody]] = {
+    "events": EventBatch, "applied": Applied, "request": ResyncRequest, "status": Status,
+}
+"""The model of each gateway → central topic kind."""
+
+
+def parse_central(body: str) -> CentralBody:
+    """Validate a verified body against the central message models."""
+    try:
+        return _CENTRAL.validate_json(body)
+    except ValidationError as exc:
+        raise RefusedError("malformed", first_error(exc)) from None
+
+
+def parse_chunk(payload: bytes, max_bytes: int) -> Chunk:
+    """Validate a snapshot chunk (its hash is checked by the caller)."""
+    if len(payload) > max_bytes:
+        raise RefusedError("oversized", f"{len(payload)} bytes > {max_bytes}")
+    try:
+        return _CHUNK.validate_json(payload)
+    except ValidationError as exc:
+        raise RefusedError("malformed", first_error(exc)) from None
+
+
+def is_chunk(payload: bytes) -> bool:
+    """Whether a ``list`` payload is a chunk (chunks start with their type)."""
+    return payload.startswith(b'{"type":"chunk"')
+
+
+def chunk_digest(payload: bytes) -> str:
+    """The SHA-256 (hex) a manifest lists for a chunk payload."""
+    return hashlib.sha256(payload).hexdigest()
