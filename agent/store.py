@@ -33,6 +33,8 @@ from typing import Any
 import sqlite_utils
 
 from agent.decision import Direction, Grant, Lookup, Presence
+from agent.tenants import LIST_MIGRATION as TENANTS_MIGRATION
+from agent.tenants import Tenants
 from common.sqlite import SqliteFile, StoreError, rollback
 from protocol.chain import GENESIS, Event, contents_match, event_hash
 
@@ -69,6 +71,15 @@ EVENT_MIGRATIONS: tuple[str, ...] = (
         PRIMARY KEY (kind, id)
     ) WITHOUT ROWID;
     """,
+    # 2: what travels with an event to the office but is not kept once it acknowledged
+    # it (an enrollment's sealed permit number and full card hash); the event's own data
+    # carries the SHA-256 of the attachment, so the chain covers it.
+    """
+    CREATE TABLE attachments (
+        seq INTEGER PRIMARY KEY,
+        body TEXT NOT NULL
+    );
+    """,
 )
 
 LIST_MIGRATIONS: tuple[str, ...] = (
@@ -99,6 +110,8 @@ LIST_MIGRATIONS: tuple[str, ...] = (
         detail TEXT
     ) WITHOUT ROWID;
     """,
+    # 2: tenants enrolled at the gateway (agent/tenants.py).
+    TENANTS_MIGRATION,
 )
 SCHEMA_VERSION = len(EVENT_MIGRATIONS)
 PRUNE_BATCH = 5000
@@ -217,6 +230,7 @@ class Store:
         self._ev = SqliteFile(path, EVENT_MIGRATIONS, autocheckpoint=not background_checkpoint)
         try:
             self._ls = SqliteFile(self.lists_path, LIST_MIGRATIONS, autocheckpoint=True)
+            self.tenants = Tenants(self._ls)
         except BaseException:
             self._ev.close()
             raise
@@ -285,6 +299,14 @@ class Store:
             revoked = conn.execute(
                 f"SELECT 1 FROM revocations WHERE key IN ({marks}) LIMIT 1",  # noqa: S608 - placeholders only
                 keys).fetchone() is not None
+            # A tenant enrolled here: provisional access, or confirmed access while the
+            # office's list has not caught up; a move-out here revokes whatever the
+            # office's list still says (agent/tenants.py).
+            vrow = conn.execute("SELECT version FROM sync_state WHERE stream = 'list'"
+                                ).fetchone()
+            local, moved_out = self.tenants.lookup(conn, cred, int(vrow[0]) if vrow else 0)
+            grant = grant or local
+            revoked = revoked or moved_out
             prow = self._ev.conn().execute("SELECT direction, at FROM presence WHERE cred=?",
                                 (cred,)).fetchone()
             presence = Presence(Direction(prow[0]), prow[1]) if prow else None
@@ -306,8 +328,13 @@ class Store:
         return 0, GENESIS
 
     def append(self, event: Event, *, presence: tuple[bytes, Direction] | None = None,
-               device: tuple[str, str, str] | None = None) -> StoredEvent:
+               device: tuple[str, str, str] | None = None,
+               attachment: str | None = None) -> StoredEvent:
         """Append ``event`` durably and return it as committed.
+
+        ``attachment`` travels to the office with the event and is deleted once the office
+        acknowledges it; the event's data must carry its SHA-256 (``attachment_digest``)
+        for the chain to cover it.
 
         ``presence`` (credential hash, direction) is updated in the same transaction, so
         anti-passback state and the event that explains it can never disagree.
@@ -336,6 +363,8 @@ class Store:
                 if device is not None:
                     conn.execute("INSERT OR REPLACE INTO device_state VALUES (?,?,?,?)",
                                  (*device, ts_ms))
+                if attachment is not None:
+                    conn.execute("INSERT INTO attachments VALUES (?,?)", (seq, attachment))
                 conn.execute("COMMIT")
             except sqlite3.Error as exc:
                 rollback(conn)
@@ -453,6 +482,7 @@ class Store:
                     conn.execute("BEGIN IMMEDIATE")
                     deleted += conn.execute("DELETE FROM events WHERE seq <= ?",
                                             (end,)).rowcount
+                    conn.execute("DELETE FROM attachments WHERE seq <= ?", (end,))
                     conn.execute("INSERT OR REPLACE INTO meta VALUES ('chain_anchor_seq', ?)",
                                  (str(anchor[0]),))
                     conn.execute("INSERT OR REPLACE INTO meta VALUES ('chain_anchor_hash', ?)",
@@ -473,12 +503,24 @@ class Store:
     def mark_acked(self, upto_seq: int) -> int:
         """Mark events up to ``upto_seq`` as acknowledged by the central office."""
         with self._write_lock:
+            conn = self._writer
             try:
-                cur = self._writer.execute(
+                conn.execute("BEGIN IMMEDIATE")
+                cur = conn.execute(
                     "UPDATE events SET acked = 1 WHERE acked = 0 AND seq <= ?", (upto_seq,))
+                # The office has them now: what only it may read leaves the gateway.
+                conn.execute("DELETE FROM attachments WHERE seq <= ?", (upto_seq,))
+                conn.execute("COMMIT")
             except sqlite3.Error as exc:
+                rollback(conn)
                 raise StoreError(f"{self.path}: cannot mark events delivered: {exc}") from exc
             return int(cur.rowcount)
+
+    def attachments(self, first_seq: int, last_seq: int) -> dict[int, str]:
+        """The attachments of the events ``first_seq``..``last_seq`` still held."""
+        return {int(seq): str(body) for seq, body in self._conn().execute(
+            "SELECT seq, body FROM attachments WHERE seq BETWEEN ? AND ?",
+            (first_seq, last_seq))}
 
     # -- allowlist -----------------------------------------------------------------
 

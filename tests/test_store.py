@@ -103,14 +103,15 @@ def head(store: Store) -> StoredEvent:
 # -- schema ----------------------------------------------------------------------------
 
 
-def test_new_database_gets_schema_version_1(store: Store, db_path: Path) -> None:
+def test_new_database_gets_the_current_schema(store: Store, db_path: Path) -> None:
     """New event and list database files are created in WAL mode with their tables and
-    schema version 1 recorded in each."""
-    assert SCHEMA_VERSION == 1
-    assert store.schema_version() == 1
+    schema version 2 recorded in each."""
+    assert SCHEMA_VERSION == 2
+    assert store.schema_version() == 2
     assert store.quick_check() == "ok"
-    expected = {db_path: {"meta", "presence", "events", "device_state"},
-                lists_path(db_path): {"meta", "credentials", "revocations", "sync_state"}}
+    expected = {db_path: {"meta", "presence", "events", "device_state", "attachments"},
+                lists_path(db_path): {"meta", "credentials", "revocations", "sync_state",
+                                      "enrollments", "local_revocations"}}
     for path, wanted in expected.items():
         with raw(path) as conn:
             tables = {row[0] for row in conn.execute(
@@ -120,7 +121,7 @@ def test_new_database_gets_schema_version_1(store: Store, db_path: Path) -> None
                 "SELECT value FROM meta WHERE key = 'schema_version'").fetchone()[0]
         assert wanted <= tables
         assert journal == "wal"
-        assert version == "1"
+        assert version == "2"
 
 
 def test_reopening_is_idempotent(open_store: Callable[[], Store], db_path: Path) -> None:
@@ -131,13 +132,13 @@ def test_reopening_is_idempotent(open_store: Callable[[], Store], db_path: Path)
     first.close()
     for _ in range(2):
         again = open_store()
-        assert again.schema_version() == 1
+        assert again.schema_version() == 2
         assert again.lookup(CRED_A).grant is not None
         assert again.counts()["events"] == 2
         again.close()
     with raw(db_path) as conn:
         rows = conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchall()
-    assert rows == [("1",)]
+    assert rows == [("2",)]
 
 
 def test_newer_schema_is_refused_naming_the_file(
