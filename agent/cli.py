@@ -10,7 +10,6 @@ import argparse
 import json
 import os
 import re
-import socket
 import sys
 import time
 from collections.abc import Sequence
@@ -20,8 +19,11 @@ from typing import Any, TextIO
 
 from agent import __version__
 from agent.config import DEFAULT_CONFIG_NAME, Config, ConfigError, load_config
-from agent.runtime import Agent, check_drivers, resolve_store_path
+from agent.datalock import AlreadyRunningError
+from agent.resolve import resolve_store_path
+from agent.runtime import Agent, check_drivers
 from agent.store import Store, StoredEvent
+from agent.sync_status import sync_report
 from common import logs
 from common.sqlite import StoreError
 from drivers.registry import DriverError
@@ -166,6 +168,7 @@ def status_report(config: Config, store: Store) -> dict[str, Any]:
         "events": counts["events"],
         "outbox": counts["outbox"],
         "last_sync_ms": max((r["updated_ms"] for r in syncs.values()), default=None),
+        "sync": sync_report(config.sync, store, devices.get("system", {}).get("sync")),
         "schema_version": store.schema_version(),
     }
 
@@ -202,6 +205,12 @@ def cmd_status(args: argparse.Namespace, out: TextIO) -> int:
               f"events     {report['events']} stored, {report['outbox']} not yet delivered "
               f"(outbox)\n"
               f"last sync  {_ago(report['last_sync_ms'])}\n")
+    sync = report["sync"]
+    if sync["enabled"]:
+        stale = {True: "STALE", False: "fresh", None: "not checked"}[sync["stale"]]
+        refused = ", ".join(f"{k} {v}" for k, v in sync["refused"].items()) or "none"
+        out.write(f"sync       {sync['link'] or 'not started'}, lists {stale}, "
+                  f"refused {refused}\n")
     return EXIT_OK
 
 
@@ -286,28 +295,67 @@ def cmd_demo(args: argparse.Namespace, out: TextIO) -> int:
     return run_demo(out, Path(args.keep) if args.keep else None)
 
 
-def cmd_sim(args: argparse.Namespace, out: TextIO) -> int:
-    """Send a tap or an input change to a running agent's simulated devices."""
-    config, path = _load(args)
-    sock_path = resolve_store_path(config, path).parent / "sim.sock"
-    if args.sim_action == "tap":
-        msg: dict[str, Any] = {"op": "tap", "reader": args.reader, "card": args.card}
-        if args.reader not in {r.id for r in config.readers}:
-            raise UsageError(f"no reader {args.reader!r} in the configuration")
-    else:
-        msg = {"op": "input", "name": args.name, "active": args.level == "on"}
+def _sim_message(args: argparse.Namespace, config: Config) -> dict[str, Any]:
+    """The request ``sim tap``/``sim input`` sends, checked against the configuration."""
+    from agent import control  # noqa: PLC0415 - the sim command's own import
+
+    if args.sim_action == "input":
+        inputs = control.simulated_inputs(config)
+        if args.name not in inputs:
+            raise UsageError(f"no simulated input {args.name!r} in the configuration "
+                             f"(simulated inputs: {', '.join(sorted(inputs)) or 'none'})")
+        return {"op": "input", "name": args.name, "active": args.level == "on"}
+    if args.reader not in {r.id for r in config.readers}:
+        raise UsageError(f"no reader {args.reader!r} in the configuration")
+    if args.reader not in control.simulated_readers(config):
+        raise UsageError(f"reader {args.reader!r} is not simulated: present a real card")
+    # The card is not repeated in the message: it may be a real card's number.
+    problem = control.card_problem(args.card)
+    if problem is not None:
+        raise UsageError(f"card id refused: {problem}")
+    return {"op": "tap", "reader": args.reader, "card": args.card}
+
+
+def _sim_send(sock_path: Path, msg: dict[str, Any]) -> dict[str, Any]:
+    """The agent's reply to ``msg``; ``FailureError`` when no agent answers."""
+    from agent import control  # noqa: PLC0415 - the sim command's own import
+
     try:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
-            sock.sendto(json.dumps(msg).encode(), str(sock_path))
+        return control.request(sock_path, msg)
     except (FileNotFoundError, ConnectionRefusedError):
         raise FailureError(f"no agent with simulated devices is listening at {sock_path} "
                            "(start it with 'permitgate run')") from None
+    except TimeoutError:
+        raise FailureError(f"the agent at {sock_path} did not answer within "
+                           f"{control.CLIENT_TIMEOUT_S:g} s") from None
     except OSError as exc:
         # e.g. PermissionError (the agent's socket is mode 0600, owned by its user) or a
         # socket path longer than AF_UNIX allows (108 bytes on Linux).
         raise FailureError(f"cannot reach the agent at {sock_path}: "
                            f"{exc.strerror or exc}") from None
-    out.write("sent\n")
+    except ValueError:
+        raise FailureError(f"the agent at {sock_path} answered with something other "
+                           "than a JSON object") from None
+
+
+def cmd_sim(args: argparse.Namespace, out: TextIO) -> int:
+    """Send a tap or an input change to a running agent's simulated devices; print what
+    it answered (for a tap, the decision and its reason)."""
+    config, path = _load(args)
+    sock_path = resolve_store_path(config, path).parent / "sim.sock"
+    reply = _sim_send(sock_path, _sim_message(args, config))
+    if reply.get("ok") is not True:
+        error, message = str(reply.get("error")), str(reply.get("message"))
+        text = f"the agent refused the {args.sim_action}: {message} ({error})"
+        if error in {"bad_request", "unknown_op", "unknown_reader", "unknown_input",
+                     "too_large", "malformed"}:
+            raise UsageError(text)
+        raise FailureError(text)
+    if args.sim_action == "tap":
+        verdict = "OPEN  " if reply.get("granted") is True else "DENIED"
+        out.write(f"{verdict} {reply.get('reason')}\n")
+    else:
+        out.write(f"{args.name} {args.level}\n")
     return EXIT_OK
 
 
@@ -455,7 +503,7 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args, stdout))
-    except (ConfigError, DriverError, SecretError, UsageError) as exc:
+    except (ConfigError, DriverError, SecretError, UsageError, AlreadyRunningError) as exc:
         sys.stderr.write(f"permitgate: {exc}\n")
         return EXIT_USAGE
     except BrokenPipeError:

@@ -7,8 +7,11 @@ them, and :mod:`agent.keys` reads them from files or systemd's credentials direc
 
 from __future__ import annotations
 
+import importlib
+import math
 import re
 import tomllib
+from collections.abc import Callable
 from datetime import date, time
 from importlib import resources
 from pathlib import Path
@@ -33,6 +36,11 @@ Ident = Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9_-]{0,62}$")]
 # trailing newline).
 _WINDOW = re.compile(r"([0-9]{2}):([0-9]{2})-([0-9]{2}):([0-9]{2})")
 WEEKDAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
+MAX_HOURS = 87_600.0
+"""Ten years: the bound of every setting in hours. The agent turns them into whole seconds
+(``int(hours * 3600)``), which a finite but huge float (1e308) would overflow."""
+MAX_PATTERN_CHARS = 1000
+"""The longest reader line pattern accepted."""
 
 
 class ConfigError(Exception):
@@ -42,8 +50,9 @@ class ConfigError(Exception):
 class _Model(BaseModel):
     # strict: "5" is not a number and "yes" is not a boolean; a wrong type is an error
     # naming the key. Fields that TOML can only spell loosely (paths as strings, tuples as
-    # arrays) opt out one by one with Field(strict=False).
-    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+    # arrays) opt out one by one with Field(strict=False). TOML spells inf and nan, and no
+    # setting means either: int(inf * 3600) is an OverflowError at set-up, not a config error.
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
 
 
 class SiteConfig(_Model):
@@ -71,7 +80,9 @@ class StoreConfig(_Model):
 
     path: Path = Field(default=Path("/var/lib/permitgate/permitgate.db"), strict=False)
     event_retention_days: int = Field(default=180, ge=1, le=3650)
-    max_events: int = Field(default=2_000_000, ge=1_000)
+    max_events: int = Field(default=2_000_000, ge=1_000, le=1_000_000_000)
+    """Bounded so that it (and arithmetic on it) fits SQLite's 64-bit integers; TOML itself
+    admits integers of any size."""
     prune_interval_s: float = Field(default=3600.0, gt=0)
 
 
@@ -126,12 +137,100 @@ def parse_window(window: str) -> tuple[time, time | None]:
     return start, end
 
 
+# -- reader line patterns ------------------------------------------------------------------
+#
+# A serial reader applies its ``pattern`` to every line the device sends, on the card path.
+# Python's re backtracks: a pattern with a repeat inside a repeat, such as (a+)+, (a*)* or
+# (a|a)*, takes time exponential in the line length on a line that almost matches, and the
+# reader thread would hang there. The driver's max_line already bounds the line (128 bytes
+# by default, at most 4096), but 2**128 steps is no better than forever; bounding the length
+# only tames the polynomial cases (.*x.* is about n**2, 17 million steps at 4096 bytes, well
+# under a second in re's C engine). So the exponential shape is refused here, at load, with
+# the line of the pattern in the message.
+#
+# The test is deliberately simple and errs on the strict side: a repeat that can run more
+# than once may not contain anything whose length varies (another variable repeat, an
+# optional part, an alternation). A character class says the same thing safely
+# ((?:a|b)+ is [ab]+), and a possessive repeat or an atomic group, which never backtrack
+# into what they matched, is accepted: (?:\s*[0-9A-F]{2})++ or (?>...)+.
+#
+# The pattern is read with Python's own regex parser (re._parser, the home of the former
+# sre_parse since 3.11; sre_parse itself warns on import) so that escapes, classes,
+# verbose mode and inline flags are read exactly as re.compile reads them.
+_RE_PARSER: Any = importlib.import_module("re._parser")
+_UNBOUNDED: int = _RE_PARSER.MAXREPEAT
+
+
+def _varies(items: Any) -> bool:
+    """Whether a parsed (sub)pattern can match texts of different lengths in more than one
+    way that backtracking could revisit."""
+    stack: list[Any] = [items]
+    while stack:
+        for op, arg in stack.pop():
+            if op in (_RE_PARSER.MAX_REPEAT, _RE_PARSER.MIN_REPEAT):
+                low, high, body = arg
+                if low != high:
+                    return True
+                stack.append(body)
+            elif op is _RE_PARSER.BRANCH:
+                return True
+            elif op is _RE_PARSER.SUBPATTERN:
+                stack.append(arg[3])
+            elif op is _RE_PARSER.GROUPREF_EXISTS:
+                return True
+            # POSSESSIVE_REPEAT and ATOMIC_GROUP never give back what they matched;
+            # lookarounds match no text; everything else is one character or none.
+    return False
+
+
+_CHILDREN: dict[Any, Callable[[Any], list[Any]]] = {
+    _RE_PARSER.MAX_REPEAT: lambda arg: [arg[2]],
+    _RE_PARSER.MIN_REPEAT: lambda arg: [arg[2]],
+    _RE_PARSER.POSSESSIVE_REPEAT: lambda arg: [arg[2]],
+    _RE_PARSER.SUBPATTERN: lambda arg: [arg[3]],
+    _RE_PARSER.BRANCH: lambda arg: list(arg[1]),
+    _RE_PARSER.ATOMIC_GROUP: lambda arg: [arg],
+    _RE_PARSER.ASSERT: lambda arg: [arg[1]],
+    _RE_PARSER.ASSERT_NOT: lambda arg: [arg[1]],
+    _RE_PARSER.GROUPREF_EXISTS: lambda arg: [part for part in arg[1:] if part is not None],
+}
+"""The parsed subpatterns directly inside one parsed item, by its opcode."""
+
+
+def line_pattern_problem(pattern: str) -> str | None:
+    """Why ``pattern`` is unsafe to apply to device input, or None when it is fine.
+
+    Refuses patterns that do not compile, longer than ``MAX_PATTERN_CHARS``, and repeats
+    nested in repeats (see the comment above).
+    """
+    if len(pattern) > MAX_PATTERN_CHARS:
+        return f"longer than {MAX_PATTERN_CHARS} characters"
+    try:
+        re.compile(pattern)
+        stack: list[Any] = [_RE_PARSER.parse(pattern)]
+        while stack:
+            for op, arg in stack.pop():
+                if (op in (_RE_PARSER.MAX_REPEAT, _RE_PARSER.MIN_REPEAT)
+                        and (arg[1] == _UNBOUNDED or arg[1] > 1) and _varies(arg[2])):
+                    return ("a repeated group holds another repeat, an optional part or an "
+                            "alternation (as in (a+)+, (a*)* or (a|b)*): on a line that "
+                            "almost matches it backtracks for a time exponential in the "
+                            "line's length. Use a character class ([ab]+) or a possessive "
+                            "repeat ((...)++)")
+                stack.extend(_CHILDREN.get(op, lambda _arg: [])(arg))
+    except re.error as exc:
+        return f"not a valid regular expression: {exc}"
+    except RecursionError:
+        return "groups nested too deeply"
+    return None
+
+
 class PolicyConfig(_Model):
     """Site-wide decision switches."""
 
     mode: Literal["normal", "lockdown", "free_passage"] = "normal"
     anti_passback: Literal["off", "soft", "hard"] = "off"
-    anti_passback_reset_h: float = Field(default=24.0, ge=0)
+    anti_passback_reset_h: float = Field(default=24.0, ge=0, le=MAX_HOURS)
     holidays: tuple[date, ...] = Field(default=(), strict=False)
     schedules: dict[Ident, WeeklySchedule] = Field(default_factory=dict)
     clock_floor: date = date(2026, 1, 1)
@@ -199,12 +298,15 @@ class SyncConfig(_Model):
     batch_size: int = Field(default=500, ge=1, le=10_000)
     ack_timeout_s: float = Field(default=15.0, gt=0, le=3600)
     status_interval_s: float = Field(default=60.0, ge=1, le=3600)
-    max_message_bytes: int = Field(default=8 * 1024 * 1024, ge=1024)
-    heartbeat_max_age_s: int = Field(default=86_400, ge=1)
+    max_message_bytes: int = Field(default=4 * 1024 * 1024, ge=1024)
+    """The largest payload accepted, and sent (event batches are cut to fit). The default
+    is the shipped broker's ``message_size_limit`` (protocol.messages.MAX_MESSAGE_BYTES):
+    the broker forwards nothing larger anyway."""
+    heartbeat_max_age_s: int = Field(default=86_400, ge=1, le=int(MAX_HOURS * 3600))
     """Past this age of the newest valid heartbeat the lists are stale: an alarm is raised
     and ``offline_policy`` applies."""
     offline_policy: Literal["keep_deciding", "recent_only"] = "keep_deciding"
-    recent_window_h: float = Field(default=168.0, gt=0)
+    recent_window_h: float = Field(default=168.0, gt=0, le=MAX_HOURS)
     """With ``recent_only``: while stale, admit only permits the office confirmed within
     this many hours."""
     resync_interval_s: float = Field(default=30.0, ge=1)
@@ -370,13 +472,23 @@ def _line_of(text: str, loc: tuple[int | str, ...]) -> int | None:
     return None
 
 
+def _problem(source: str, text: str, loc: tuple[int | str, ...], message: str) -> str:
+    """One problem line: ``  FILE:LINE: key.path: message``."""
+    key = ".".join(str(p) if isinstance(p, str) else f"[{p}]" for p in loc).replace(".[", "[")
+    line = _line_of(text, loc)
+    where = f"{source}:{line}: " if line else f"{source}: "
+    return f"  {where}{key or '<top level>'}: {message}"
+
+
+def _format_problems(source: str, problems: list[str]) -> str:
+    return "\n".join([f"{source}: invalid configuration ({len(problems)} problem(s)):",
+                      *problems])
+
+
 def _format_validation(error: ValidationError, source: str, text: str) -> str:
     lines = [f"{source}: invalid configuration ({error.error_count()} problem(s)):"]
     for item in error.errors():
         loc = tuple(item["loc"])
-        key = ".".join(str(p) if isinstance(p, str) else f"[{p}]" for p in loc).replace(".[", "[")
-        line = _line_of(text, loc)
-        where = f"{source}:{line}: " if line else f"{source}: "
         kind = item["type"]
         message = item["msg"]
         if kind == "extra_forbidden":
@@ -385,20 +497,80 @@ def _format_validation(error: ValidationError, source: str, text: str) -> str:
             message = "required key is missing"
         shown = f" (got {item['input']!r})" if kind not in {"missing", "extra_forbidden"} and \
             not isinstance(item.get("input"), dict) else ""
-        lines.append(f"  {where}{key or '<top level>'}: {message}{shown}")
+        lines.append(_problem(source, text, loc, f"{message}{shown}"))
     return "\n".join(lines)
 
 
+def _value_problems(value: object, loc: tuple[int | str, ...] = ()
+                    ) -> list[tuple[tuple[int | str, ...], str]]:
+    """Values no setting can mean, anywhere in the document (driver options included, which
+    the schema here does not know): a NUL byte in a string (no path, device or name can hold
+    one; ``open()`` raises ValueError on it) and a float that is inf or nan."""
+    problems: list[tuple[tuple[int | str, ...], str]] = []
+    # An explicit stack, not recursion: tomllib already refused documents nested deeper
+    # than the interpreter's recursion limit, but this walk must not be the next to fail.
+    stack: list[tuple[object, tuple[int | str, ...]]] = [(value, loc)]
+    while stack:
+        item, where = stack.pop()
+        if isinstance(item, dict):
+            for key, child in item.items():
+                if "\0" in key:
+                    problems.append((where, "a key contains a NUL byte (\\0)"))
+                else:
+                    stack.append((child, (*where, key)))
+        elif isinstance(item, list):
+            stack.extend((child, (*where, i)) for i, child in enumerate(item))
+        elif isinstance(item, str) and "\0" in item:
+            problems.append((where, "contains a NUL byte (\\0), which no path, device or "
+                                    "name can hold"))
+        elif isinstance(item, float) and not math.isfinite(item):
+            problems.append((where, f"{item} is not accepted: give a finite number"))
+    return problems
+
+
+def _reader_pattern_problems(config: Config) -> list[tuple[tuple[int | str, ...], str]]:
+    """Reader line patterns (any reader's ``options.pattern``) that could backtrack
+    without end on a line a device sends."""
+    problems: list[tuple[tuple[int | str, ...], str]] = []
+    for i, reader in enumerate(config.readers):
+        pattern = reader.options.get("pattern")
+        if isinstance(pattern, str):
+            problem = line_pattern_problem(pattern)
+            if problem is not None:
+                problems.append((("readers", i, "options", "pattern"), problem))
+    return problems
+
+
 def parse_config(text: str, source: str) -> Config:
-    """Parse and validate TOML ``text``; ``source`` names it in errors."""
+    """Parse and validate TOML ``text``; ``source`` names it in errors.
+
+    Raises ``ConfigError`` and nothing else, whatever ``text`` holds.
+    """
     try:
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{source}: not valid TOML: {exc}") from exc
+    except RecursionError:
+        # tomllib parses nested arrays and inline tables recursively: "a = [[[[..." a few
+        # thousand deep exhausts the interpreter's stack.
+        raise ConfigError(f"{source}: not valid TOML: arrays or inline tables nested too "
+                          "deeply") from None
+    _raise_problems(_value_problems(raw), source, text)
     try:
-        return Config.model_validate(raw)
+        config = Config.model_validate(raw)
     except ValidationError as exc:
         raise ConfigError(_format_validation(exc, source, text)) from exc
+    _raise_problems(_reader_pattern_problems(config), source, text)
+    return config
+
+
+def _raise_problems(problems: list[tuple[tuple[int | str, ...], str]], source: str,
+                    text: str) -> None:
+    """``ConfigError`` listing ``problems`` in the order of their lines, if there are any."""
+    if problems:
+        problems.sort(key=lambda p: _line_of(text, p[0]) or 0)
+        raise ConfigError(_format_problems(
+            source, [_problem(source, text, loc, message) for loc, message in problems]))
 
 
 def load_config(path: Path | None) -> Config:

@@ -18,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
-import stat
 import tempfile
 import time
 from collections.abc import Iterator
@@ -31,7 +30,9 @@ import serial
 
 from agent.config import Config
 from agent.keys import load_site_key, resolve_secret_path
-from agent.runtime import clock_state, config_dir, resolve_store_path
+from agent.resolve import config_dir, resolve_store_path
+from agent.runtime import clock_state
+from agent.secrets_check import require_private
 from agent.store import Store, lists_path
 from common.sqlite import StoreError
 from protocol.hashing import SecretError
@@ -294,9 +295,11 @@ def check_site_key(config: Config, config_path: Path | None) -> Check:
     except SecretError as exc:
         return Check("fail", "site key", str(exc),
                      "install the site key from the central office again")
-    if stat.S_IMODE(path.stat().st_mode) & 0o077:
-        return Check("warn", "site key", f"{path} is readable by other users",
-                     f"chmod 600 {path}")
+    try:
+        require_private(path)
+    except SecretError as exc:
+        return Check("fail", "site key", str(exc).split("; ")[0] + " (the agent refuses "
+                     "to start with it)", f"chmod 600 {path}")
     return Check("ok", "site key", f"{path} present")
 
 

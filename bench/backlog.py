@@ -177,6 +177,7 @@ def main() -> int:
         gw = folder / "gw"
         gw.mkdir()
         (gw / "site.key").write_text(SITE_KEY.hex())
+        (gw / "site.key").chmod(0o600)
         office = Office(folder / "central", broker, gw / "site.key")
         serve = ServeProcess(office)
         # The office's persistent session (its subscription) exists before the outage,

@@ -114,6 +114,7 @@ def main() -> int:
         gw = folder / "gw"
         gw.mkdir(parents=True, exist_ok=True)
         (gw / "site.key").write_text(SITE_KEY.hex())
+        (gw / "site.key").chmod(0o600)
         office = Office(folder / "central", broker, gw / "site.key")
         central = office.central
         central.enroll_many(GATEWAY, [(card_id(card(i)), f"P-R{i}")

@@ -101,6 +101,7 @@ def main() -> int:
         gw = folder / "gw"
         gw.mkdir(parents=True, exist_ok=True)
         (gw / "site.key").write_text(SITE_KEY.hex())
+        (gw / "site.key").chmod(0o600)
         office = Office(folder / "central", broker, gw / "site.key", request_timeout_s=600)
         central = office.central
         stop = threading.Event()

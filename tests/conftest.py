@@ -13,6 +13,11 @@ import pytest
 
 from tests.broker import Broker, BrokerPool
 
+# Files the tests create (site keys above all) are private, as on an installed gateway
+# whose service runs with UMask=0077: the agent refuses a site key that its group or other
+# users can read. Tests of that refusal set the mode explicitly.
+os.umask(0o077)
+
 
 class PtyPeer:
     """The device end of a pseudo-terminal; the driver opens ``path`` with pyserial.

@@ -17,6 +17,7 @@ import sqlite3
 import stat
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -30,7 +31,8 @@ import structlog
 from agent import cli
 from agent.config import parse_config
 from agent.keys import load_site_key
-from agent.runtime import Agent, resolve_store_path
+from agent.resolve import resolve_store_path
+from agent.runtime import Agent
 from agent.store import CredentialEntry, Store
 from common import logs
 from drivers.base import CardRead
@@ -720,16 +722,27 @@ def test_sim_tap_unknown_reader_exits_2(tmp_path: Path) -> None:
 
 def test_sim_tap_reaches_a_listening_socket(tmp_path: Path) -> None:
     """``sim tap`` sends one JSON datagram naming the reader and card to the agent's
-    socket next to the store, and exits 0."""
+    socket next to the store, prints the decision the agent answers, and exits 0."""
     config = write_config(tmp_path)
+    received: list[Any] = []
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as listener:
         listener.bind(str(tmp_path / "sim.sock"))
+        listener.settimeout(10.0)
+
+        def answer() -> None:
+            data, sender = listener.recvfrom(4096)
+            received.append(json.loads(data))
+            listener.sendto(json.dumps({"ok": True, "op": "tap", "reader": "front-in",
+                                        "granted": True, "reason": "granted"}).encode(),
+                            sender)
+
+        responder = threading.Thread(target=answer)
+        responder.start()
         status, text = run_main("sim", "tap", "front-in", GRANTED_CARD, "-c", str(config))
-        listener.settimeout(5.0)
-        message = json.loads(listener.recv(4096))
+        responder.join(10.0)
     assert status == 0
-    assert text == "sent\n"
-    assert message == {"op": "tap", "reader": "front-in", "card": GRANTED_CARD}
+    assert text == "OPEN   granted\n"
+    assert received == [{"op": "tap", "reader": "front-in", "card": GRANTED_CARD}]
 
 
 # -- demo ----------------------------------------------------------------------------

@@ -6,18 +6,33 @@ where the key (or, for a missing key, its table) is written.
 
 from __future__ import annotations
 
+import math
+import os
 import re
-from datetime import date, time
+from datetime import date, datetime, time
 from pathlib import Path
+from typing import Any, Literal, TypeGuard, get_args, get_origin
 from zoneinfo import ZoneInfo
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from pydantic import BaseModel
 
 from agent.config import (
     DEFAULT_CONFIG_NAME,
     Config,
     ConfigError,
+    DoorConfig,
+    KeysConfig,
+    LoggingConfig,
+    PolicyConfig,
+    ReaderConfig,
+    SiteConfig,
+    StoreConfig,
+    SyncConfig,
     _line_of,
+    line_pattern_problem,
     load_config,
     parse_config,
     parse_window,
@@ -501,3 +516,332 @@ def test_line_of(loc: tuple[int | str, ...], line: int | None) -> None:
 def test_line_of_windows_line_endings() -> None:
     """_line_of counts lines the same way with CRLF line endings."""
     assert _line_of(LINED.replace("\n", "\r\n"), ("doors", 1, "unlock_s")) == 17
+
+
+# -- values no setting can mean ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("text", "key", "line", "words"), [
+    pytest.param(MINIMAL + '\n[store]\npath = "pg\\u0000.db"\n', "store.path", 19, "NUL byte",
+                 id="nul_in_store_path"),
+    pytest.param(MINIMAL + '\n[keys]\nsite_key = "site\\u0000.key"\n', "keys.site_key", 19,
+                 "NUL byte", id="nul_in_key_name"),
+    pytest.param(insert(MINIMAL, 16, 'options = { port = "/dev/tty\\u0000S0" }'),
+                 "readers[0].options.port", 17, "NUL byte", id="nul_in_driver_option"),
+    pytest.param(MINIMAL + "\n[policy]\nanti_passback_reset_h = inf\n",
+                 "policy.anti_passback_reset_h", 19, "inf is not accepted",
+                 id="inf_hours"),
+    pytest.param(MINIMAL + "\n[sync]\nrecent_window_h = nan\n", "sync.recent_window_h", 19,
+                 "nan is not accepted", id="nan_hours"),
+    pytest.param(replace_line(MINIMAL, 10, "unlock_s = -inf"), "doors[1].unlock_s", 10,
+                 "-inf is not accepted", id="minus_inf_seconds"),
+    pytest.param(insert(MINIMAL, 16, "options = { timeout_s = inf }"),
+                 "readers[0].options.timeout_s", 17, "inf is not accepted",
+                 id="inf_in_driver_option"),
+    pytest.param(MINIMAL + "\n[policy]\nanti_passback_reset_h = 1e308\n",
+                 "policy.anti_passback_reset_h", 19, "less than or equal to 87600",
+                 id="huge_finite_hours"),
+    pytest.param(MINIMAL + "\n[store]\nmax_events = 99999999999999999999999\n",
+                 "store.max_events", 19, "less than or equal to", id="integer_beyond_64_bits"),
+])
+def test_unusable_values_name_file_key_and_line(tmp_path: Path, text: str, key: str,
+                                                line: int, words: str) -> None:
+    """A NUL byte in any string, inf or nan in any number, and a number too large to be
+    turned into seconds are ConfigErrors naming the file, the line and the key."""
+    source, message = config_error(tmp_path, text)
+    assert message.startswith(f"{source}: invalid configuration")
+    rows = [row for row in message.splitlines() if f"{source}:{line}: {key}: " in row]
+    assert rows, message
+    assert words in rows[0], message
+
+
+def test_nul_byte_is_not_repeated_raw_in_the_message(tmp_path: Path) -> None:
+    """The message about a NUL byte carries no NUL byte itself (it is printed to a
+    terminal or a journal)."""
+    _, message = config_error(tmp_path, MINIMAL + '\n[store]\npath = "a\\u0000b"\n')
+    assert "\0" not in message
+
+
+def test_deeply_nested_arrays_are_a_config_error(tmp_path: Path) -> None:
+    """Arrays nested thousands deep (which exhaust tomllib's recursion) are a ConfigError
+    saying the TOML is invalid, not a RecursionError."""
+    source, message = config_error(tmp_path, MINIMAL + "\nx = " + "[" * 5000 + "]" * 5000)
+    assert message.startswith(f"{source}: not valid TOML")
+    assert "nested too deeply" in message
+
+
+def test_hours_at_the_bound_can_be_set_up() -> None:
+    """The largest accepted hours still convert to whole seconds as the agent does."""
+    config = parse_config(MINIMAL + "\n[policy]\nanti_passback_reset_h = 87600\n"
+                          "[sync]\nrecent_window_h = 87600\n", "f.toml")
+    assert int(config.policy.anti_passback_reset_h * 3600) == 315_360_000
+    assert int(config.sync.recent_window_h * 3600) == 315_360_000
+
+
+# -- reader line patterns --------------------------------------------------------------------
+
+READER_LINE = 16
+"""The line after which a reader option is inserted into MINIMAL (its driver line)."""
+
+
+@pytest.mark.parametrize("pattern", [
+    r"(?P<card>(a+)+)", r"(?P<card>(a*)*)", r"(?P<card>(a|a)*)", r"(?P<card>(a|ab)+)",
+    r"^(?P<card>(?:[0-9A-F]{2}\s?)+)$", r"(?P<card>(?:x?)*)", r"(?x) (?P<card> ( a + ) + )",
+    r"(?P<card>(a+){2,})",
+])
+def test_nested_quantifier_pattern_is_refused_with_file_line_and_key(
+        tmp_path: Path, pattern: str) -> None:
+    """A reader line pattern with a repeat inside a repeat (exponential backtracking on a
+    line that almost matches) is a ConfigError naming the file, line and key."""
+    text = insert(MINIMAL, READER_LINE, f"options = {{ pattern = {toml_literal(pattern)} }}")
+    source, message = config_error(tmp_path, text)
+    assert f"{source}:{READER_LINE + 1}: readers[0].options.pattern: a repeated group" \
+        in message, message
+    assert "possessive" in message
+
+
+@pytest.mark.parametrize("pattern", [
+    r"^\s*(?P<card>[0-9A-Fa-f]{4,32})\s*$",  # the serial driver's default
+    r"^(?P<card>[0-9A-F]{10})\r?$",
+    r"^.*(?P<card>[0-9]{10}).*$",
+    r"(?P<card>(?:[0-9A-F]{2})+)",  # a fixed-length body may repeat
+    r"(?P<card>(?:[0-9A-F]{2}\s?)++)",  # possessive: never backtracks
+    r"(?P<card>(?>a+|b)+)",  # an atomic group is one piece to its repeat
+    r"(?P<card>(?:a|b)+)",  # the parser makes this the class [ab]
+    r"(?P<card>(a+)?)",  # optional, not repeated
+])
+def test_safe_patterns_are_accepted(pattern: str) -> None:
+    """Patterns without a variable part inside a repeat load as written."""
+    assert line_pattern_problem(pattern) is None
+    text = insert(MINIMAL, READER_LINE, f"options = {{ pattern = {toml_literal(pattern)} }}")
+    assert parse_config(text, "f.toml").readers[0].options["pattern"] == pattern
+
+
+@pytest.mark.parametrize(("pattern", "words"), [
+    pytest.param("(?P<card>[0-9]", "not a valid regular expression", id="invalid"),
+    pytest.param("a" * 1001, "longer than 1000 characters", id="too_long"),
+])
+def test_unusable_pattern_problems(pattern: str, words: str) -> None:
+    """A pattern that does not compile or is too long is named as such."""
+    problem = line_pattern_problem(pattern)
+    assert problem is not None and words in problem
+
+
+def toml_literal(text: str) -> str:
+    """A TOML literal string holding ``text`` (no escapes, so regexes read as written)."""
+    assert "'" not in text and "\n" not in text
+    return f"'{text}'"
+
+
+# -- fuzzing the loader ----------------------------------------------------------------------
+
+SECTION_MODELS: dict[str, type[BaseModel]] = {
+    "site": SiteConfig, "store": StoreConfig, "keys": KeysConfig, "policy": PolicyConfig,
+    "logging": LoggingConfig, "sync": SyncConfig,
+}
+LIST_MODELS: dict[str, type[BaseModel]] = {"doors": DoorConfig, "readers": ReaderConfig}
+DRIVER_OPTION_KEYS = ("pattern", "port", "format", "id_kind", "max_line", "state_file")
+
+_texts = st.one_of(
+    st.text(max_size=12),
+    st.sampled_from(["simulated", "serial", "entry", "exit", "front", "back", "normal",
+                     "soft", "hard", "UTC", "Asia/Shanghai", "Asia", "../../etc", "08:00-09:00",
+                     "(?P<card>(a+)+)", "(?P<card>x)", "a\0b", "always", "json", "5", ""]),
+)
+_scalars = st.one_of(_texts, st.integers(), st.integers(min_value=-5, max_value=100_000),
+                     st.floats(), st.booleans(), st.dates())
+_values = st.one_of(_scalars, st.lists(_scalars, max_size=3),
+                    st.dictionaries(st.sampled_from([*DRIVER_OPTION_KEYS, "driver", "x"]),
+                                    _scalars, max_size=3))
+
+
+_IDENTS = st.from_regex(r"[a-z0-9][a-z0-9_-]{0,8}", fullmatch=True)
+_TYPED: dict[object, st.SearchStrategy[Any]] = {
+    float: st.one_of(st.floats(), st.floats(min_value=0, max_value=1e6)),
+    int: st.one_of(st.integers(), st.integers(min_value=0, max_value=100_000)),
+    bool: st.booleans(),
+    str: st.one_of(_IDENTS, _texts),
+    str | None: st.one_of(_IDENTS, _texts),
+    Path: st.one_of(_IDENTS, _texts),
+    date: st.dates(),
+}
+
+
+def _typed(annotation: Any) -> st.SearchStrategy[Any]:
+    """Values of a field's own type, edge cases included (inf, nan, huge integers, NUL
+    bytes), so that documents get past the type checks to the limits behind them."""
+    if get_origin(annotation) is Literal:
+        return st.sampled_from(get_args(annotation))
+    if get_origin(annotation) is tuple:
+        return st.lists(_texts, max_size=3)
+    return _TYPED.get(annotation, _values)
+
+
+def _base_document() -> dict[str, Any]:
+    return {"site": {"site_id": "s1", "gateway_id": "gw1"},
+            "doors": [{"id": "front"}, {"id": "back"}],
+            "readers": [{"id": "front-in", "door": "front", "direction": "entry",
+                         "driver": "simulated"}]}
+
+
+def _table(doc: dict[str, Any], where: str, draw: st.DrawFn) -> dict[str, Any] | None:
+    """The table ``where`` names in ``doc`` (made if missing); None where an earlier
+    change replaced it with a value."""
+    table: object
+    if where in SECTION_MODELS:
+        table = doc.setdefault(where, {})
+    elif where in LIST_MODELS:
+        items = doc.get(where)
+        table = draw(st.sampled_from(items)) if _is_table_list(items) else None
+    elif where == "schedule":
+        policy = doc.setdefault("policy", {})
+        schedules = policy.setdefault("schedules", {}) if _is_table(policy) else None
+        table = schedules.setdefault(draw(st.sampled_from(["night", "always", "Bad"])), {}) \
+            if _is_table(schedules) else None
+    elif where == "options":
+        readers = doc.get("readers")
+        table = readers[0].setdefault("options", {}) if _is_table_list(readers) else None
+    else:
+        table = doc
+    return table if _is_table(table) else None
+
+
+def _keys(where: str, wild: bool) -> list[str]:
+    """The keys a change at ``where`` picks from: the real ones (and, when ``wild``, an
+    unknown one)."""
+    model = SECTION_MODELS.get(where) or LIST_MODELS.get(where)
+    if model is not None:
+        return [*model.model_fields, *(["bogus"] if wild else [])]
+    if where == "schedule":
+        return ["mon", "sun", "holiday", *(["monday"] if wild else [])]
+    if where == "options":
+        return list(DRIVER_OPTION_KEYS)
+    return ["site", "doors", "readers", "extra"]
+
+
+@st.composite
+def documents(draw: st.DrawFn, *, wild: bool) -> dict[str, Any]:
+    """A valid minimal document with one to four keys changed: set to a value of the
+    key's own type (edge cases included) or, with ``wild``, also to any value, removed,
+    or an unknown key added."""
+    doc = _base_document()
+    for _ in range(draw(st.integers(min_value=1, max_value=4))):
+        where = draw(st.sampled_from([*SECTION_MODELS, *LIST_MODELS, "schedule", "options",
+                                      *(["top"] if wild else [])]))
+        table = _table(doc, where, draw)
+        if table is None:
+            continue
+        key = draw(st.sampled_from(_keys(where, wild)))
+        model = SECTION_MODELS.get(where) or LIST_MODELS.get(where)
+        field = model.model_fields.get(key) if model is not None else None
+        if wild and draw(st.booleans()):
+            if key in table and draw(st.booleans()):
+                del table[key]
+            else:
+                table[key] = draw(_values)
+        elif field is not None:
+            table[key] = draw(_typed(field.annotation))
+        elif where == "schedule":
+            table[key] = draw(st.lists(st.one_of(_texts, st.sampled_from(
+                ["00:00-24:00", "08:00-09:00", "23:59-24:00"])), max_size=3))
+        else:
+            table[key] = draw(_scalars)
+    return doc
+
+
+def toml_document(doc: dict[str, Any]) -> str:
+    """``doc`` as TOML: tables for dicts, arrays of tables for lists of dicts, inline
+    values inside them."""
+    lines: list[str] = []
+    scalars = {k: v for k, v in doc.items() if not _is_table(v) and not _is_table_list(v)}
+    lines += [f"{toml_key(k)} = {toml_value(v)}" for k, v in scalars.items()]
+    for key, value in doc.items():
+        if _is_table(value):
+            lines.append(f"[{toml_key(key)}]")
+            lines += [f"{toml_key(k)} = {toml_value(v)}" for k, v in value.items()]
+        elif _is_table_list(value):
+            for item in value:
+                lines.append(f"[[{toml_key(key)}]]")
+                lines += [f"{toml_key(k)} = {toml_value(v)}" for k, v in item.items()]
+    return "\n".join(lines) + "\n"
+
+
+def _is_table(value: object) -> TypeGuard[dict[str, Any]]:
+    return isinstance(value, dict)
+
+
+def _is_table_list(value: object) -> TypeGuard[list[dict[str, Any]]]:
+    return isinstance(value, list) and bool(value) and all(isinstance(v, dict) for v in value)
+
+
+def toml_key(key: str) -> str:
+    """A bare key where TOML allows one, else a quoted key."""
+    return key if re.fullmatch(r"[A-Za-z0-9_-]+", key) else toml_string(key)
+
+
+def toml_string(text: str) -> str:
+    """A TOML basic string; control characters, quote and backslash escaped."""
+    escaped = "".join(f"\\u{ord(c):04x}" if c in '"\\' or ord(c) < 0x20 or ord(c) == 0x7F
+                      else c for c in text)
+    return f'"{escaped}"'
+
+
+def toml_value(value: object) -> str:
+    """An inline TOML value."""
+    if isinstance(value, float) and not math.isfinite(value):
+        text = "nan" if math.isnan(value) else "inf" if value > 0 else "-inf"
+    elif isinstance(value, bool):
+        text = "true" if value else "false"
+    elif isinstance(value, str):
+        text = toml_string(value)
+    elif isinstance(value, int | float):
+        text = repr(value)
+    elif isinstance(value, date):
+        text = value.isoformat()
+    elif isinstance(value, list):
+        text = "[" + ", ".join(toml_value(v) for v in value) + "]"
+    elif isinstance(value, dict):
+        text = "{ " + ", ".join(f"{toml_key(k)} = {toml_value(v)}" for k, v in value.items()) \
+            + " }"
+    else:
+        raise TypeError(type(value))
+    return text
+
+
+def _can_be_set_up(config: Config) -> None:
+    """What the agent does with the values at start-up, short of opening anything."""
+    assert int(config.policy.anti_passback_reset_h * 3600) >= 0
+    assert int(config.sync.recent_window_h * 3600) >= 0
+    base = Path("/nonexistent-base")
+    for name in (str(config.store.path), config.keys.site_key, config.sync.ca_file,
+                 config.sync.cert_file, config.sync.key_file, config.sync.trusted_keys,
+                 config.sync.password_file or "x"):
+        os.fspath((base / name).resolve())  # ValueError on a NUL byte
+    config.zone.utcoffset(datetime(2026, 1, 1))
+
+
+@settings(max_examples=600, deadline=None, database=None)
+@given(st.one_of(documents(wild=False), documents(wild=True)))
+def test_loader_fuzz_returns_config_or_config_error(doc: dict[str, Any]) -> None:
+    """Documents built from the real keys with odd values load to a Config that can be
+    set up, or raise ConfigError; never any other exception."""
+    text = toml_document(doc)
+    try:
+        config = parse_config(text, "fuzz.toml")
+    except ConfigError as exc:
+        assert str(exc).startswith("fuzz.toml:")
+        return
+    assert isinstance(config, Config)
+    _can_be_set_up(config)
+
+
+@settings(max_examples=200, deadline=None, database=None)
+@given(st.one_of(st.text(max_size=200),
+                 st.builds(lambda doc, tail: toml_document(doc) + tail, documents(wild=True),
+                           st.text(alphabet="[]{}=\"'#\n.,x1 ", max_size=40))))
+def test_loader_fuzz_on_arbitrary_text(text: str) -> None:
+    """Any text at all, and real documents with junk appended, load or raise ConfigError."""
+    try:
+        parse_config(text, "fuzz.toml")
+    except ConfigError as exc:
+        assert str(exc).startswith("fuzz.toml:")

@@ -323,15 +323,18 @@ def test_malformed_site_key_fails(tmp_path: Path) -> None:
     assert "a site key is 32 bytes or 64 hex characters" in check_line(output, "site key")
 
 
-def test_world_readable_site_key_warns(tmp_path: Path) -> None:
-    """A site key other users can read is a warning with the chmod that fixes it."""
+def test_world_readable_site_key_fails(tmp_path: Path) -> None:
+    """A site key other users can read fails, as the agent refuses to start with it, and
+    the line gives the chmod that fixes it."""
     key = install_key(tmp_path, mode=0o644)
     config = write_config(tmp_path, reader='driver = "simulated"',
                           relay='{ driver = "simulated" }')
     status, output = run_doctor(config)
-    assert status == 0
-    assert check_line(output, "site key") == (
-        f"warn  site key: {key} is readable by other users — chmod 600 {key}")
+    assert status == 1
+    line = check_line(output, "site key")
+    assert line.startswith(f"FAIL  site key: {key}: the site key can be read by its group "
+                           "and other users (mode 0644)")
+    assert line.endswith(f"— chmod 600 {key}")
 
 
 def test_store_folder_that_is_a_file_fails(tmp_path: Path) -> None:

@@ -1,0 +1,138 @@
+"""Where everything the agent uses lives, and the secrets it needs, resolved once.
+
+The agent starts in one order (docs/operations.md, "Start-up"): validate the
+configuration → resolve every path and secret here → take the data folder's lock → claim
+devices → start. ``permitgate run``, ``doctor`` and the runtime share these functions, so
+a path means the same file to all of them. Nothing here writes a file or records an event:
+a start that fails at this stage leaves no trace but its message.
+"""
+
+from __future__ import annotations
+
+import ssl
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+from agent.config import Config
+from agent.keys import load_site_key, resolve_secret_path
+from agent.secrets_check import require_private
+from agent.sync import TlsFiles
+from protocol.hashing import SecretError
+from protocol.signing import load_trusted_keys
+
+CONTROL_SOCKET_NAME = "sim.sock"
+"""The control socket (``permitgate sim``, enrollment) in the data folder."""
+LOCK_NAME = "agent.lock"
+"""The data folder's lock file: held by the one agent that runs on the folder."""
+
+
+def config_dir(config_path: Path | None) -> Path:
+    """The folder relative paths in a configuration are taken from."""
+    return config_path.parent.resolve() if config_path is not None else Path.cwd()
+
+
+def resolve_store_path(config: Config, config_path: Path | None) -> Path:
+    """The database path; a relative path is taken from the configuration file's folder
+    (or the working directory for the embedded defaults)."""
+    path = config.store.path
+    if path.is_absolute():
+        return path
+    return (config_dir(config_path) / path).resolve()
+
+
+@dataclass(frozen=True, slots=True)
+class Paths:
+    """Every file the agent reads or writes, as absolute paths."""
+
+    config_dir: Path
+    store: Path
+    data_dir: Path
+    """The folder of the database: the lock and the control socket live here too."""
+    control_socket: Path
+    lock: Path
+    site_key: Path
+    trusted_keys: Path | None
+    """With sync on: the office's public keys."""
+    tls: TlsFiles | None
+    """With sync on and ``tls = true``."""
+    password_file: Path | None
+
+
+def resolve_paths(config: Config, config_path: Path | None) -> Paths:
+    """Resolve every path of ``config`` (reads no file; looks at
+    ``$CREDENTIALS_DIRECTORY`` for bare secret names)."""
+    store = resolve_store_path(config, config_path)
+    cfg_dir = config_dir(config_path)
+    data_dir = store.parent
+
+    def secret(name: str) -> Path:
+        return resolve_secret_path(name, data_dir, cfg_dir)
+
+    sync = config.sync
+    trusted = tls = password = None
+    if sync.enabled:
+        trusted = secret(sync.trusted_keys)
+        if sync.tls:
+            tls = TlsFiles(secret(sync.ca_file), secret(sync.cert_file),
+                           secret(sync.key_file))
+        if sync.password_file:
+            password = secret(sync.password_file)
+    return Paths(config_dir=cfg_dir, store=store, data_dir=data_dir,
+                 control_socket=data_dir / CONTROL_SOCKET_NAME, lock=data_dir / LOCK_NAME,
+                 site_key=secret(config.keys.site_key), trusted_keys=trusted, tls=tls,
+                 password_file=password)
+
+
+@dataclass(frozen=True, slots=True)
+class Secrets:
+    """The secrets read and checked before anything starts."""
+
+    site_key: bytes
+    trusted_keys: dict[str, Ed25519PublicKey] | None
+    tls: TlsFiles | None
+    password: str | None
+
+
+def load_secrets(config: Config, paths: Paths) -> Secrets:
+    """Read and check every secret; ``SecretError`` naming the key and file otherwise.
+
+    The site key must be private to the agent's user (``require_private``); TLS files are
+    loaded into a TLS context here, so a certificate that does not parse or a key that does
+    not match it stops the start before anything is recorded.
+    """
+    require_private(paths.site_key)
+    site_key = load_site_key(paths.site_key, generate_missing=config.keys.generate_missing)
+    trusted = None
+    if paths.trusted_keys is not None:
+        try:
+            trusted = load_trusted_keys(paths.trusted_keys)
+        except (OSError, ValueError) as exc:
+            raise SecretError(f"sync.trusted_keys: {exc}") from exc
+    if paths.tls is not None:
+        check_tls(paths.tls)
+    password = None
+    if paths.password_file is not None:
+        try:
+            password = paths.password_file.read_text("utf-8").strip()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise SecretError(f"sync.password_file: {paths.password_file}: {exc}") from exc
+    return Secrets(site_key, trusted, paths.tls, password)
+
+
+def check_tls(tls: TlsFiles) -> None:
+    """Load the TLS files as the MQTT client will; ``SecretError`` naming the key."""
+    for key, path in (("ca_file", tls.ca), ("cert_file", tls.cert), ("key_file", tls.key)):
+        if not path.is_file():
+            raise SecretError(f"sync.{key}: {path}: file not found")
+    try:
+        context = ssl.create_default_context(cafile=str(tls.ca))
+    except (ssl.SSLError, OSError) as exc:
+        raise SecretError(f"sync.ca_file: {tls.ca}: not a usable CA certificate: "
+                          f"{exc}") from exc
+    try:
+        context.load_cert_chain(str(tls.cert), str(tls.key))
+    except (ssl.SSLError, OSError) as exc:
+        raise SecretError(f"sync.cert_file / sync.key_file: {tls.cert}, {tls.key}: the "
+                          f"certificate and key do not load as a pair: {exc}") from exc
