@@ -4,7 +4,7 @@ WAL with ``synchronous=FULL`` (a commit is on disk before the call returns), one
 connection per thread plus one writer connection, and numbered schema migrations applied
 in one transaction. The agent's two databases and the office's SQLite database are each
 one ``SqliteFile``; the SQL itself stays with its owner (``agent.store``,
-the office).
+provisioning/db/sqlite.py).
 """
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ def rollback(conn: sqlite3.Connection) -> None:
 class SqliteFile:
     """One SQLite file: WAL with ``synchronous=FULL``, per-thread connections, one writer
     connection, numbered migrations applied in one transaction. The agent's two databases
-    and the central office's database (provisioning/central.py) are each one of these."""
+    and the central office's database (provisioning/db/sqlite.py) are each one of these."""
 
     def __init__(self, path: Path, migrations: tuple[str, ...], *, autocheckpoint: bool,
                  busy_timeout_s: float = 5.0) -> None:

@@ -1,0 +1,354 @@
+"""The office's database: every operation the office needs of it, one method each.
+
+``OfficeDatabase`` names them; ``SqliteOfficeDatabase`` (``provisioning/db/sqlite.py``,
+the ``central.db`` file) is the implementation today, and a PostgreSQL one can sit beside
+it in this package without changing a caller. Only the modules of this package that
+implement it speak SQL (tests/test_office_rooms.py checks).
+
+What every implementation keeps:
+
+- Plain Python values in and out: hashes as ``bytes``, times as Unix ms (or s where a
+  field says so), JSON as text, the records below; no connection or cursor leaves it.
+- Each method is one transaction, committed before it returns. A sequence number or list
+  version handed out is therefore durable before the message that carries it is built, so
+  a number is never used twice, even across a crash; an event batch is durable before the
+  ack that lets the gateway forget it.
+- A failure of the database raises ``CentralError`` naming it; nothing is half done.
+- Callable from several threads at once (each thread its own connection or a pool).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+
+@dataclass(frozen=True, slots=True)
+class GatewayRecord:
+    """A registered gateway and the counters of every stream sent to it."""
+
+    id: str
+    site: str
+    site_key_path: str
+    """The building's site-key file; the key itself stays in it."""
+    list_version: int
+    list_published_ms: int | None
+    rev_seq: int
+    cmd_seq: int
+    hb_seq: int
+    ack_seq: int
+    acked_upto: int
+    """The highest contiguous event seq stored."""
+    status: str | None
+    """The last retained ``Status``, JSON."""
+    status_ms: int | None
+    applied_list_version: int | None
+    """As last reported (an ``applied`` message or a status)."""
+    applied_ms: int | None
+    resync_requested_ms: int | None
+    resync_reason: str | None
+    resync_answered_ms: int | None
+    malformed: int
+    created_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class EntryRecord:
+    """One enrolled card of a gateway: keyed hashes only."""
+
+    cred: bytes
+    """HMAC-SHA256(site key, ``"cred\\0"`` + card id)."""
+    permit: bytes | None
+    """HMAC-SHA256(permit key, ``"permit\\0"`` + number)."""
+    valid_from: int | None
+    valid_until: int | None
+    """Exclusive."""
+    doors: tuple[str, ...] | None
+    """None: every door."""
+    schedule: str | None
+    """None: always."""
+    confirmed_at: int | None
+    """Unix s."""
+    updated_ms: int
+
+
+RevokedHash = tuple[str, bytes]
+"""A revocation as stored: ``(kind, hash)``, kind ``credential`` or ``permit``."""
+
+
+@dataclass(frozen=True, slots=True)
+class SnapshotContents:
+    """A new list version and everything a snapshot of it carries, read in the same
+    transaction that allocated the version."""
+
+    version: int
+    rev_seq: int
+    all_seq: int
+    entries: list[EntryRecord]
+    """By credential hash."""
+    revoked: list[RevokedHash]
+    """The gateway's own and the global revocations, each once, by kind and hash."""
+
+
+@dataclass(frozen=True, slots=True)
+class HeartbeatState:
+    """A new heartbeat seq and the versions the heartbeat vouches for."""
+
+    seq: int
+    list_version: int
+    rev_seq: int
+    all_seq: int
+
+
+@dataclass(frozen=True, slots=True)
+class EventRecord:
+    """One event as a gateway sent it (its hash chain included)."""
+
+    seq: int
+    event_id: str
+    ts_ms: int
+    kind: str
+    door: str | None
+    reader: str | None
+    direction: str | None
+    reason: str | None
+    cred: str | None
+    data: str
+    """JSON text, keys sorted, compact, UTF-8 unescaped."""
+    prev_hash: str
+    hash: str
+
+
+@dataclass(frozen=True, slots=True)
+class StoredEvent:
+    """A stored event and when the office received it."""
+
+    event: EventRecord
+    received_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class Arrival:
+    """What storing one event of a batch found, at the moment it was stored (a batch is
+    stored in order, so an earlier event of the same batch counts as stored)."""
+
+    index: int
+    """Its place in the batch."""
+    new: bool
+    """False: this seq was stored already (the stored copy stays)."""
+    stored_hash: str | None
+    """For a seq stored already: the hash stored under it."""
+    before_hash: str | None
+    """For a new event: the stored hash of seq - 1, if that is stored."""
+    after_prev_hash: str | None
+    """For a new event: the stored ``prev_hash`` of seq + 1, if that is stored."""
+
+
+ChainProblemFound = tuple[int, str]
+"""``(seq, problem)``."""
+
+ChainCheck = Callable[[Arrival], Iterable[ChainProblemFound]]
+"""The chain rules (``provisioning.receive``), run inside the transaction that stores the
+batch: the problems they find are recorded with the events, so a crash cannot keep the
+events and lose the problems (a resent batch would find no problem the second time)."""
+
+
+@dataclass(frozen=True, slots=True)
+class StoredBatch:
+    """What storing one event batch did."""
+
+    new: int
+    acked_upto: int
+    problems: tuple[ChainProblemFound, ...]
+    """In the order found (the record keeps each ``(seq, problem)`` once)."""
+
+
+@dataclass(frozen=True, slots=True)
+class AppliedRecord:
+    """A gateway's last report of one stream: applied, or refused and why."""
+
+    stream: str
+    seq: int | None
+    status: str
+    reason: str | None
+    list_version: int
+    ts_ms: int
+    received_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class ChainProblem:
+    """A chain problem found in a gateway's events."""
+
+    seq: int
+    problem: str
+    found_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class GatewayCounts:
+    """How much the office holds for a gateway."""
+
+    entries: int
+    revocations: int
+    """Its own, not the global ones."""
+    events: int
+    highest_seq: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class PendingRequest:
+    """A publishing request a one-shot command left for the running ``serve``."""
+
+    id: int
+    op: str
+    args: str
+    requested_ms: int
+    """Wall-clock ms (requests cross processes)."""
+
+
+@dataclass(frozen=True, slots=True)
+class RequestOutcome:
+    """How a request ended: ``error_kind`` None (ok, ``result`` JSON), ``usage``,
+    ``failure`` or ``expired``."""
+
+    result: str | None
+    error_kind: str | None
+    error: str | None
+
+
+class OfficeDatabase(Protocol):
+    """Every operation the office performs on its database (see the module docstring for
+    what each implementation keeps)."""
+
+    def close(self) -> None:
+        """Close every connection; a later use opens fresh ones."""
+
+    # -- gateways and enrollment ----------------------------------------------------
+
+    def add_gateway(self, gateway: str, site: str, site_key_path: str, acked_upto: int,
+                    created_ms: int) -> bool:
+        """Register a gateway; False (nothing changed) when the id exists already."""
+
+    def gateway(self, gateway: str) -> GatewayRecord | None:
+        """One gateway, or None when it is not registered."""
+
+    def gateways(self) -> list[GatewayRecord]:
+        """Every gateway, by id."""
+
+    def gateway_ids(self) -> list[str]:
+        """Every gateway id, sorted."""
+
+    def put_entries(self, gateway: str, entries: Sequence[EntryRecord]) -> None:
+        """Store (or replace, by credential hash) entries of ``gateway``, all at once."""
+
+    def delete_entry(self, gateway: str, cred: bytes) -> bool:
+        """Delete one entry; False when there was none."""
+
+    def entries(self, gateway: str) -> list[EntryRecord]:
+        """The entries of ``gateway`` by credential hash."""
+
+    def revocations(self, gateway: str) -> list[RevokedHash]:
+        """What a snapshot for ``gateway`` revokes: its own and the global revocations,
+        each once, by kind and hash."""
+
+    # -- publishing: each allocates a seq (or version), committed before it returns ------
+
+    def allocate_snapshot(self, gateway: str, published_ms: int, *,
+                          resync: bool) -> SnapshotContents:
+        """The next list version with the entries and revocations it carries; with
+        ``resync`` it also marks the gateway's resync request answered now."""
+
+    def allocate_delta(self, gateway: str, upsert: Sequence[bytes],
+                       published_ms: int) -> tuple[int, list[EntryRecord]] | None:
+        """The next list version and the stored entries of the credentials ``upsert``;
+        None (no version spent) when one of them is not enrolled."""
+
+    def allocate_revocation(self, target: str, items: Sequence[RevokedHash],
+                            revoked_ms: int) -> int:
+        """Record revocations at gateway ``target`` (its ``rev`` stream) or, with ``*``,
+        at every gateway (the ``all`` stream); returns the stream seq that carries them."""
+
+    def allocate_command(self, gateway: str) -> int:
+        """The next ``cmd`` seq."""
+
+    def allocate_heartbeat(self, gateway: str) -> HeartbeatState:
+        """The next ``hb`` seq and the versions it vouches for."""
+
+    def allocate_ack(self, gateway: str) -> int:
+        """The next ``ack`` seq."""
+
+    # -- receiving ---------------------------------------------------------------------
+
+    def store_events(self, gateway: str, events: Sequence[EventRecord], received_ms: int,
+                     check: ChainCheck) -> StoredBatch:
+        """Store a batch in order, each seq once (a seq stored already keeps its first
+        copy), record what ``check`` finds for each event as chain problems, and advance
+        ``acked_upto`` over the contiguous seqs now stored; one transaction."""
+
+    def record_applied(self, gateway: str, applied: AppliedRecord) -> None:
+        """Keep a gateway's report on one stream (replacing the last one) and its list
+        version as reported."""
+
+    def record_status(self, gateway: str, status_json: str, list_version: int | None,
+                      received_ms: int) -> None:
+        """Keep a gateway's status and, when it names one, its list version."""
+
+    def record_resync_request(self, gateway: str, reason: str,
+                              requested_ms: int) -> int | None:
+        """Note a resync request; returns when the last one was answered (ms), if ever."""
+
+    def count_malformed(self, gateway: str) -> None:
+        """One more malformed message from a registered gateway."""
+
+    def count_unknown_gateway_message(self) -> None:
+        """One more message from a gateway that is not registered."""
+
+    # -- reports -----------------------------------------------------------------------
+
+    def all_seq(self) -> int:
+        """The broadcast revocation stream's seq."""
+
+    def global_revocation_count(self) -> int:
+        """How many revocations apply at every gateway."""
+
+    def unknown_gateway_messages(self) -> int:
+        """How many messages came from gateways that are not registered."""
+
+    def applied(self, gateway: str) -> list[AppliedRecord]:
+        """The gateway's last report on each stream, by stream."""
+
+    def chain_problems(self, gateway: str) -> list[ChainProblem]:
+        """The chain problems found in the gateway's events, by seq and problem."""
+
+    def counts(self, gateway: str) -> GatewayCounts:
+        """How many entries, own revocations and events the office holds for it."""
+
+    def events(self, gateway: str, *, after_seq: int, limit: int | None) -> list[StoredEvent]:
+        """Stored events with seq above ``after_seq`` in seq order; with ``limit``, the
+        newest ``limit`` of them."""
+
+    # -- requests from one-shot commands to the running serve --------------------------
+
+    def queue_request(self, op: str, args: str, requested_ms: int) -> int:
+        """Queue a request; returns its id."""
+
+    def request_outcome(self, request: int) -> RequestOutcome | None:
+        """How the request ended, or None while it is open."""
+
+    def withdraw_request(self, request: int, now_ms: int) -> bool:
+        """Close a request as ``expired`` unless ``serve`` has taken it; whether it did."""
+
+    def open_requests(self) -> list[PendingRequest]:
+        """Requests neither taken nor done, oldest first."""
+
+    def take_request(self, request: int, now_ms: int) -> bool:
+        """Claim an open request for this ``serve``; False when it was withdrawn."""
+
+    def finish_request(self, request: int, now_ms: int, outcome: RequestOutcome) -> None:
+        """Record a request's outcome (once)."""
+
+    def reset_requests(self, now_ms: int, keep_ms: int) -> None:
+        """At the start of ``serve``: forget requests done more than ``keep_ms`` ago, and
+        close as failed those a stopped ``serve`` had taken but not finished."""

@@ -1,0 +1,438 @@
+"""``central.db``: the office's database in SQLite, the one module with its SQL.
+
+A ``common.sqlite.SqliteFile``: WAL, ``synchronous=FULL`` so an event is on disk before
+the ack that lets the gateway forget it, and a seq before the message that carries it
+leaves; the numbered migrations of ``provisioning/db/sqlite_schema.py``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import sqlite3
+import threading
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import sqlite_utils
+
+from common.sqlite import SqliteFile, StoreError, rollback
+from provisioning.db import (
+    AppliedRecord,
+    Arrival,
+    ChainCheck,
+    ChainProblem,
+    ChainProblemFound,
+    EntryRecord,
+    EventRecord,
+    GatewayCounts,
+    GatewayRecord,
+    HeartbeatState,
+    PendingRequest,
+    RequestOutcome,
+    RevokedHash,
+    SnapshotContents,
+    StoredBatch,
+    StoredEvent,
+)
+from provisioning.db.sqlite_schema import MIGRATIONS
+from provisioning.errors import CentralError
+
+
+def _entry(row: dict[str, Any]) -> EntryRecord:
+    return EntryRecord(cred=row["cred"], permit=row["permit"], valid_from=row["valid_from"],
+                       valid_until=row["valid_until"],
+                       doors=None if row["doors"] is None else tuple(json.loads(row["doors"])),
+                       schedule=row["schedule"], confirmed_at=row["confirmed_at"],
+                       updated_ms=row["updated_ms"])
+
+
+def _entry_row(gateway: str, entry: EntryRecord) -> tuple[Any, ...]:
+    doors = None if entry.doors is None else json.dumps(list(entry.doors))
+    return (gateway, entry.cred, entry.permit, entry.valid_from, entry.valid_until, doors,
+            entry.schedule, entry.confirmed_at, entry.updated_ms)
+
+
+def _returned(row: Any, gateway: str) -> Any:
+    """The row an ``UPDATE gateways … RETURNING`` gave; an unknown gateway is an error
+    (callers check first: a gateway is never deleted)."""
+    if row is None:
+        raise CentralError(f"gateway {gateway!r}: not in the database")
+    return row
+
+
+class SqliteOfficeDatabase(SqliteFile):
+    """``OfficeDatabase`` on one SQLite file, errors as ``CentralError``."""
+
+    def __init__(self, path: Path) -> None:
+        try:
+            super().__init__(path, MIGRATIONS, autocheckpoint=True, busy_timeout_s=10.0)
+        except StoreError as exc:
+            raise CentralError(str(exc)) from exc
+
+    def conn(self) -> sqlite3.Connection:
+        """This thread's connection."""
+        try:
+            return super().conn()
+        except StoreError as exc:
+            raise CentralError(str(exc)) from exc
+
+    def close(self) -> None:
+        """Close every connection; a later use opens fresh ones."""
+        super().close()
+        self._local = threading.local()
+
+    @contextlib.contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        """One write transaction (BEGIN IMMEDIATE); rolled back on any error."""
+        conn = self.conn()
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            yield conn
+            conn.execute("COMMIT")
+        except sqlite3.Error as exc:
+            rollback(conn)
+            raise CentralError(f"{self.path}: {exc}") from exc
+        except BaseException:
+            rollback(conn)
+            raise
+
+    @contextlib.contextmanager
+    def _read(self) -> Iterator[sqlite_utils.Database]:
+        """Reads on this thread's connection (dict rows through sqlite-utils)."""
+        try:
+            yield sqlite_utils.Database(self.conn())
+        except sqlite3.Error as exc:
+            raise CentralError(f"{self.path}: {exc}") from exc
+
+    # -- gateways and enrollment ----------------------------------------------------
+
+    def add_gateway(self, gateway: str, site: str, site_key_path: str, acked_upto: int,
+                    created_ms: int) -> bool:
+        """Register a gateway; False (nothing changed) when the id exists already."""
+        with self._tx() as conn:
+            if conn.execute("SELECT 1 FROM gateways WHERE id = ?", (gateway,)).fetchone():
+                return False
+            conn.execute("INSERT INTO gateways (id, site, site_key_path, acked_upto, "
+                         "created_ms) VALUES (?,?,?,?,?)",
+                         (gateway, site, site_key_path, acked_upto, created_ms))
+        return True
+
+    def gateway(self, gateway: str) -> GatewayRecord | None:
+        """One gateway, or None when it is not registered."""
+        with self._read() as db:
+            rows = list(db.query("SELECT * FROM gateways WHERE id = ?", [gateway]))
+        return GatewayRecord(**rows[0]) if rows else None
+
+    def gateways(self) -> list[GatewayRecord]:
+        """Every gateway, by id."""
+        with self._read() as db:
+            return [GatewayRecord(**r) for r in db.query("SELECT * FROM gateways ORDER BY id")]
+
+    def gateway_ids(self) -> list[str]:
+        """Every gateway id, sorted."""
+        with self._read() as db:
+            return [r["id"] for r in db.query("SELECT id FROM gateways ORDER BY id")]
+
+    def put_entries(self, gateway: str, entries: Sequence[EntryRecord]) -> None:
+        """Store (or replace, by credential hash) entries of ``gateway``, all at once."""
+        with self._tx() as conn:
+            conn.executemany("INSERT OR REPLACE INTO entries VALUES (?,?,?,?,?,?,?,?,?)",
+                             [_entry_row(gateway, e) for e in entries])
+
+    def delete_entry(self, gateway: str, cred: bytes) -> bool:
+        """Delete one entry; False when there was none."""
+        with self._tx() as conn:
+            return bool(conn.execute("DELETE FROM entries WHERE gateway = ? AND cred = ?",
+                                     (gateway, cred)).rowcount)
+
+    def entries(self, gateway: str) -> list[EntryRecord]:
+        """The entries of ``gateway`` by credential hash."""
+        with self._read() as db:
+            return self._entries(db, gateway)
+
+    @staticmethod
+    def _entries(db: sqlite_utils.Database, gateway: str) -> list[EntryRecord]:
+        return [_entry(r) for r in db.query(
+            "SELECT * FROM entries WHERE gateway = ? ORDER BY cred", [gateway])]
+
+    def revocations(self, gateway: str) -> list[RevokedHash]:
+        """Its own and the global revocations, each once, by kind and hash."""
+        with self._read() as db:
+            return self._revocations(db, gateway)
+
+    @staticmethod
+    def _revocations(db: sqlite_utils.Database, gateway: str) -> list[RevokedHash]:
+        return [(r["kind"], r["hash"]) for r in db.query(
+            "SELECT kind, hash FROM revocations WHERE gateway IN (?, '*') "
+            "GROUP BY kind, hash ORDER BY kind, hash", [gateway])]
+
+    # -- publishing ------------------------------------------------------------------
+
+    def allocate_snapshot(self, gateway: str, published_ms: int, *,
+                          resync: bool) -> SnapshotContents:
+        """The next list version with what it carries, read in the same transaction."""
+        with self._tx() as conn:
+            version, rev_seq = _returned(conn.execute(
+                "UPDATE gateways SET list_version = list_version + 1, list_published_ms = ?, "
+                "resync_answered_ms = CASE WHEN ? THEN ? ELSE resync_answered_ms END "
+                "WHERE id = ? RETURNING list_version, rev_seq",
+                (published_ms, resync, published_ms, gateway)).fetchone(), gateway)
+            all_seq = conn.execute("SELECT seq FROM streams WHERE name = 'all'").fetchone()[0]
+            db = sqlite_utils.Database(conn)
+            entries = self._entries(db, gateway)
+            revoked = self._revocations(db, gateway)
+        return SnapshotContents(int(version), int(rev_seq), int(all_seq), entries, revoked)
+
+    def allocate_delta(self, gateway: str, upsert: Sequence[bytes],
+                       published_ms: int) -> tuple[int, list[EntryRecord]] | None:
+        """The next list version and the entries to upsert; None when one is missing."""
+        with self._tx() as conn:
+            rows = []
+            for cred in upsert:
+                found = list(sqlite_utils.Database(conn).query(
+                    "SELECT * FROM entries WHERE gateway = ? AND cred = ?", [gateway, cred]))
+                if not found:
+                    return None  # nothing written: the version stays unspent
+                rows.append(_entry(found[0]))
+            version = _returned(conn.execute(
+                "UPDATE gateways SET list_version = list_version + 1, list_published_ms = ? "
+                "WHERE id = ? RETURNING list_version", (published_ms, gateway)).fetchone(),
+                gateway)[0]
+        return int(version), rows
+
+    def allocate_revocation(self, target: str, items: Sequence[RevokedHash],
+                            revoked_ms: int) -> int:
+        """Record revocations at ``target`` (or ``*``); returns the stream seq."""
+        with self._tx() as conn:
+            if target == "*":
+                seq = conn.execute("UPDATE streams SET seq = seq + 1 WHERE name = 'all' "
+                                   "RETURNING seq").fetchone()[0]
+            else:
+                seq = _returned(conn.execute(
+                    "UPDATE gateways SET rev_seq = rev_seq + 1 WHERE id = ? "
+                    "RETURNING rev_seq", (target,)).fetchone(), target)[0]
+            conn.executemany("INSERT OR REPLACE INTO revocations VALUES (?,?,?,?,?)",
+                             [(target, kind, digest, seq, revoked_ms)
+                              for kind, digest in items])
+        return int(seq)
+
+    def allocate_command(self, gateway: str) -> int:
+        """The next ``cmd`` seq."""
+        with self._tx() as conn:
+            return int(_returned(conn.execute(
+                "UPDATE gateways SET cmd_seq = cmd_seq + 1 WHERE id = ? RETURNING cmd_seq",
+                (gateway,)).fetchone(), gateway)[0])
+
+    def allocate_heartbeat(self, gateway: str) -> HeartbeatState:
+        """The next ``hb`` seq and the versions it vouches for."""
+        with self._tx() as conn:
+            seq, version, rev_seq = _returned(conn.execute(
+                "UPDATE gateways SET hb_seq = hb_seq + 1 WHERE id = ? "
+                "RETURNING hb_seq, list_version, rev_seq", (gateway,)).fetchone(), gateway)
+            all_seq = conn.execute("SELECT seq FROM streams WHERE name = 'all'").fetchone()[0]
+        return HeartbeatState(int(seq), int(version), int(rev_seq), int(all_seq))
+
+    def allocate_ack(self, gateway: str) -> int:
+        """The next ``ack`` seq."""
+        with self._tx() as conn:
+            return int(_returned(conn.execute(
+                "UPDATE gateways SET ack_seq = ack_seq + 1 WHERE id = ? RETURNING ack_seq",
+                (gateway,)).fetchone(), gateway)[0])
+
+    # -- receiving ---------------------------------------------------------------------
+
+    def store_events(self, gateway: str, events: Sequence[EventRecord], received_ms: int,
+                     check: ChainCheck) -> StoredBatch:
+        """Store a batch once per seq, record its chain problems, advance ``acked_upto``."""
+        problems: list[ChainProblemFound] = []
+        new = 0
+        with self._tx() as conn:
+            for index, ev in enumerate(events):
+                inserted = conn.execute(
+                    "INSERT OR IGNORE INTO events VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                    (gateway, ev.seq, ev.event_id, ev.ts_ms, ev.kind, ev.door, ev.reader,
+                     ev.direction, ev.reason, ev.cred, ev.data, ev.prev_hash, ev.hash,
+                     received_ms)).rowcount
+                if not inserted:
+                    stored = conn.execute("SELECT hash FROM events WHERE gateway = ? AND "
+                                          "seq = ?", (gateway, ev.seq)).fetchone()[0]
+                    problems.extend(check(Arrival(index, False, stored, None, None)))
+                    continue
+                new += 1
+                before = conn.execute("SELECT hash FROM events WHERE gateway = ? AND seq = ?",
+                                      (gateway, ev.seq - 1)).fetchone()
+                after = conn.execute("SELECT prev_hash FROM events WHERE gateway = ? AND "
+                                     "seq = ?", (gateway, ev.seq + 1)).fetchone()
+                problems.extend(check(Arrival(
+                    index, True, None, None if before is None else before[0],
+                    None if after is None else after[0])))
+            conn.executemany("INSERT OR IGNORE INTO chain_problems VALUES (?,?,?,?)",
+                             [(gateway, s, p, received_ms) for s, p in problems])
+            upto = _returned(conn.execute("SELECT acked_upto FROM gateways WHERE id = ?",
+                                          (gateway,)).fetchone(), gateway)[0]
+            for (seq,) in conn.execute("SELECT seq FROM events WHERE gateway = ? AND seq > ? "
+                                       "ORDER BY seq", (gateway, upto)):
+                if seq != upto + 1:
+                    break
+                upto = seq
+            conn.execute("UPDATE gateways SET acked_upto = ? WHERE id = ?", (upto, gateway))
+        return StoredBatch(new, int(upto), tuple(problems))
+
+    def record_applied(self, gateway: str, applied: AppliedRecord) -> None:
+        """Keep a gateway's report on one stream and its list version as reported."""
+        a = applied
+        with self._tx() as conn:
+            conn.execute("INSERT OR REPLACE INTO applied VALUES (?,?,?,?,?,?,?,?)",
+                         (gateway, a.stream, a.seq, a.status, a.reason, a.list_version,
+                          a.ts_ms, a.received_ms))
+            conn.execute("UPDATE gateways SET applied_list_version = ?, applied_ms = ? "
+                         "WHERE id = ?", (a.list_version, a.received_ms, gateway))
+
+    def record_status(self, gateway: str, status_json: str, list_version: int | None,
+                      received_ms: int) -> None:
+        """Keep a gateway's status and, when it names one, its list version."""
+        with self._tx() as conn:
+            conn.execute("UPDATE gateways SET status = ?, status_ms = ? WHERE id = ?",
+                         (status_json, received_ms, gateway))
+            if list_version is not None:
+                conn.execute("UPDATE gateways SET applied_list_version = ?, applied_ms = ? "
+                             "WHERE id = ?", (list_version, received_ms, gateway))
+
+    def record_resync_request(self, gateway: str, reason: str,
+                              requested_ms: int) -> int | None:
+        """Note a resync request; returns when the last one was answered, if ever."""
+        with self._tx() as conn:
+            answered: int | None = _returned(conn.execute(
+                "UPDATE gateways SET resync_requested_ms = ?, resync_reason = ? WHERE id = ? "
+                "RETURNING resync_answered_ms", (requested_ms, reason, gateway)).fetchone(),
+                gateway)[0]
+        return answered
+
+    def count_malformed(self, gateway: str) -> None:
+        """One more malformed message from a registered gateway."""
+        with self._tx() as conn:
+            conn.execute("UPDATE gateways SET malformed = malformed + 1 WHERE id = ?",
+                         (gateway,))
+
+    def count_unknown_gateway_message(self) -> None:
+        """One more message from a gateway that is not registered."""
+        with self._tx() as conn:
+            conn.execute("INSERT INTO meta VALUES ('unknown_gateway_messages', '1') ON "
+                         "CONFLICT (key) DO UPDATE SET value = CAST(value AS INTEGER) + 1")
+
+    # -- reports -----------------------------------------------------------------------
+
+    def all_seq(self) -> int:
+        """The broadcast revocation stream's seq."""
+        with self._read() as db:
+            return int(db.execute("SELECT seq FROM streams WHERE name = 'all'").fetchone()[0])
+
+    def global_revocation_count(self) -> int:
+        """How many revocations apply at every gateway."""
+        with self._read() as db:
+            return int(db.execute("SELECT count(*) FROM revocations WHERE gateway = '*'"
+                                  ).fetchone()[0])
+
+    def unknown_gateway_messages(self) -> int:
+        """How many messages came from gateways that are not registered."""
+        with self._read() as db:
+            row = db.execute("SELECT value FROM meta WHERE key = 'unknown_gateway_messages'"
+                             ).fetchone()
+        return int(row[0]) if row else 0
+
+    def applied(self, gateway: str) -> list[AppliedRecord]:
+        """The gateway's last report on each stream, by stream."""
+        with self._read() as db:
+            return [AppliedRecord(r["stream"], r["seq"], r["status"], r["reason"],
+                                  r["list_version"], r["ts_ms"], r["received_ms"])
+                    for r in db.query("SELECT * FROM applied WHERE gateway = ? "
+                                      "ORDER BY stream", [gateway])]
+
+    def chain_problems(self, gateway: str) -> list[ChainProblem]:
+        """The chain problems found in the gateway's events, by seq and problem."""
+        with self._read() as db:
+            return [ChainProblem(r["seq"], r["problem"], r["found_ms"])
+                    for r in db.query("SELECT * FROM chain_problems WHERE gateway = ? "
+                                      "ORDER BY seq, problem", [gateway])]
+
+    def counts(self, gateway: str) -> GatewayCounts:
+        """How many entries, own revocations and events the office holds for it."""
+        with self._read() as db:
+            def one(sql: str) -> Any:
+                return db.execute(sql, [gateway]).fetchone()[0]
+
+            return GatewayCounts(
+                entries=one("SELECT count(*) FROM entries WHERE gateway = ?"),
+                revocations=one("SELECT count(*) FROM revocations WHERE gateway = ?"),
+                events=one("SELECT count(*) FROM events WHERE gateway = ?"),
+                highest_seq=one("SELECT max(seq) FROM events WHERE gateway = ?"))
+
+    def events(self, gateway: str, *, after_seq: int, limit: int | None) -> list[StoredEvent]:
+        """Stored events above ``after_seq`` in seq order (the newest ``limit``)."""
+        with self._read() as db:
+            rows = list(db.query(
+                "SELECT * FROM events WHERE gateway = ? AND seq > ? ORDER BY seq DESC "
+                "LIMIT ?", [gateway, after_seq, -1 if limit is None else limit]))
+        rows.reverse()
+        return [StoredEvent(EventRecord(
+            r["seq"], r["event_id"], r["ts_ms"], r["kind"], r["door"], r["reader"],
+            r["direction"], r["reason"], r["cred"], r["data"], r["prev_hash"], r["hash"]),
+            r["received_ms"]) for r in rows]
+
+    # -- requests from one-shot commands to the running serve --------------------------
+
+    def queue_request(self, op: str, args: str, requested_ms: int) -> int:
+        """Queue a request; returns its id."""
+        with self._tx() as conn:
+            return int(conn.execute(
+                "INSERT INTO requests (op, args, requested_ms) VALUES (?,?,?) RETURNING id",
+                (op, args, requested_ms)).fetchone()[0])
+
+    def request_outcome(self, request: int) -> RequestOutcome | None:
+        """How the request ended, or None while it is open."""
+        with self._read() as db:
+            done, result, kind, error = db.execute(
+                "SELECT done_ms, result, error_kind, error FROM requests WHERE id = ?",
+                [request]).fetchone()
+        return None if done is None else RequestOutcome(result, kind, error)
+
+    def withdraw_request(self, request: int, now_ms: int) -> bool:
+        """Close a request as ``expired`` unless ``serve`` has taken it."""
+        with self._tx() as conn:
+            return bool(conn.execute(
+                "UPDATE requests SET done_ms = ?, error_kind = 'expired' "
+                "WHERE id = ? AND taken_ms IS NULL", (now_ms, request)).rowcount)
+
+    def open_requests(self) -> list[PendingRequest]:
+        """Requests neither taken nor done, oldest first."""
+        with self._read() as db:
+            return [PendingRequest(*row) for row in db.execute(
+                "SELECT id, op, args, requested_ms FROM requests WHERE done_ms IS NULL "
+                "AND taken_ms IS NULL ORDER BY id").fetchall()]
+
+    def take_request(self, request: int, now_ms: int) -> bool:
+        """Claim an open request; False when it was withdrawn meanwhile."""
+        with self._tx() as conn:
+            return bool(conn.execute(
+                "UPDATE requests SET taken_ms = ? WHERE id = ? AND taken_ms IS NULL AND "
+                "done_ms IS NULL", (now_ms, request)).rowcount)
+
+    def finish_request(self, request: int, now_ms: int, outcome: RequestOutcome) -> None:
+        """Record a request's outcome (once)."""
+        with self._tx() as conn:
+            conn.execute("UPDATE requests SET done_ms = ?, result = ?, error_kind = ?, "
+                         "error = ? WHERE id = ? AND done_ms IS NULL",
+                         (now_ms, outcome.result, outcome.error_kind, outcome.error, request))
+
+    def reset_requests(self, now_ms: int, keep_ms: int) -> None:
+        """Forget old finished requests; close those a stopped ``serve`` had taken."""
+        with self._tx() as conn:
+            conn.execute("DELETE FROM requests WHERE done_ms IS NOT NULL AND done_ms < ?",
+                         (now_ms - keep_ms,))
+            # Claimed by a serve that stopped before finishing: whether it was sent is
+            # unknown, so it is closed, not redone (the protocol recovers a lost message).
+            conn.execute("UPDATE requests SET done_ms = ?, error_kind = 'failure', "
+                         "error = 'serve stopped while performing it' "
+                         "WHERE taken_ms IS NOT NULL AND done_ms IS NULL", (now_ms,))

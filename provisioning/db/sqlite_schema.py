@@ -1,0 +1,106 @@
+"""The schema of ``central.db``: numbered migrations, applied in order by
+``common.sqlite.SqliteFile``.
+
+``MIGRATIONS`` only ever grows: every ``central.db`` made so far was made by its first
+entry, so a change to the schema is a new entry, never an edit (tests/test_office_rooms.py
+pins the first one).
+"""
+
+from __future__ import annotations
+
+MIGRATIONS: tuple[str, ...] = (
+    # 1: the initial schema.
+    """
+    CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID;
+    CREATE TABLE streams (name TEXT PRIMARY KEY, seq INTEGER NOT NULL) WITHOUT ROWID;
+    INSERT INTO streams VALUES ('all', 0);
+    CREATE TABLE gateways (
+        id TEXT PRIMARY KEY,
+        site TEXT NOT NULL,
+        site_key_path TEXT NOT NULL,     -- the key itself stays in its file
+        list_version INTEGER NOT NULL DEFAULT 0,
+        list_published_ms INTEGER,
+        rev_seq INTEGER NOT NULL DEFAULT 0,
+        cmd_seq INTEGER NOT NULL DEFAULT 0,
+        hb_seq INTEGER NOT NULL DEFAULT 0,
+        ack_seq INTEGER NOT NULL DEFAULT 0,
+        acked_upto INTEGER NOT NULL DEFAULT 0,   -- highest contiguous event seq stored
+        status TEXT,                     -- the last retained Status, JSON
+        status_ms INTEGER,               -- when it was received
+        applied_list_version INTEGER,    -- as last reported (applied message or status)
+        applied_ms INTEGER,
+        resync_requested_ms INTEGER,
+        resync_reason TEXT,
+        resync_answered_ms INTEGER,
+        malformed INTEGER NOT NULL DEFAULT 0,
+        created_ms INTEGER NOT NULL
+    ) WITHOUT ROWID;
+    CREATE TABLE entries (
+        gateway TEXT NOT NULL REFERENCES gateways(id),
+        cred BLOB NOT NULL,              -- HMAC-SHA256(site key, "cred\\0" + card id)
+        permit BLOB,                     -- HMAC-SHA256(permit key, "permit\\0" + number)
+        valid_from INTEGER,
+        valid_until INTEGER,             -- exclusive
+        doors TEXT,                      -- JSON list of door ids; NULL = every door
+        schedule TEXT,                   -- NULL = always
+        confirmed_at INTEGER,
+        updated_ms INTEGER NOT NULL,
+        PRIMARY KEY (gateway, cred)
+    ) WITHOUT ROWID;
+    CREATE TABLE revocations (
+        gateway TEXT NOT NULL,           -- a gateway id, or '*' for every gateway
+        kind TEXT NOT NULL CHECK (kind IN ('credential', 'permit')),
+        hash BLOB NOT NULL,
+        seq INTEGER NOT NULL,            -- the rev (or all) stream seq that carried it
+        revoked_ms INTEGER NOT NULL,
+        PRIMARY KEY (gateway, kind, hash)
+    ) WITHOUT ROWID;
+    CREATE TABLE applied (
+        gateway TEXT NOT NULL,
+        stream TEXT NOT NULL,
+        seq INTEGER,
+        status TEXT NOT NULL,
+        reason TEXT,
+        list_version INTEGER NOT NULL,
+        ts_ms INTEGER NOT NULL,
+        received_ms INTEGER NOT NULL,
+        PRIMARY KEY (gateway, stream)
+    ) WITHOUT ROWID;
+    CREATE TABLE events (
+        gateway TEXT NOT NULL,
+        seq INTEGER NOT NULL,
+        event_id TEXT NOT NULL,
+        ts_ms INTEGER NOT NULL,
+        kind TEXT NOT NULL,
+        door TEXT,
+        reader TEXT,
+        direction TEXT,
+        reason TEXT,
+        cred TEXT,
+        data TEXT NOT NULL,
+        prev_hash TEXT NOT NULL,
+        hash TEXT NOT NULL,
+        received_ms INTEGER NOT NULL,
+        PRIMARY KEY (gateway, seq)
+    ) WITHOUT ROWID;
+    CREATE TABLE requests (              -- one-shot commands handed to the running serve
+        id INTEGER PRIMARY KEY,
+        op TEXT NOT NULL,
+        args TEXT NOT NULL,              -- JSON; hashes only, never a card or permit number
+        requested_ms INTEGER NOT NULL,
+        taken_ms INTEGER,                -- serve claimed it; the command waits for done_ms
+        done_ms INTEGER,
+        result TEXT,
+        error_kind TEXT,                 -- NULL (ok), usage, failure, expired
+        error TEXT
+    );
+    CREATE INDEX requests_open ON requests(id) WHERE done_ms IS NULL;
+    CREATE TABLE chain_problems (
+        gateway TEXT NOT NULL,
+        seq INTEGER NOT NULL,
+        problem TEXT NOT NULL,
+        found_ms INTEGER NOT NULL,
+        PRIMARY KEY (gateway, seq, problem)
+    ) WITHOUT ROWID;
+    """,
+)

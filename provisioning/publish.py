@@ -1,0 +1,287 @@
+"""Publishing: what the office sends a gateway, built, numbered and signed.
+
+Every operation is a typed value (``PublishSnapshot``, ``PublishDelta``, ``Revoke``,
+``SendCommand``, ``SendHeartbeat``, ``HeartbeatAll``) that ``Publisher.perform`` runs:
+it allocates the sequence number (or list version) in the database, which commits it
+before the message carrying it is handed to the broker, so a number is never used twice,
+even across a crash; a message lost on the way is recovered by the protocol (a gateway
+that sees a gap, or a heartbeat ahead of it, asks for a snapshot), not by paho's
+in-memory queue, which a restart loses. Event acks are built here too (``Publisher.ack``)
+for the receiving side.
+
+``Publisher`` hands each finished message to a ``send(topic, payload)`` it is given; who
+sends (the serve worker, a one-shot connection) is decided by ``provisioning.central``.
+Operations must stay plain values: a one-shot command hands them to a running ``serve``
+through the database (``provisioning.handoff``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, assert_never, cast, get_args
+
+import structlog
+
+from protocol.messages import (
+    Chunk,
+    Command,
+    Delta,
+    EventAck,
+    Heartbeat,
+    Revocation,
+    Revoked,
+    Snapshot,
+    chunk_digest,
+)
+from protocol.signing import b64, unb64
+from protocol.topics import Topics
+from provisioning.db import OfficeDatabase
+from provisioning.enrollment import known_gateway, wire_entry, wire_revoked
+from provisioning.errors import CentralUsageError
+from provisioning.keys import OfficeKeys
+
+log = structlog.get_logger()
+
+DEFAULT_TTL_S = 86_400
+"""Snapshots, deltas, revocations, commands and acks expire after a day: long enough for
+a gateway that was offline overnight, short enough that an old message cannot be
+replayed weeks later."""
+DEFAULT_HEARTBEAT_TTL_S = 3_600
+"""A heartbeat says 'your lists are current'; an hour bounds how long a gateway cut off
+from the office keeps believing it."""
+MAX_CHUNK_ENTRIES = 10_000
+
+COMMAND_ACTIONS: tuple[str, ...] = get_args(Command.model_fields["action"].annotation)
+
+
+# -- the operations -------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class PublishSnapshot:
+    """Send ``gateway`` its whole allowlist as the next version, in chunks of at most
+    ``chunk_entries`` entries (and revocations)."""
+
+    gateway: str
+    chunk_entries: int = MAX_CHUNK_ENTRIES
+
+
+@dataclass(frozen=True, slots=True)
+class PublishDelta:
+    """Send the stored entries of the credential hashes ``upsert`` and the removal of
+    ``remove`` as the next version."""
+
+    gateway: str
+    upsert: tuple[bytes, ...] = ()
+    remove: tuple[bytes, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Revoke:
+    """Revoke ``items`` at gateway ``target``, or at every gateway with ``"*"``."""
+
+    target: str
+    items: tuple[Revoked, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class SendCommand:
+    """Send an operational command (one of ``COMMAND_ACTIONS``)."""
+
+    gateway: str
+    action: str
+
+
+@dataclass(frozen=True, slots=True)
+class SendHeartbeat:
+    """Send 'your lists are current as of these versions'."""
+
+    gateway: str
+
+
+@dataclass(frozen=True, slots=True)
+class HeartbeatAll:
+    """A heartbeat to every registered gateway."""
+
+
+Operation = PublishSnapshot | PublishDelta | Revoke | SendCommand | SendHeartbeat | HeartbeatAll
+OpResult = int | dict[str, int]
+"""What an operation returns: the seq or version used, or (``HeartbeatAll``) one per
+gateway."""
+
+
+# -- the publisher --------------------------------------------------------------------
+
+
+class Publisher:
+    """Builds, numbers, signs and hands over the office's messages (one thread at a time:
+    the serve worker, or a one-shot caller)."""
+
+    def __init__(self, db: OfficeDatabase, keys: OfficeKeys,
+                 send: Callable[[str, bytes], None], *, clock: Callable[[], float],
+                 ttl_s: int = DEFAULT_TTL_S,
+                 heartbeat_ttl_s: int = DEFAULT_HEARTBEAT_TTL_S) -> None:
+        self._db = db
+        self._keys = keys
+        self._send = send
+        self._clock = clock
+        self.ttl_s, self.heartbeat_ttl_s = ttl_s, heartbeat_ttl_s
+
+    def check(self, op: Operation) -> None:
+        """Refuse an operation that cannot be performed (``CentralUsageError`` naming the
+        argument), before anything is allocated or handed to a running ``serve``."""
+        match op:
+            case PublishSnapshot(gateway, chunk_entries):
+                if not 1 <= chunk_entries <= MAX_CHUNK_ENTRIES:
+                    raise CentralUsageError(f"--chunk-entries: 1 to {MAX_CHUNK_ENTRIES}")
+                known_gateway(self._db, gateway)
+            case PublishDelta(_gateway, upsert, remove):
+                if not upsert and not remove:
+                    raise CentralUsageError("delta: nothing to upsert or remove")
+            case Revoke(target, items):
+                self._check_revoke(target, items)
+            case SendCommand(gateway, action):
+                if action not in COMMAND_ACTIONS:
+                    raise CentralUsageError(f"action {action!r}: one of "
+                                            f"{', '.join(COMMAND_ACTIONS)}")
+                known_gateway(self._db, gateway)
+            case SendHeartbeat(gateway):
+                known_gateway(self._db, gateway)
+            case HeartbeatAll():
+                pass
+            case _:
+                assert_never(op)
+
+    def _check_revoke(self, target: str, items: tuple[Revoked, ...]) -> None:
+        if not items:
+            raise CentralUsageError("revoke: nothing to revoke")
+        if target == "*":
+            if any(i.kind != "permit" for i in items):
+                raise CentralUsageError("--all: only permits can be revoked everywhere (a "
+                                        "credential hash depends on the building's site key)")
+        else:
+            known_gateway(self._db, target)
+
+    def perform(self, op: Operation) -> OpResult:
+        """Run one operation; returns the seq (or version) it used."""
+        match op:
+            case PublishSnapshot(gateway, chunk_entries):
+                return self.snapshot(gateway, chunk_entries)
+            case PublishDelta(gateway, upsert, remove):
+                return self.delta(gateway, upsert, remove)
+            case Revoke(target, items):
+                return self.revoke(target, items)
+            case SendCommand(gateway, action):
+                return self.command(gateway, action)
+            case SendHeartbeat(gateway):
+                return self.heartbeat(gateway)
+            case HeartbeatAll():
+                return self.heartbeat_all()
+            case _:
+                assert_never(op)
+
+    def _now_ms(self) -> int:
+        return int(self._clock() * 1000)
+
+    def _times(self, ttl: int) -> tuple[int, int]:
+        now = int(self._clock())
+        return now, now + ttl
+
+    def _signed(self, topic: str, body: Snapshot | Delta | Revocation | Command | Heartbeat
+                | EventAck) -> None:
+        self._send(topic, self._keys.sign(topic, body))
+
+    def snapshot(self, gateway: str, chunk_entries: int = MAX_CHUNK_ENTRIES, *,
+                 resync: bool = False) -> int:
+        """Send the whole allowlist of ``gateway`` as a new version; returns it."""
+        contents = self._db.allocate_snapshot(gateway, self._now_ms(), resync=resync)
+        version = contents.version
+        entries = [wire_entry(e) for e in contents.entries]
+        revoked = [wire_revoked(r) for r in contents.revoked]
+        count = max(1, -(-len(entries) // chunk_entries), -(-len(revoked) // chunk_entries))
+        payloads = [Chunk(
+            type="chunk", version=version, index=i,
+            entries=entries[i * chunk_entries:(i + 1) * chunk_entries],
+            revoked=revoked[i * chunk_entries:(i + 1) * chunk_entries],
+        ).model_dump_json().encode() for i in range(count)]
+        issued, expires = self._times(self.ttl_s)
+        manifest = Snapshot(
+            type="snapshot", gateway=gateway, seq=version, issued_at=issued,
+            expires_at=expires, entries=len(entries), revoked=len(revoked),
+            chunk_sha256=[chunk_digest(p) for p in payloads], rev_seq=contents.rev_seq,
+            all_seq=contents.all_seq)
+        topic = Topics(gateway).inbound("list")
+        self._signed(topic, manifest)
+        for payload in payloads:
+            self._send(topic, payload)
+        log.info("snapshot_published", gateway=gateway, version=version,
+                 entries=len(entries), revoked=len(revoked), chunks=count, resync=resync)
+        return version
+
+    def delta(self, gateway: str, upsert: tuple[bytes, ...], remove: tuple[bytes, ...]
+              ) -> int:
+        """Send the stored entries of ``upsert`` and the removal of ``remove`` (credential
+        hashes) as version ``base + 1``; returns the new version."""
+        allocated = self._db.allocate_delta(gateway, upsert, self._now_ms())
+        if allocated is None:
+            raise CentralUsageError(f"delta: a card to upsert is not enrolled at "
+                                    f"gateway {gateway}")
+        version, records = allocated
+        rows = [wire_entry(r) for r in records]
+        issued, expires = self._times(self.ttl_s)
+        self._signed(Topics(gateway).inbound("list"), Delta(
+            type="delta", gateway=gateway, seq=version, issued_at=issued, expires_at=expires,
+            base=version - 1, upsert=rows, remove=[b64(c) for c in remove]))
+        log.info("delta_published", gateway=gateway, version=version, upserts=len(rows),
+                 removals=len(remove))
+        return version
+
+    def revoke(self, target: str, items: tuple[Revoked, ...]) -> int:
+        """Revoke ``items`` at ``target`` (or everywhere with ``"*"``); returns the seq."""
+        seq = self._db.allocate_revocation(
+            target, [(i.kind, unb64(i.hash)) for i in items], self._now_ms())
+        issued, expires = self._times(self.ttl_s)
+        topic = (Topics("*").broadcast_revocations if target == "*"
+                 else Topics(target).inbound("rev"))
+        self._signed(topic, Revocation(
+            type="revocation", gateway=target, seq=seq, issued_at=issued, expires_at=expires,
+            items=list(items)))
+        log.info("revocation_published", gateway=target, seq=seq, items=len(items))
+        return seq
+
+    def command(self, gateway: str, action: str) -> int:
+        """Send an operational command; returns its seq."""
+        seq = self._db.allocate_command(gateway)
+        issued, expires = self._times(self.ttl_s)
+        self._signed(Topics(gateway).inbound("cmd"), Command(
+            type="command", gateway=gateway, seq=seq, issued_at=issued, expires_at=expires,
+            action=cast(Any, action)))
+        log.info("command_published", gateway=gateway, seq=seq, action=action)
+        return seq
+
+    def heartbeat(self, gateway: str) -> int:
+        """Send 'your lists are current as of these versions'; returns its seq."""
+        state = self._db.allocate_heartbeat(gateway)
+        issued, expires = self._times(self.heartbeat_ttl_s)
+        self._signed(Topics(gateway).inbound("hb"), Heartbeat(
+            type="heartbeat", gateway=gateway, seq=state.seq, issued_at=issued,
+            expires_at=expires, list_version=state.list_version, rev_seq=state.rev_seq,
+            all_seq=state.all_seq))
+        log.debug("heartbeat_published", gateway=gateway, seq=state.seq,
+                  list_version=state.list_version)
+        return state.seq
+
+    def heartbeat_all(self) -> dict[str, int]:
+        """A heartbeat to every gateway; returns the seq sent to each."""
+        return {gw: self.heartbeat(gw) for gw in self._db.gateway_ids()}
+
+    def ack(self, gateway: str, upto: int) -> int:
+        """Acknowledge every event of ``gateway`` up to ``upto`` (call it only once they
+        are committed: the gateway may then forget them); returns the ack's seq."""
+        seq = self._db.allocate_ack(gateway)
+        issued, expires = self._times(self.ttl_s)
+        self._signed(Topics(gateway).inbound("ack"), EventAck(
+            type="event_ack", gateway=gateway, seq=seq, issued_at=issued,
+            expires_at=expires, upto=upto))
+        return seq

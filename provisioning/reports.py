@@ -1,0 +1,78 @@
+"""Reports: what ``show`` and ``events`` print, as plain data (JSON-ready dicts)."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from provisioning.db import GatewayRecord, OfficeDatabase
+from provisioning.enrollment import known_gateway
+
+
+class Reports:
+    """Reads the office's state for people (``show``, ``events``) and tests."""
+
+    def __init__(self, db: OfficeDatabase) -> None:
+        self._db = db
+
+    def report(self) -> dict[str, Any]:
+        """Everything ``show`` prints, as plain data."""
+        db = self._db
+        all_seq = db.all_seq()
+        gateways = [self._gateway_report(row) for row in db.gateways()]
+        return {"all_seq": all_seq, "global_revocations": db.global_revocation_count(),
+                "unknown_gateway_messages": db.unknown_gateway_messages(),
+                "gateways": gateways}
+
+    def gateway_report(self, gateway: str) -> dict[str, Any]:
+        """The ``show`` report of one gateway."""
+        return self._gateway_report(known_gateway(self._db, gateway))
+
+    def _gateway_report(self, row: GatewayRecord) -> dict[str, Any]:
+        gw = row.id
+        status = json.loads(row.status) if row.status else None
+        applied = {r.stream: {"seq": r.seq, "status": r.status, "reason": r.reason,
+                              "list_version": r.list_version, "ts_ms": r.ts_ms,
+                              "received_ms": r.received_ms}
+                   for r in self._db.applied(gw)}
+        problems = [{"seq": p.seq, "problem": p.problem, "found_ms": p.found_ms}
+                    for p in self._db.chain_problems(gw)]
+        counts = self._db.counts(gw)
+        return {
+            "gateway": gw,
+            "site": row.site,
+            "online": None if status is None else status.get("state") == "online",
+            "status": status,
+            "status_ms": row.status_ms,
+            "list": {"published": row.list_version,
+                     "published_ms": row.list_published_ms,
+                     "applied": row.applied_list_version,
+                     "applied_ms": row.applied_ms,
+                     "current": row.applied_list_version == row.list_version},
+            "streams": {"rev": row.rev_seq, "cmd": row.cmd_seq, "hb": row.hb_seq,
+                        "ack": row.ack_seq},
+            "reported_versions": (status or {}).get("versions", {}),
+            "applied": applied,
+            "entries": counts.entries,
+            "revocations": counts.revocations,
+            "events": {"stored": counts.events,
+                       "highest_seq": counts.highest_seq,
+                       "acked_upto": row.acked_upto},
+            "chain_problems": problems,
+            "resync": {"requested_ms": row.resync_requested_ms,
+                       "reason": row.resync_reason,
+                       "answered_ms": row.resync_answered_ms},
+            "malformed": row.malformed,
+        }
+
+    def events(self, gateway: str, *, limit: int | None = None,
+               after_seq: int = 0) -> list[dict[str, Any]]:
+        """Stored events of ``gateway`` in seq order (the newest ``limit`` if given)."""
+        known_gateway(self._db, gateway)
+        return [{"seq": s.event.seq, "event_id": s.event.event_id, "ts_ms": s.event.ts_ms,
+                 "kind": s.event.kind, "door": s.event.door, "reader": s.event.reader,
+                 "direction": s.event.direction, "reason": s.event.reason,
+                 "cred": s.event.cred, "data": json.loads(s.event.data),
+                 "prev_hash": s.event.prev_hash, "hash": s.event.hash,
+                 "received_ms": s.received_ms}
+                for s in self._db.events(gateway, after_seq=after_seq, limit=limit)]

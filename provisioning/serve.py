@@ -1,0 +1,233 @@
+"""The serving loop: one worker thread does all database work and all publishing.
+
+``Worker.run()`` turns the calling thread into that worker; paho's network thread only
+hands messages to its queue (an exception in a paho callback can kill paho's thread, and
+publishing from several threads could interleave a snapshot's chunks). While ``run()`` is
+active, work submitted from other threads (``Worker.submit``) is queued to the worker and
+waits for its answer. A gateway message is acknowledged to the broker only once handled.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections.abc import Callable, Mapping
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
+from dataclasses import dataclass, field
+from typing import Any, TypeVar, cast
+
+import structlog
+from paho.mqtt.client import Client, ConnectFlags, DisconnectFlags, MQTTMessage
+from paho.mqtt.enums import MQTTErrorCode
+from paho.mqtt.properties import Properties
+from paho.mqtt.reasoncodes import ReasonCode
+
+from protocol.topics import office_subscription
+from provisioning.errors import CentralError, PublishError
+from provisioning.mqtt import BrokerSettings
+
+log = structlog.get_logger()
+
+T = TypeVar("T")
+
+DEFAULT_HEARTBEAT_EVERY_S = 900.0
+"""``serve`` sends heartbeats every 15 min: four chances within one heartbeat's TTL."""
+MAX_QUEUED_MESSAGES = 10_000
+"""paho's queue is memory only (B6): bound it; the protocol recovers anything lost."""
+
+
+@dataclass(slots=True)
+class _Incoming:
+    topic: str
+    payload: bytes
+    mid: int
+    qos: int
+    connection: int
+    """Which connection delivered it: a packet id means nothing on the next one."""
+
+
+@dataclass(slots=True)
+class _Job:
+    fn: Callable[[], Any]
+    future: Future[Any] = field(default_factory=Future)
+
+
+@dataclass(frozen=True, slots=True)
+class Duties:
+    """What the worker does besides running submitted work."""
+
+    on_message: Callable[[str, bytes], None]
+    """Handle one gateway message (topic, payload); acknowledged to the broker after."""
+    heartbeat_all: Callable[[], Mapping[str, int]]
+    """Send every gateway a heartbeat."""
+    chores: Callable[[], None]
+    """Run once per turn of the loop (at least every 0.2 s): deferred resyncs, requests
+    from one-shot commands."""
+
+
+class Worker:
+    """The worker of ``serve`` (see the module docstring)."""
+
+    def __init__(self, broker: BrokerSettings, request_timeout_s: float) -> None:
+        self._broker = broker
+        self._request_timeout_s = request_timeout_s
+        self._queue: queue.Queue[_Incoming | _Job] = queue.Queue()
+        self._thread: threading.Thread | None = None
+        self._client: Client | None = None
+        self._connection = 0
+        self.subscribed = threading.Event()
+        """Set once the serving client's subscription is acknowledged (tests wait on it)."""
+
+    @property
+    def active(self) -> bool:
+        """Whether ``run()`` is active."""
+        return self._thread is not None
+
+    def submit(self, fn: Callable[[], T]) -> T:
+        """Run ``fn`` on the worker while ``run()`` is active, else here."""
+        worker = self._thread
+        if worker is None or threading.current_thread() is worker:
+            return fn()
+        job = _Job(fn)
+        self._queue.put(job)
+        try:
+            return cast(T, job.future.result(timeout=self._request_timeout_s))
+        except FutureTimeout:
+            raise CentralError(f"the central worker did not answer within "
+                               f"{self._request_timeout_s:g} s") from None
+
+    def send(self, topic: str, payload: bytes) -> None:
+        """Hand one QoS 1 message to the serving client (worker thread only)."""
+        client = self._client
+        if client is None:
+            raise PublishError("not connected to a broker")
+        info = client.publish(topic, payload, qos=1)
+        if info.rc not in (MQTTErrorCode.MQTT_ERR_SUCCESS, MQTTErrorCode.MQTT_ERR_NO_CONN):
+            # NO_CONN: paho keeps it and sends it on reconnect; anything lost is recovered
+            # by the protocol (gap → resync, missing ack → the gateway resends events).
+            log.warning("publish_not_sent", topic=topic, rc=int(info.rc))
+
+    def run(self, stop: threading.Event, duties: Duties, *,
+            heartbeat_every_s: float | None = None) -> None:
+        """Receive and do ``duties`` until ``stop`` is set; the calling thread becomes the
+        worker. With ``heartbeat_every_s`` every gateway gets a heartbeat right after the
+        first connection and then at that interval."""
+        connected = threading.Event()
+        client = self._serving_client(connected)
+        self._client = client
+        self._thread = threading.current_thread()
+        client.loop_start()
+        try:
+            self._loop(stop, connected, duties, heartbeat_every_s)
+        finally:
+            self._thread = None
+            while True:
+                try:
+                    left = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if isinstance(left, _Job):
+                    left.future.set_exception(CentralError("central stopped"))
+                # An unacknowledged gateway message is redelivered by the broker on the
+                # next start (persistent session).
+            try:
+                client.disconnect()
+            except Exception:  # noqa: BLE001 - shutting down; the loop is stopped next
+                log.warning("central_disconnect_failed")
+            try:
+                client.loop_stop()
+            except Exception:  # noqa: BLE001 - shutting down
+                log.warning("central_loop_stop_failed")
+            self._client = None
+            self.subscribed.clear()
+
+    def _serving_client(self, connected: threading.Event) -> Client:
+        """The persistent-session client of ``run()``; its callbacks only hand off."""
+        broker = self._broker
+        client = broker.new_client(manual_ack=True)
+        client.max_queued_messages_set(MAX_QUEUED_MESSAGES)
+        topic = office_subscription()
+
+        def on_connect(c: Client, _u: Any, flags: ConnectFlags, rc: ReasonCode,
+                       _p: Properties | None) -> None:
+            if rc.is_failure:
+                log.warning("central_connect_refused", reason=str(rc))
+                return
+            self._connection += 1
+            log.info("central_connected", session_present=flags.session_present)
+            # Subscribing here (paho's network thread) makes it survive reconnects.
+            c.subscribe(topic, qos=1)
+            connected.set()
+
+        def on_subscribe(_c: Client, _u: Any, _mid: int, codes: list[ReasonCode],
+                         _p: Properties | None) -> None:
+            if all(not code.is_failure for code in codes):
+                self.subscribed.set()
+                log.info("central_subscribed", topic=topic)
+            else:
+                log.error("central_subscribe_refused", reasons=[str(c) for c in codes])
+
+        def on_message(_c: Client, _u: Any, msg: MQTTMessage) -> None:
+            self._queue.put(_Incoming(msg.topic, bytes(msg.payload), msg.mid, msg.qos,
+                                      self._connection))
+
+        def on_disconnect(_c: Client, _u: Any, _f: DisconnectFlags, rc: ReasonCode,
+                          _p: Properties | None) -> None:
+            connected.clear()
+            log.info("central_disconnected", reason=str(rc))
+
+        client.on_connect = on_connect
+        client.on_subscribe = on_subscribe
+        client.on_message = on_message
+        client.on_disconnect = on_disconnect
+        client.connect_async(broker.host, broker.port, keepalive=30, clean_start=False,
+                             properties=broker.connect_properties())
+        return client
+
+    def _loop(self, stop: threading.Event, connected: threading.Event, duties: Duties,
+              heartbeat_every_s: float | None) -> None:
+        next_hb = time.monotonic() if heartbeat_every_s else float("inf")
+        failures = 0
+        while not stop.is_set():
+            try:
+                item: _Incoming | _Job | None = self._queue.get(timeout=0.2)
+            except queue.Empty:
+                item = None
+            try:
+                if isinstance(item, _Job):
+                    self._run_job(item)
+                elif item is not None:
+                    self._handle(item, duties.on_message)
+                if heartbeat_every_s and connected.is_set() and time.monotonic() >= next_hb:
+                    next_hb = time.monotonic() + heartbeat_every_s
+                    sent = duties.heartbeat_all()
+                    log.info("heartbeats_published", gateways=len(sent))
+                duties.chores()
+                failures = 0
+            except Exception:
+                # The worker loop is the one broad boundary: log, back off (capped), go on.
+                failures += 1
+                log.exception("central_worker_failed", failures=failures)
+                stop.wait(min(30.0, 0.5 * 2 ** min(failures, 6)))
+
+    @staticmethod
+    def _run_job(job: _Job) -> None:
+        if not job.future.set_running_or_notify_cancel():
+            return
+        try:
+            job.future.set_result(job.fn())
+        except BaseException as exc:  # noqa: BLE001 - handed to the waiting caller
+            job.future.set_exception(exc)
+
+    def _handle(self, msg: _Incoming, on_message: Callable[[str, bytes], None]) -> None:
+        try:
+            on_message(msg.topic, msg.payload)
+        finally:
+            client = self._client
+            if client is not None and msg.qos > 0 and msg.connection == self._connection:
+                # Acknowledged only once handled (stored, or counted as malformed): a crash
+                # before this leaves the message with the broker for the next start. One
+                # from an earlier connection is redelivered on this one and acked then.
+                client.ack(msg.mid, msg.qos)
