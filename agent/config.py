@@ -320,6 +320,56 @@ class LoggingConfig(_Model):
     format: Literal["auto", "json", "console"] = "auto"
 
 
+class EnrollmentConfig(_Model):
+    """Landlords enrolling tenants at the gateway (docs/landlord.md)."""
+
+    enabled: bool = False
+    units: tuple[Annotated[str, Field(min_length=1, max_length=32,
+                                      pattern=r"^[0-9A-Za-z][0-9A-Za-z._-]*$")], ...] = Field(
+        default=(), strict=False, max_length=5000)
+    """The building's units (flats, rooms) a tenant can be enrolled to."""
+    provisional_h: float = Field(default=72.0, gt=0, le=24 * 30)
+    """Access a new enrollment gives before the office answers, at most."""
+    capture_timeout_s: float = Field(default=60.0, ge=5, le=600)
+    """How long a capture waits for the card's tap."""
+    max_lease_days: int = Field(default=3660, ge=1, le=36_600)
+    seal_key: str = "office-seal.pub"
+    """The office's X25519 public key permit numbers are sealed to (a file, looked up like
+    the other keys)."""
+    web_group: str | None = Field(default=None, pattern=r"^[a-z_][a-z0-9_-]{0,31}$")
+    """The group of the landlord page's service user: the page's control socket
+    (``web.sock``) is made writable for it."""
+
+    @model_validator(mode="after")
+    def _units_when_enabled(self) -> EnrollmentConfig:
+        if self.enabled and not self.units:
+            raise ValueError("enrollment.units: list the building's units when enrollment "
+                             "is enabled")
+        if len(set(self.units)) != len(self.units):
+            raise ValueError("enrollment.units: a unit is listed twice")
+        return self
+
+
+class WebConfig(_Model):
+    """The landlord page (``permitgate web``): its own process and service user."""
+
+    listen: str = "0.0.0.0"  # noqa: S104 - the page serves the building's network
+    port: int = Field(default=8443, ge=1, le=65535)
+    tls_cert: str | None = "web.crt"
+    tls_key: str | None = "web.key"
+    """HTTPS with the device certificate from the site PKI; set both to none for plain
+    HTTP, which the page then serves on localhost only."""
+    allowed_hosts: tuple[Annotated[str, Field(min_length=1, max_length=253)], ...] = Field(
+        default=("localhost", "127.0.0.1"), strict=False)
+    """Host header values the page answers (DNS-rebinding defence): the gateway's name
+    and address on the building's network."""
+    state_dir: Path = Field(default=Path("/var/lib/permitgate-web"), strict=False)
+    """The page's own folder: accounts and sessions (web.db)."""
+    session_idle_min: float = Field(default=30.0, gt=0, le=24 * 60)
+    session_max_h: float = Field(default=12.0, gt=0, le=24 * 30)
+    language: Literal["auto", "zh", "en"] = "auto"
+
+
 class Config(_Model):
     """The whole agent configuration."""
 
@@ -329,6 +379,8 @@ class Config(_Model):
     policy: PolicyConfig = PolicyConfig()
     logging: LoggingConfig = LoggingConfig()
     sync: SyncConfig = SyncConfig()
+    enrollment: EnrollmentConfig = EnrollmentConfig()
+    web: WebConfig = WebConfig()
     doors: tuple[DoorConfig, ...] = Field(min_length=1, strict=False)
     readers: tuple[ReaderConfig, ...] = Field(min_length=1, strict=False)
 

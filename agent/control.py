@@ -44,7 +44,7 @@ import stat
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal, Protocol
@@ -62,6 +62,8 @@ MAX_DEPTH = 4
 """Nesting of JSON arrays and objects in a request (requests today are flat: depth 1).
 Checked by a linear scan before ``json.loads``, whose recursion a few thousand ``[``
 would exhaust."""
+MAX_REPLY = 256 * 1024
+"""The largest reply a client reads (a tenant list of a few thousand rows)."""
 MAX_QUEUED_TAPS = 8
 """Taps waiting at one simulated reader; more are refused as ``busy``."""
 TAP_REPLY_TIMEOUT_S = 3.0
@@ -79,6 +81,8 @@ _CARD_RE = re.compile(CARD_PATTERN)
 
 Address = str | bytes | None
 """A datagram sender's address: a path, an abstract name (bytes) or None (unbound)."""
+Handler = Callable[[Any, Address], dict[str, Any] | None]
+"""Answers one request: the reply, or None when it comes later."""
 
 
 class ControlTarget(Protocol):
@@ -105,6 +109,25 @@ class ControlTarget(Protocol):
     def sim_set_input(self, name: str, active: bool) -> None:
         """Set the simulated input ``name``."""
         ...
+
+
+class _NoSimulation:
+    """The target of a socket that serves no simulation requests (``web.sock``)."""
+
+    def sim_readers(self) -> Collection[str]:
+        return ()
+
+    def sim_inputs(self) -> Collection[str]:
+        return ()
+
+    def sim_queued(self, reader: str) -> int:
+        return 0
+
+    def sim_tap(self, reader: str, card: str) -> None:
+        raise RequestError("unknown_op", "this socket serves no simulated taps")
+
+    def sim_set_input(self, name: str, active: bool) -> None:
+        raise RequestError("unknown_op", "this socket serves no simulated inputs")
 
 
 def simulated_readers(config: Config) -> frozenset[str]:
@@ -211,8 +234,10 @@ def _no_constant(_name: str) -> Any:
     raise RequestError("malformed", "NaN and Infinity are not JSON")
 
 
-def parse_request(data: bytes, *, truncated: bool = False) -> Request:
-    """The request in one datagram, checked in full; ``RequestError`` otherwise.
+def parse_request(data: bytes, *, truncated: bool = False,
+                  types: Mapping[str, type[_Request]] = REQUEST_TYPES) -> _Request:
+    """The request in one datagram, checked in full against the models in ``types`` (by
+    ``op``); ``RequestError`` otherwise.
 
     ``truncated``: the datagram was longer than the buffer it was read into.
     """
@@ -233,18 +258,15 @@ def parse_request(data: bytes, *, truncated: bool = False) -> Request:
     if not isinstance(raw, dict):
         raise RequestError("bad_request", "a request is a JSON object")
     if "op" not in raw:
-        raise RequestError("bad_request", "op: missing (one of: "
-                           f"{', '.join(sorted(REQUEST_TYPES))})")
+        raise RequestError("bad_request", f"op: missing (one of: {', '.join(sorted(types))})")
     op = raw["op"]
-    model = REQUEST_TYPES.get(op) if isinstance(op, str) else None
+    model = types.get(op) if isinstance(op, str) else None
     if model is None:
-        raise RequestError("unknown_op",
-                           f"op: unknown (one of: {', '.join(sorted(REQUEST_TYPES))})")
+        raise RequestError("unknown_op", f"op: unknown (one of: {', '.join(sorted(types))})")
     try:
         request = model.model_validate(raw)
     except ValidationError as exc:
         raise RequestError("bad_request", _describe(exc, model)) from None
-    assert isinstance(request, TapRequest | InputRequest)
     if isinstance(request, TapRequest):
         problem = card_problem(request.card)
         if problem is not None:
@@ -292,12 +314,14 @@ class ControlServer:
     decision. ``close()`` removes the socket file only if it is still the one bound here.
     """
 
-    def __init__(self, path: Path, target: ControlTarget, *,
+    def __init__(self, path: Path, target: ControlTarget | None, *,
+                 extra: Mapping[str, tuple[type[_Request], Handler]] | None = None,
+                 mode: int = 0o600, group: int | None = None,
                  max_queued_taps: int = MAX_QUEUED_TAPS,
                  tap_timeout_s: float = TAP_REPLY_TIMEOUT_S,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.path = path
-        self._target = target
+        self._target: ControlTarget = target if target is not None else _NoSimulation()
         self._max_queued = max_queued_taps
         self._tap_timeout = tap_timeout_s
         self._clock = clock
@@ -306,8 +330,16 @@ class ControlServer:
         """(st_dev, st_ino) of the socket file this server bound."""
         self._lock = threading.Lock()
         self._taps: dict[str, deque[_Tap]] = {}
-        self._handlers: dict[type[_Request], Callable[[Any, Address], dict[str, Any] | None]]
-        self._handlers = {TapRequest: self._tap, InputRequest: self._input}
+        self._mode = mode
+        self._group = group
+        self._types: dict[str, type[_Request]] = {}
+        self._handlers: dict[type[_Request], Handler] = {}
+        if target is not None:  # the simulation's requests
+            self._types.update(REQUEST_TYPES)
+            self._handlers.update({TapRequest: self._tap, InputRequest: self._input})
+        for op, (model, handler) in (extra or {}).items():
+            self._types[op] = model
+            self._handlers[model] = handler
 
     @property
     def bound_socket(self) -> socket.socket | None:
@@ -328,12 +360,15 @@ class ControlServer:
             # Linux creates the socket file with the socket inode's mode (less the umask):
             # set it before bind() so the file is never writable by others, not even for
             # the moment between bind() and a chmod().
-            os.fchmod(sock.fileno(), 0o600)
+            os.fchmod(sock.fileno(), self._mode)
             self._clear_stale(path)
             sock.bind(str(path))
             st = path.lstat()
             self._bound = (st.st_dev, st.st_ino)
-            path.chmod(0o600)  # a no-op where fchmod took effect
+            if self._group is not None:
+                # The landlord page's own user writes here through its group (web.sock).
+                os.chown(path, -1, self._group)
+            path.chmod(self._mode)  # a no-op where fchmod took effect
         except ControlSocketError:
             sock.close()
             raise
@@ -425,8 +460,8 @@ class ControlServer:
         Never raises."""
         op = "?"
         try:
-            request = parse_request(data, truncated=truncated)
-            op = request.op
+            request = parse_request(data, truncated=truncated, types=self._types)
+            op = str(getattr(request, "op", "?"))
             return self._handlers[type(request)](request, sender)
         except RequestError as exc:
             log.warning("control_request_refused", op=op, error=exc.code, detail=exc.message)
@@ -543,7 +578,7 @@ def request(path: Path, message: dict[str, Any], *,
         sock.bind("")  # Linux autobind: an abstract address the agent can reply to
         sock.settimeout(timeout)
         sock.sendto(data, str(path))
-        reply = json.loads(sock.recv(MAX_DATAGRAM * 4))
+        reply = json.loads(sock.recv(MAX_REPLY))
     if not isinstance(reply, dict):
         raise ValueError("the reply is not a JSON object")  # noqa: TRY004 - bad data, as json's own errors
     return reply

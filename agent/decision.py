@@ -61,6 +61,8 @@ class Reason(StrEnum):
     DOOR_FAULT = "door_fault"
     """Everything else would grant, but the door's relay is faulted (not claimed or not
     answering): the door cannot be opened, so the record says so instead of 'granted'."""
+    CAPTURED = "captured"
+    """Not decided: the tap was captured for an enrollment (the door stays shut)."""
     STALE_UNCONFIRMED = "stale_unconfirmed"
     """The lists are stale (no valid heartbeat from the office for too long) and the
     offline policy admits only permits the office confirmed recently; this one was not."""

@@ -9,21 +9,26 @@ a start that fails at this stage leaves no trace but its message.
 
 from __future__ import annotations
 
+import grp
 import ssl
 from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PublicKey
 
 from agent.config import Config
 from agent.keys import load_site_key, resolve_secret_path
 from agent.secrets_check import require_private
 from agent.sync import TlsFiles
 from protocol.hashing import SecretError
+from protocol.sealing import load_public_key
 from protocol.signing import load_trusted_keys
 
 CONTROL_SOCKET_NAME = "sim.sock"
 """The control socket (``permitgate sim``, enrollment) in the data folder."""
+WEB_SOCKET_NAME = "web.sock"
+"""The landlord page's control socket (tenant requests only) in the data folder."""
 LOCK_NAME = "agent.lock"
 """The data folder's lock file: held by the one agent that runs on the folder."""
 
@@ -58,6 +63,10 @@ class Paths:
     tls: TlsFiles | None
     """With sync on and ``tls = true``."""
     password_file: Path | None
+    seal_key: Path | None
+    """With enrollment on: the office's public key permit numbers are sealed to."""
+    web_socket: Path
+    """The landlord page's control socket (``web.sock``)."""
 
 
 def resolve_paths(config: Config, config_path: Path | None) -> Paths:
@@ -82,7 +91,9 @@ def resolve_paths(config: Config, config_path: Path | None) -> Paths:
     return Paths(config_dir=cfg_dir, store=store, data_dir=data_dir,
                  control_socket=data_dir / CONTROL_SOCKET_NAME, lock=data_dir / LOCK_NAME,
                  site_key=secret(config.keys.site_key), trusted_keys=trusted, tls=tls,
-                 password_file=password)
+                 password_file=password,
+                 seal_key=secret(config.enrollment.seal_key) if config.enrollment.enabled
+                 else None, web_socket=data_dir / WEB_SOCKET_NAME)
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,6 +104,11 @@ class Secrets:
     trusted_keys: dict[str, Ed25519PublicKey] | None
     tls: TlsFiles | None
     password: str | None
+    seal_key: X25519PublicKey | None
+    """None when enrollment is off, or its key is not installed yet (enrollments are then
+    refused with a message saying so; ``doctor`` reports it)."""
+    web_group: int | None
+    """The landlord page's group id, when configured."""
 
 
 def load_secrets(config: Config, paths: Paths) -> Secrets:
@@ -118,7 +134,21 @@ def load_secrets(config: Config, paths: Paths) -> Secrets:
             password = paths.password_file.read_text("utf-8").strip()
         except (OSError, UnicodeDecodeError) as exc:
             raise SecretError(f"sync.password_file: {paths.password_file}: {exc}") from exc
-    return Secrets(site_key, trusted, paths.tls, password)
+    seal_key = None
+    if paths.seal_key is not None and paths.seal_key.exists():
+        try:
+            seal_key = load_public_key(paths.seal_key)
+        except ValueError as exc:
+            raise SecretError(f"enrollment.seal_key: {exc}") from exc
+    web_group = None
+    if config.enrollment.web_group is not None:
+        try:
+            web_group = grp.getgrnam(config.enrollment.web_group).gr_gid
+        except KeyError:
+            raise SecretError(f"enrollment.web_group: no group named "
+                              f"{config.enrollment.web_group!r} on this system (create it "
+                              "with provisioning/install.sh --web, or unset the key)") from None
+    return Secrets(site_key, trusted, paths.tls, password, seal_key, web_group)
 
 
 def check_tls(tls: TlsFiles) -> None:

@@ -41,9 +41,11 @@ from agent.decision import (
     decide,
 )
 from agent.door import DoorWorker
+from agent.enroll import Captures, Enroller, EnrollError, EnrollmentPolicy, card_status
 from agent.resolve import Secrets, load_secrets, resolve_paths
 from agent.store import Store
 from agent.sync import SyncWorker
+from agent.tenant_ops import TenantOps
 from common.sqlite import StoreError
 from drivers import registry
 from drivers.base import CardRead, DeviceError, Reader
@@ -66,6 +68,9 @@ CHECKPOINT_S = 2.0
 """How often the housekeeping thread copies the WAL into the database. Card-path commits
 never checkpoint themselves (docs/performance.md): a checkpoint inside a commit costs
 several milliseconds and would land on whichever tap triggered it."""
+LEASE_CHECK_S = 60.0
+"""How often ended leases are marked ended (their access stopped at the lease end by
+itself; this records it)."""
 CLOCK_SKEW_TOLERANCE_MS = 5 * 60_000
 
 
@@ -129,6 +134,10 @@ class Agent:
         self.store: Store | None = None
         self._lock: DataLock | None = None
         self._decide_lock = threading.Lock()
+        self.captures = Captures()
+        """Open enrollment captures: a tap at a capturing reader is taken, not decided."""
+        self._enroller: Enroller | None = None
+        self._servers: list[ControlServer] = []
         self.hasher: CredentialHasher | None = None
         self.policy = build_policy(config)
         self.doors: dict[str, DoorWorker] = {}
@@ -184,7 +193,9 @@ class Agent:
         for reader in self.config.readers:
             self._spawn(f"reader-{reader.id}", self._reader_loop, reader)
         self._spawn("housekeeping", self._housekeeping)
-        if self._uses_simulation():
+        if self.config.enrollment.enabled:
+            self._start_enrollment(secrets)
+        if self._uses_simulation() or self.config.enrollment.enabled:
             self._start_sim_socket()
         if self.config.sync.enabled:
             self._start_sync(secrets)
@@ -263,6 +274,12 @@ class Agent:
                           self._door_schedule[reader.door],
                           door_fault=self.doors[reader.door].relay_faulted)
         prefix = log_prefix(cred)
+        if self.captures.waiting(reader.id):
+            captured = self._capture(reader, cred)
+            if captured is not None:
+                if self.on_decision is not None:
+                    self.on_decision(reader, captured, timing)
+                return captured
         seq: int | None = None
         # Lookup, decision and the commit of its event (with the presence it sets) happen
         # under one lock: two readers deciding on one card at the same instant would both
@@ -403,9 +420,13 @@ class Agent:
     def _housekeeping(self) -> None:
         assert self.store is not None
         next_prune = time.monotonic() + self.config.store.prune_interval_s
+        next_leases = 0.0
         while not self._stopping.wait(CHECKPOINT_S):
             try:
                 self.store.checkpoint()
+                if self._enroller is not None and time.monotonic() >= next_leases:
+                    next_leases = time.monotonic() + LEASE_CHECK_S
+                    self._enroller.expire_leases()
                 if time.monotonic() >= next_prune:
                     next_prune = time.monotonic() + self.config.store.prune_interval_s
                     self.prune()
@@ -443,6 +464,59 @@ class Agent:
                       max_events=self.config.store.max_events)
         self._high_water = high
 
+    # -- enrollment (agent/enroll.py, agent/tenant_ops.py) ---------------------------
+
+    def _start_enrollment(self, secrets: Secrets) -> None:
+        assert self.store is not None and self.hasher is not None
+        cfg = self.config.enrollment
+        policy = EnrollmentPolicy(units=cfg.units, provisional_s=int(cfg.provisional_h * 3600),
+                                  max_lease_days=cfg.max_lease_days,
+                                  gateway=self.config.site.gateway_id)
+        self._enroller = Enroller(self.store, self.hasher, policy, secrets.seal_key)
+        if secrets.seal_key is None:
+            log.warning("enrollment_seal_key_missing", path=str(self.paths.seal_key),
+                        hint="install the office's seal key; enrollments are refused "
+                        "until then")
+        server = ControlServer(self.paths.web_socket, None,
+                               extra=TenantOps(self).handlers(),
+                               mode=0o660 if secrets.web_group is not None else 0o600,
+                               group=secrets.web_group)
+        server.bind()
+        self._servers.append(server)
+        self._spawn("web-control", server.serve, self._stopping)
+
+    def _capture(self, reader: ReaderConfig, cred: bytes) -> Decision | None:
+        """Hand a tap to the capture waiting at ``reader``; the door stays shut."""
+        assert self.store is not None
+        capture = self.captures.take(reader.id, cred, card_status(self.store, cred))
+        if capture is None:
+            return None
+        try:
+            self._record(Event("card_captured", door=reader.door, reader=reader.id,
+                               cred=log_prefix(cred), reason=capture.status.value
+                               if capture.status else None,
+                               data={"account": capture.account} if capture.account else {}))
+        except StoreError as exc:
+            log.error("event_not_recorded", kind="card_captured", error=str(exc))
+        log.info("card_captured", reader=reader.id, cred=log_prefix(cred))
+        return Decision(False, Reason.CAPTURED)
+
+    def tenant_store(self) -> Store:
+        """The open store (``TenantHost``)."""
+        assert self.store is not None
+        return self.store
+
+    def enroller(self) -> Enroller:
+        """The enroller (``TenantHost``)."""
+        if self._enroller is None:
+            raise EnrollError("enrollment", "disabled", "enrollment is not enabled on this "
+                              "gateway ([enrollment] enabled = true)")
+        return self._enroller
+
+    def record(self, event: Event) -> None:
+        """Append an event to the chain (``TenantHost``)."""
+        self._record(event)
+
     # -- simulation control ----------------------------------------------------------
 
     def _uses_simulation(self) -> bool:
@@ -458,7 +532,9 @@ class Agent:
     def _start_sim_socket(self) -> None:
         """Serve the control socket (agent/control.py), which sees this agent only as its
         ``ControlTarget``: the ``sim_*`` methods below."""
-        server = ControlServer(self.sim_socket_path, self)
+        extra = TenantOps(self).handlers() if self.config.enrollment.enabled else None
+        server = ControlServer(self.sim_socket_path,
+                               self if self._uses_simulation() else None, extra=extra)
         server.bind()
         self._sim_socket = server.bound_socket
         self._sim_close = server.close
@@ -512,6 +588,8 @@ class Agent:
         if self._sim_socket is not None:
             # Closes the socket; removes sim.sock only if it is still the file bound here.
             self._sim_close()
+        for server in self._servers:
+            server.close()  # web.sock, likewise only if it is still the one bound here
         if self.store is not None:
             try:
                 self._record(Event("agent_stopped"), device=(

@@ -27,6 +27,7 @@ import time
 import uuid
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from datetime import datetime, tzinfo
 from pathlib import Path
 from typing import Any
 
@@ -515,6 +516,51 @@ class Store:
                 rollback(conn)
                 raise StoreError(f"{self.path}: cannot mark events delivered: {exc}") from exc
             return int(cur.rowcount)
+
+    def last_passages(self, creds: Sequence[bytes]) -> dict[bytes, int]:
+        """When each of ``creds`` last passed a door (Unix s, from anti-passback presence,
+        kept as long as events are), for the cards that did."""
+        found: dict[bytes, int] = {}
+        conn = self._conn()
+        for start in range(0, len(creds), 500):
+            part = creds[start:start + 500]
+            marks = ",".join("?" * len(part))
+            for cred, at in conn.execute(
+                    f"SELECT cred, at FROM presence WHERE cred IN ({marks})", part):  # noqa: S608 - placeholders only
+                found[bytes(cred)] = int(at)
+        return found
+
+    def first_seq_since(self, since_ms: int) -> int | None:
+        """The first event at or after ``since_ms``, found by bisection over seq (event
+        times follow seq except across a clock step, where this errs by that step)."""
+        conn = self._conn()
+        lo, hi = conn.execute("SELECT min(seq), max(seq) FROM events").fetchone()
+        if lo is None:
+            return None
+        lo, hi = int(lo), int(hi) + 1
+        while lo < hi:
+            mid = (lo + hi) // 2
+            row = conn.execute("SELECT ts_ms FROM events WHERE seq >= ? ORDER BY seq LIMIT 1",
+                               (mid,)).fetchone()
+            if row is None or int(row[0]) >= since_ms:
+                hi = mid
+            else:
+                lo = mid + 1
+        return lo
+
+    def entries_per_day(self, zone: tzinfo, since_ms: int) -> list[dict[str, Any]]:
+        """Granted entries per site-local day and door since ``since_ms``: counts only."""
+        first = self.first_seq_since(since_ms)
+        if first is None:
+            return []
+        counts: dict[tuple[str, str], int] = {}
+        for ts_ms, door in self._conn().execute(
+                "SELECT ts_ms, door FROM events WHERE seq >= ? AND kind = 'access_granted' "
+                "AND direction = 'entry'", (first,)):
+            day = datetime.fromtimestamp(ts_ms / 1000, zone).date().isoformat()
+            counts[(day, door)] = counts.get((day, door), 0) + 1
+        return [{"day": day, "door": door, "count": n}
+                for (day, door), n in sorted(counts.items())]
 
     def attachments(self, first_seq: int, last_seq: int) -> dict[int, str]:
         """The attachments of the events ``first_seq``..``last_seq`` still held."""

@@ -30,10 +30,21 @@ from protocol.ids import B64Hash, Hex64, Ident
 MAX_CLOCK_SKEW_S = 300
 """A message issued further in the future than this is refused (a wrong clock or a
 forged issue time)."""
-MAX_ITEMS = 100_000
-"""The most entries a delta, or items a revocation, may carry."""
-MAX_CHUNKS = 100_000
-"""The most chunks one snapshot manifest may list."""
+MAX_MESSAGE_BYTES = 4 * 1024 * 1024
+"""The default of the gateway's ``sync.max_message_bytes`` and the shipped broker's
+``message_size_limit`` (config/mosquitto/permitgate.conf): the largest payload either side
+sends or accepts. A payload above the broker's limit is never forwarded, so a gateway limit
+above it would only be a promise nobody can use."""
+MAX_ITEMS = 40_000
+"""The most entries a delta ``upsert``, hashes a delta ``remove``, or items a revocation may
+carry. Sized so that a revocation of this many items (about 84 bytes each, enveloped) fits
+``MAX_MESSAGE_BYTES`` with room to spare: 3.4 MB, against 8.4 MB at the former 100,000
+(tests/test_sync_limits.py). Entries vary in size (door lists), so a delta's count alone
+does not guarantee that; the office keeps every message under the limit in bytes."""
+MAX_CHUNKS = 10_000
+"""The most chunks one snapshot manifest may list: its manifest is then at most 0.7 MB
+(69 bytes a chunk, enveloped; 6.9 MB at the former 100,000). 10,000 chunks of the reference
+office's 10,000 entries hold 100 million entries."""
 
 
 class RefusedError(Exception):
@@ -265,6 +276,18 @@ class ResyncRequest(_Body):
     ts_ms: int
 
 
+class StatusSettings(_Body):
+    """The gateway's settings that the office must respect (docs/protocol.md, "Status")."""
+
+    heartbeat_max_age_s: int
+    """Past this age of the newest heartbeat the gateway's lists are stale: send
+    heartbeats well within it."""
+    max_message_bytes: int
+    """The largest payload the gateway accepts (and sends)."""
+    batch_size: int
+    """The most events in one ``events`` message."""
+
+
 class Status(_Body):
     """Gateway → central, retained: the gateway's state (``offline`` is the will)."""
 
@@ -281,6 +304,9 @@ class Status(_Body):
     doors: dict[str, Any] = Field(default_factory=dict)
     readers: dict[str, Any] = Field(default_factory=dict)
     refused: dict[str, int] = Field(default_factory=dict)
+    """Refusals by reason, counted since the agent started (they restart from zero)."""
+    settings: StatusSettings | None = None
+    """None in the will."""
 
 
 GatewayBody = EventBatch | Applied | ResyncRequest | Status

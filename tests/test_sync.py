@@ -1,6 +1,6 @@
 """The agent's MQTT sync against a real mosquitto, with the office played message by message.
 
-The office side here signs with ``agent.wire.sign`` directly, so each test controls exactly
+The office side here signs with ``protocol.signing.sign`` directly, so each test controls exactly
 what is sent (forged, replayed, expired, out of order). tests/test_central.py and
 tests/test_sync_faults.py run the real ``permitgate-central`` tool instead.
 """
@@ -22,6 +22,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from paho.mqtt.enums import CallbackAPIVersion
 from pydantic import BaseModel
 
+from agent.cli import status_report
 from agent.config import parse_config
 from agent.decision import Decision, Mode, Reason
 from agent.runtime import Agent, ReadTiming
@@ -51,8 +52,6 @@ CARD_B = "em4100:67003BA86C"
 CARD_C = "em4100:1122334455"
 PERMIT_A = b"P" * 32
 HASHER = CredentialHasher(KEY)
-
-
 
 
 class Office:
@@ -502,3 +501,38 @@ def test_permit_hash_lookup_uses_the_snapshot_permit(make_gateway: GatewayFactor
     office.wait("applied", lambda b: b["stream"] == "list", "the snapshot")
     assert gw.tap(CARD_A).reason is Reason.REVOKED
     assert gw.tap(CARD_B).granted
+
+
+def test_status_carries_settings_versions_and_refusals(make_gateway: GatewayFactory,
+                                                       office: Office) -> None:
+    """The retained status carries the settings the office must respect, every stream
+    version (the ``mode`` and ``staging`` pseudo-streams included) and the refusal counts;
+    ``status --json`` shows the same staleness, counts and versions."""
+    gw = make_gateway(heartbeat_max_age_s=3600, batch_size=100)
+    online(office)
+    office.snapshot([CARD_A])
+    office.wait("applied", lambda b: b["stream"] == "list", "the snapshot")
+    office.send("cmd", Command(type="command", action="lockdown", **office.header("cmd")))
+    office.wait("applied", lambda b: b["stream"] == "cmd", "the command applied")
+    office.send("rev", Revocation(type="revocation", items=[Revoked(
+        kind="credential", hash=b64(HASHER.credential(CARD_A)))], **office.header("rev")),
+        key=Ed25519PrivateKey.generate())
+    office.wait("applied", lambda b: b.get("reason") == "bad_signature", "the refusal")
+    status = office.wait("status", lambda b: b["refused"] == {"bad_signature": 1}
+                         and "mode" in b["versions"], "a status with the refusal")
+    assert status["settings"] == {"heartbeat_max_age_s": 3600,
+                                  "max_message_bytes": 4 * 1024 * 1024, "batch_size": 100}
+    assert status["versions"] == {"list": 1, "staging": 1, "rev": 0, "all": 0, "cmd": 1,
+                                  "mode": 1}
+    assert status["stale"] is False and status["mode"] == "lockdown"
+    store = gw.agent.store
+    assert store is not None
+
+    def report() -> dict[str, Any]:
+        return dict(status_report(gw.config, store)["sync"])
+
+    wait_for(lambda: report()["refused"] == {"bad_signature": 1}, "the count recorded")
+    shown = report()
+    assert shown["stale"] is False and shown["link"] == "connected"
+    assert shown["versions"] == status["versions"]
+    assert shown["heartbeat_max_age_s"] == 3600

@@ -1,0 +1,456 @@
+"""What the gateway does with each central message (docs/protocol.md), with no MQTT in it.
+
+``Applier`` takes the store, the agent (through ``SyncHost``), the trusted keys, the
+gateway id, the sync settings and a clock. It consumes ``(topic, payload)`` pairs and
+verifies, checks and applies them: envelopes and signatures, header, target, expiry and
+seq, snapshot staging and chunks, deltas, revocations, commands, heartbeats and
+staleness, acks. Everything it has to say to the office goes out through ``Outbound``
+(``Applied`` reports, resync requests, a status on request, acknowledged events), which
+the MQTT worker (agent/sync.py) implements and a test can implement with a list.
+
+Refusals are counted, logged and recorded here: the counters and the event rate limit
+live in memory and start again from zero with the agent.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Protocol
+
+import structlog
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+from agent.config import SyncConfig
+from agent.decision import Mode
+from agent.store import CredentialEntry
+from common.sqlite import StoreError
+from protocol.chain import Event
+from protocol.messages import (
+    MAX_CLOCK_SKEW_S,
+    STREAM_TYPES,
+    Applied,
+    CentralBody,
+    Command,
+    Delta,
+    Entry,
+    EventAck,
+    Heartbeat,
+    RefusedError,
+    ResyncRequest,
+    Revocation,
+    Snapshot,
+    chunk_digest,
+    is_chunk,
+    parse_central,
+    parse_chunk,
+)
+from protocol.signing import open_envelope, unb64
+from protocol.topics import stream_of
+
+if TYPE_CHECKING:
+    from agent.store import Store
+
+log = structlog.get_logger()
+
+REFUSAL_EVENT_EVERY_S = 60.0
+"""Refusals are logged one by one but recorded as events at most once a minute per reason,
+so a flood of forged messages cannot fill the event log."""
+DETAIL_CHARS = 200
+"""A refusal's detail is cut to this many characters in its event."""
+STAGING = "staging"
+"""The pseudo-stream recording the list version of the last snapshot whose staging began;
+above the applied list version after a restart, it means the staging was cut short."""
+MODE = "mode"
+"""The pseudo-stream recording the seq and action of the last mode command: the mode a
+restart restores (agent/runtime.py), whatever commands came after it."""
+MODE_ACTIONS = frozenset({"lockdown", "free_passage", "normal"})
+
+
+class SyncHost(Protocol):
+    """What the sync worker needs of the agent besides its store, and nothing more."""
+
+    def current_mode(self) -> Mode:
+        """The site mode in force."""
+
+    def set_mode(self, mode: Mode, *, source: str) -> None:
+        """Switch the site mode (a central command) and record it."""
+
+    def set_stale_cutoff(self, cutoff: int | None) -> None:
+        """Apply (or lift, with None) the stale-list policy."""
+
+    def record_event(self, event: Event) -> None:
+        """Append an event to the chain; raises ``StoreError``."""
+
+
+class Outbound(Protocol):
+    """Where the applier's replies to the office go."""
+
+    def send_applied(self, message: Applied) -> None:
+        """Report a central message applied or refused."""
+
+    def request_resync(self, reason: str, *, at_once: bool = False) -> None:
+        """Ask the office for a snapshot (``at_once``: without waiting for
+        ``resync_interval_s`` since the last request)."""
+
+    def send_status(self) -> None:
+        """Publish the gateway's status now (a ``status`` command)."""
+
+    def events_acked(self, upto: int) -> None:
+        """The office has stored every event up to ``upto`` (already marked in the
+        store)."""
+
+
+@dataclass(slots=True)
+class Staging:
+    """A snapshot being received chunk by chunk."""
+
+    manifest: Snapshot
+    next_index: int = 0
+
+
+@dataclass(slots=True)
+class Counters:
+    """What sync has done since the agent started, for status and tests."""
+
+    refused: Counter[str] = field(default_factory=Counter)
+    applied: int = 0
+    batches_sent: int = 0
+    reconnects: int = 0
+
+
+class Applier:
+    """Verifies and applies central messages to the store and the agent."""
+
+    def __init__(self, store: Store, host: SyncHost, keys: dict[str, Ed25519PublicKey], *,
+                 gateway: str, config: SyncConfig, outbound: Outbound,
+                 clock: Callable[[], float] = time.time,
+                 monotonic: Callable[[], float] = time.monotonic) -> None:
+        """``clock`` is the wall clock that expiry, staleness and report times use;
+        ``monotonic`` paces refusal events."""
+        self.store = store
+        self.host = host
+        self.keys = keys
+        self.gateway = gateway
+        self.config = config
+        self.outbound = outbound
+        self._clock = clock
+        self._monotonic = monotonic
+        self._staging: Staging | None = None
+        self._refusal_logged: dict[str, float] = {}
+        self._started = clock()
+        self.stale: bool | None = None
+        """Whether the lists are stale; None before the first check."""
+        self.counters = Counters()
+        self.changes = 0
+        """Goes up whenever ``stale`` or a refusal counter changes (for whoever records
+        them)."""
+
+    # -- the way in ------------------------------------------------------------------------
+
+    def handle(self, topic: str, payload: bytes) -> None:
+        """Verify and apply one central message; every outcome is reported to
+        ``outbound``. A topic that is not one of this gateway's streams is ignored."""
+        stream = stream_of(topic, self.gateway, self.config.prefix)
+        if stream is None:
+            log.debug("mqtt_message_ignored", topic=topic)
+            return
+        if stream == "list" and is_chunk(payload):
+            self._on_chunk(payload)
+            return
+        seq: int | None = None
+        try:
+            body = open_envelope(payload, topic, self.keys, self.config.max_message_bytes)
+            message = parse_central(body)
+            seq = message.seq
+            self._check_header(stream, message)
+            self._apply(stream, message)
+        except RefusedError as refused:
+            self._refuse(stream, seq, refused)
+        except StoreError as exc:
+            self._store_failed(stream, seq, exc)
+
+    def on_connected(self, session_present: bool) -> None:
+        """After every (re)connect: give up a snapshot whose chunks the broker lost, and
+        ask for a list if there is none or a restart cut one short."""
+        if not session_present and self._staging is not None:
+            # The broker lost our session (restarted without persistence, or the session
+            # expired): the rest of the snapshot's chunks will not come.
+            log.warning("snapshot_lost_with_session", version=self._staging.manifest.seq)
+            self._abort_snapshot()
+        versions = self.versions()
+        if versions.get("list", 0) == 0:
+            self.outbound.request_resync("no_list")
+        elif self._staging is None and versions.get(STAGING, 0) > versions["list"]:
+            # A snapshot was being staged when the agent stopped (a crash, a power cut):
+            # the chunks it had taken from the broker are gone with it, and the rest are
+            # ignored without their manifest, so ask for the list again now rather than
+            # at the next heartbeat (up to 15 min with serve's default).
+            self.outbound.request_resync("interrupted_snapshot")
+
+    def resync_request(self, reason: str) -> ResyncRequest:
+        """The resync message for ``reason``, with the versions held now."""
+        versions = self.versions()
+        return ResyncRequest(
+            type="resync", gateway=self.gateway, reason=reason,
+            list_version=versions.get("list", 0), rev_seq=versions.get("rev", 0),
+            all_seq=versions.get("all", 0), ts_ms=self.now_ms())
+
+    @property
+    def staging_version(self) -> int | None:
+        """The list version of the snapshot being staged, if one is."""
+        return None if self._staging is None else self._staging.manifest.seq
+
+    # -- checks common to every signed message ----------------------------------------------
+
+    def _check_header(self, stream: str, message: CentralBody) -> None:
+        if message.type not in STREAM_TYPES[stream]:
+            raise RefusedError("wrong_stream", f"a {message.type} on the {stream} topic")
+        target = "*" if stream == "all" else self.gateway
+        if message.gateway != target:
+            raise RefusedError("wrong_target", f"addressed to {message.gateway!r}")
+        now = self._clock()
+        if now >= message.expires_at:
+            raise RefusedError("expired", f"expired at {message.expires_at}, now {int(now)}")
+        if message.issued_at > now + MAX_CLOCK_SKEW_S:
+            raise RefusedError("from_future", f"issued at {message.issued_at}, now {int(now)}")
+
+    def _apply(self, stream: str, message: CentralBody) -> None:
+        if isinstance(message, EventAck):
+            self._on_ack(message)
+            return
+        last = self.versions().get(stream, 0)
+        if message.seq <= last:
+            raise RefusedError("replay" if message.seq == last else "rollback",
+                               f"seq {message.seq}, already at {last}")
+        if isinstance(message, Heartbeat):
+            self._on_heartbeat(message)
+        elif isinstance(message, Command):
+            self._on_command(message)
+        elif isinstance(message, Revocation):
+            self._on_revocation(stream, message, last)
+        elif isinstance(message, Snapshot):
+            self._on_snapshot(message)
+        elif isinstance(message, Delta):
+            self._on_delta(message, last)
+
+    # -- one handler per message type ------------------------------------------------------
+
+    def _on_ack(self, ack: EventAck) -> None:
+        upto = min(ack.upto, self.store.last_seq())
+        self.store.mark_acked(upto)
+        self.outbound.events_acked(upto)
+
+    def _on_heartbeat(self, hb: Heartbeat) -> None:
+        self.store.set_stream("hb", hb.seq, {"issued_at": hb.issued_at,
+                                             "expires_at": hb.expires_at})
+        versions = self.versions()
+        if (hb.list_version > versions.get("list", 0) or hb.rev_seq > versions.get("rev", 0)
+                or hb.all_seq > versions.get("all", 0)):
+            self.outbound.request_resync("behind_heartbeat")
+        self.check_stale()
+
+    def _on_command(self, cmd: Command) -> None:
+        if cmd.action in MODE_ACTIONS:
+            self.host.set_mode(Mode(cmd.action), source=f"central command {cmd.seq}")
+            # Kept apart from the cmd stream, so a later status or resync command does not
+            # make a restart forget the commanded mode.
+            self.store.set_stream(MODE, cmd.seq, {"mode": cmd.action})
+        elif cmd.action == "resync":
+            self.outbound.request_resync("command", at_once=True)
+        elif cmd.action == "status":
+            self.outbound.send_status()
+        self.store.set_stream("cmd", cmd.seq, {"action": cmd.action})
+        self._applied("cmd", cmd.seq)
+
+    def _on_revocation(self, stream: str, rev: Revocation, last: int) -> None:
+        items = [(unb64(item.hash), item.kind) for item in rev.items]
+        self.store.revoke(items, version=rev.seq, stream=stream)
+        self._list_event("revocations_applied", stream, rev.seq, {"count": len(items)})
+        if rev.seq > last + 1:
+            self.outbound.request_resync("gap")
+        self._applied(stream, rev.seq)
+
+    def _on_snapshot(self, manifest: Snapshot) -> None:
+        if self._staging is not None:
+            log.warning("snapshot_superseded", version=self._staging.manifest.seq)
+        self.store.set_stream(STAGING, manifest.seq)  # first: see "interrupted_snapshot"
+        self.store.begin_snapshot()
+        self._staging = Staging(manifest)
+        log.info("snapshot_started", version=manifest.seq, chunks=len(manifest.chunk_sha256),
+                 entries=manifest.entries)
+
+    def _on_chunk(self, payload: bytes) -> None:
+        staging = self._staging
+        if staging is None:
+            # A duplicate after the snapshot applied, or a chunk of a snapshot that was
+            # refused or given up: nothing to add it to.
+            log.debug("snapshot_chunk_ignored", bytes=len(payload))
+            return
+        manifest = staging.manifest
+        # Any failed chunk ends this snapshot at once: the old list stays whole, the
+        # office is asked for a fresh one, and the report names the snapshot's version.
+        # (Chunks carry no times: only the manifest's expiry, checked on arrival, counts.)
+        try:
+            self._stage_chunk(staging, payload)
+        except RefusedError as refused:
+            self._abort_snapshot()
+            self._refuse("list", manifest.seq, refused)
+            return
+        except StoreError as exc:
+            self._abort_snapshot()
+            self._store_failed("list", manifest.seq, exc)
+            return
+        if staging.next_index < len(manifest.chunk_sha256):
+            return
+        self._staging = None
+        try:
+            self.store.commit_snapshot(manifest.seq, {"rev": manifest.rev_seq,
+                                                      "all": manifest.all_seq},
+                                       (manifest.entries, manifest.revoked))
+        except StoreError as exc:
+            self._abort_snapshot()
+            if isinstance(exc.__cause__, ValueError):  # what was staged is not what was signed
+                self._refuse("list", manifest.seq, RefusedError("bad_snapshot",
+                                                                str(exc.__cause__)))
+            else:
+                self._store_failed("list", manifest.seq, exc)
+            return
+        self._list_event("snapshot_applied", "list", manifest.seq,
+                         {"entries": manifest.entries, "revoked": manifest.revoked})
+        self._applied("list", manifest.seq)
+
+    def _stage_chunk(self, staging: Staging, payload: bytes) -> None:
+        manifest = staging.manifest
+        expected = manifest.chunk_sha256[staging.next_index]
+        if chunk_digest(payload) != expected:
+            raise RefusedError("bad_chunk", f"chunk {staging.next_index} of version "
+                               f"{manifest.seq} does not match its manifest hash")
+        chunk = parse_chunk(payload, self.config.max_message_bytes)
+        if chunk.version != manifest.seq or chunk.index != staging.next_index:
+            raise RefusedError("bad_chunk", f"got chunk {chunk.index} of version "
+                               f"{chunk.version}, expected {staging.next_index} of "
+                               f"{manifest.seq}")
+        entries = [entry_of(e) for e in chunk.entries]
+        revoked = [(unb64(r.hash), r.kind) for r in chunk.revoked]
+        try:
+            self.store.add_snapshot_chunk(entries, revoked)
+        except StoreError as exc:
+            if isinstance(exc.__cause__, sqlite3.IntegrityError):
+                # The office's snapshot, not the database, is at fault: refused and counted
+                # like any bad chunk (a local failure stays a store_error).
+                raise RefusedError("bad_chunk", f"chunk {chunk.index} of version "
+                                   f"{manifest.seq} repeats a credential hash") from None
+            raise
+        staging.next_index += 1
+
+    def _abort_snapshot(self) -> None:
+        self._staging = None
+        try:
+            self.store.abort_snapshot()
+        except StoreError as exc:
+            log.error("snapshot_abort_failed", error=str(exc))
+        self.outbound.request_resync("bad_snapshot")
+
+    def _on_delta(self, delta: Delta, current: int) -> None:
+        if delta.base != current:
+            self.outbound.request_resync("gap")
+            raise RefusedError("gap", f"delta on version {delta.base}, the list is at "
+                               f"{current}")
+        self.store.apply_delta(delta.base, delta.seq, [entry_of(e) for e in delta.upsert],
+                               [unb64(c) for c in delta.remove])
+        self._list_event("delta_applied", "list", delta.seq,
+                         {"upserted": len(delta.upsert), "removed": len(delta.remove)})
+        self._applied("list", delta.seq)
+
+    # -- reports, refusals, staleness --------------------------------------------------------
+
+    def _applied(self, stream: str, seq: int | None, reason: str | None = None) -> None:
+        self.outbound.send_applied(Applied(
+            type="applied", gateway=self.gateway, stream=stream, seq=seq,
+            status="applied" if reason is None else "refused", reason=reason,
+            list_version=self.versions().get("list", 0), ts_ms=self.now_ms()))
+
+    def _refuse(self, stream: str, seq: int | None, refused: RefusedError) -> None:
+        self.counters.refused[refused.reason] += 1
+        self.changes += 1
+        detail = self.public(refused.detail)
+        log.warning("sync_message_refused", stream=stream, seq=seq, reason=refused.reason,
+                    detail=detail)
+        now = self._monotonic()
+        if now - self._refusal_logged.get(refused.reason, -REFUSAL_EVENT_EVERY_S) >= \
+                REFUSAL_EVENT_EVERY_S:
+            self._refusal_logged[refused.reason] = now
+            self._record(Event("sync_refused", reason=refused.reason, data={
+                "stream": stream, "seq": seq, "detail": detail[:DETAIL_CHARS],
+                "count": self.counters.refused[refused.reason]}))
+        self._applied(stream, seq, refused.reason)
+
+    def _store_failed(self, stream: str, seq: int | None, exc: StoreError) -> None:
+        """A local failure (disk full, I/O): reported and logged, not counted as a
+        refusal of the office's message."""
+        log.error("sync_apply_failed", stream=stream, seq=seq, error=str(exc))
+        self._applied(stream, seq, "store_error")
+
+    def public(self, text: str) -> str:
+        """``text`` with the store's local paths taken out: what leaves the gateway names
+        no file of it."""
+        paths = {str(self.store.lists_path), str(self.store.path)}
+        folder = self.store.path.parent
+        if folder.is_absolute() and len(folder.parts) > 1:
+            paths.add(str(folder))
+        for path in sorted(paths, key=len, reverse=True):
+            text = text.replace(path, "<store>")
+        return text
+
+    def check_stale(self) -> None:
+        """Re-evaluate staleness from the newest heartbeat (or the start, before the
+        first); apply the offline policy and record a change."""
+        detail = self.store.stream_detail("hb")
+        reference = float(detail["issued_at"]) if detail else self._started
+        now = self._clock()
+        stale = now - reference > self.config.heartbeat_max_age_s
+        if stale and self.config.offline_policy == "recent_only":
+            self.host.set_stale_cutoff(int(now - self.config.recent_window_h * 3600))
+        elif self.stale:
+            self.host.set_stale_cutoff(None)
+        if stale != self.stale:
+            if stale or self.stale is not None:
+                kind = "sync_stale" if stale else "sync_fresh"
+                data = {"heartbeat_age_s": int(now - reference),
+                        "policy": self.config.offline_policy}
+                self._record(Event(kind, data=data))
+                (log.error if stale else log.info)(kind, **data)
+            self.stale = stale
+            self.changes += 1
+
+    def _list_event(self, kind: str, stream: str, seq: int, data: dict[str, Any]) -> None:
+        self._record(Event(kind, data={"stream": stream, "seq": seq, **data}))
+        log.info(kind, stream=stream, seq=seq, **data)
+        self.counters.applied += 1
+
+    def _record(self, event: Event) -> None:
+        try:
+            self.host.record_event(event)
+        except StoreError as exc:
+            log.error("event_not_recorded", kind=event.kind, error=str(exc))
+
+    def versions(self) -> dict[str, int]:
+        """The stored version of every stream (``staging`` and ``mode`` included)."""
+        versions: dict[str, int] = self.store.versions()
+        return versions
+
+    def now_ms(self) -> int:
+        """The wall clock, Unix ms."""
+        return int(self._clock() * 1000)
+
+
+def entry_of(entry: Entry) -> CredentialEntry:
+    """A wire allowlist entry as a store entry."""
+    return CredentialEntry(
+        cred=unb64(entry.cred), permit=None if entry.permit is None else unb64(entry.permit),
+        valid_from=entry.valid_from, valid_until=entry.valid_until, doors=entry.doors,
+        schedule=entry.schedule or "always", confirmed_at=entry.confirmed_at)
