@@ -52,6 +52,7 @@ from drivers.base import CardRead, DeviceError, Reader
 from drivers.simulated import BUS, SimBus
 from protocol.chain import Event
 from protocol.hashing import CredentialHasher, log_prefix
+from protocol.messages import Decided
 
 log = structlog.get_logger()
 
@@ -500,6 +501,19 @@ class Agent:
             log.error("event_not_recorded", kind="card_captured", error=str(exc))
         log.info("card_captured", reader=reader.id, cred=log_prefix(cred))
         return Decision(False, Reason.CAPTURED)
+
+    def enrollment_decided(self, decided: Decided) -> None:
+        """The office's answer to an enrollment (``SyncHost``)."""
+        if self._enroller is None:
+            log.warning("enrollment_decision_ignored", enrollment=decided.enrollment,
+                        hint="enrollment is not enabled on this gateway")
+            return
+        if self._enroller.apply_decision(decided.enrollment,
+                                         confirmed=decided.status == "confirmed",
+                                         list_version=decided.list_version,
+                                         reason=decided.reason) is None:
+            log.info("enrollment_decision_moot", enrollment=decided.enrollment,
+                     status=decided.status)
 
     def tenant_store(self) -> Store:
         """The open store (``TenantHost``)."""

@@ -27,7 +27,7 @@ import sqlite3
 import ssl
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -327,7 +327,9 @@ class SyncWorker:
         events = self.store.events(after_seq=first - 1, limit=self.config.batch_size)
         if not events:
             return
-        payload, count = fit_batch(self.gateway, events, self.config.max_message_bytes)
+        attachments = self.store.attachments(events[0].seq, events[-1].seq)
+        payload, count = fit_batch(self.gateway, events, self.config.max_message_bytes,
+                                   attachments)
         if self._publish("events", payload):
             self._inflight = InFlight(events[0].seq, events[count - 1].seq, now)
             self.counters.batches_sent += 1
@@ -384,8 +386,8 @@ class SyncWorker:
             self._inflight = None
 
 
-def fit_batch(gateway: str, events: Sequence[StoredEvent], max_bytes: int
-              ) -> tuple[str, int]:
+def fit_batch(gateway: str, events: Sequence[StoredEvent], max_bytes: int,
+              attachments: Mapping[int, str] | None = None) -> tuple[str, int]:
     """The ``events`` message of the first events that fit in ``max_bytes`` (halving the
     count until they do; one event always goes), and how many it holds.
 
@@ -393,7 +395,9 @@ def fit_batch(gateway: str, events: Sequence[StoredEvent], max_bytes: int
     message size limit would never be forwarded (and, to an MQTT 5 client, answered with a
     PUBACK code paho cannot decode, config/mosquitto/permitgate.conf), so the outbox would
     never drain."""
-    wire = [WireEvent.model_validate(e.as_dict()) for e in events]
+    held = attachments or {}
+    wire = [WireEvent.model_validate({**e.as_dict(), "attachment": held.get(e.seq)})
+            for e in events]
     count = len(wire)
     while True:
         payload = EventBatch(type="events", gateway=gateway, events=wire[:count]

@@ -35,7 +35,9 @@ from protocol.messages import (
     Applied,
     CentralBody,
     Command,
+    Decided,
     Delta,
+    EnrollmentDecision,
     Entry,
     EventAck,
     Heartbeat,
@@ -81,6 +83,9 @@ class SyncHost(Protocol):
 
     def set_stale_cutoff(self, cutoff: int | None) -> None:
         """Apply (or lift, with None) the stale-list policy."""
+
+    def enrollment_decided(self, decided: Decided) -> None:
+        """Apply the office's answer to an enrollment made here (raises ``StoreError``)."""
 
     def record_event(self, event: Event) -> None:
         """Append an event to the chain; raises ``StoreError``."""
@@ -236,6 +241,8 @@ class Applier:
             self._on_snapshot(message)
         elif isinstance(message, Delta):
             self._on_delta(message, last)
+        elif isinstance(message, EnrollmentDecision):
+            self._on_enrollment_decision(message)
 
     # -- one handler per message type ------------------------------------------------------
 
@@ -265,6 +272,12 @@ class Applier:
             self.outbound.send_status()
         self.store.set_stream("cmd", cmd.seq, {"action": cmd.action})
         self._applied("cmd", cmd.seq)
+
+    def _on_enrollment_decision(self, decision: EnrollmentDecision) -> None:
+        for item in decision.items:
+            self.host.enrollment_decided(item)
+        self.store.set_stream("enr", decision.seq)
+        self._applied("enr", decision.seq)
 
     def _on_revocation(self, stream: str, rev: Revocation, last: int) -> None:
         items = [(unb64(item.hash), item.kind) for item in rev.items]

@@ -208,7 +208,37 @@ class EventAck(Header):
     upto: int = Field(ge=0)
 
 
-CentralBody = Snapshot | Delta | Revocation | Command | Heartbeat | EventAck
+class Decided(_Body):
+    """The office's answer to one enrollment made at a gateway."""
+
+    enrollment: Annotated[str, Field(pattern=r"^[0-9a-f-]{36}$")]
+    status: Literal["confirmed", "rejected"]
+    list_version: int | None = Field(default=None, ge=1)
+    """Confirmed: the list version that holds the card; until the gateway's list reaches
+    it, the gateway's own record keeps granting (up to the lease end)."""
+    reason: Annotated[str, Field(max_length=64, pattern=r"^[a-z0-9_]+$")] | None = None
+    """Rejected: why (e.g. ``permit_revoked``, ``permit_invalid``, ``officer``)."""
+
+
+class EnrollmentDecision(Header):
+    """Answers to enrollments, on the gateway's ``enr`` topic."""
+
+    type: Literal["enrollment_decision"]
+    items: list[Decided] = Field(min_length=1, max_length=1000)
+
+
+class EnrollmentAttachment(_Body):
+    """The attachment of a ``tenant_enrolled`` event (its SHA-256 is the event's
+    ``attachment_sha256``): what only the office may read."""
+
+    cred: B64Hash
+    """The card's full keyed hash (events carry only a 10-hex prefix)."""
+    permit_sealed: Annotated[str, Field(max_length=256)]
+    """The permit number sealed to the office (protocol.sealing)."""
+
+
+CentralBody = (Snapshot | Delta | Revocation | Command | Heartbeat | EventAck
+               | EnrollmentDecision)
 CentralMessage = Annotated[CentralBody, Field(discriminator="type")]
 _CENTRAL: TypeAdapter[CentralBody] = TypeAdapter(CentralMessage)
 _CHUNK = TypeAdapter(Chunk)
@@ -220,6 +250,7 @@ STREAM_TYPES: dict[str, tuple[str, ...]] = {
     "cmd": ("command",),
     "hb": ("heartbeat",),
     "ack": ("event_ack",),
+    "enr": ("enrollment_decision",),
 }
 """Which message types each stream may carry; anything else on it is refused."""
 
@@ -241,6 +272,9 @@ class WireEvent(_Body):
     data: dict[str, Any]
     prev_hash: Hex64
     hash: Hex64
+    attachment: Annotated[str, Field(max_length=2048)] | None = None
+    """Travels with the event but outside its hash (the event's data carries the
+    attachment's SHA-256); the gateway deletes it once the office acknowledged the event."""
 
 
 class EventBatch(_Body):

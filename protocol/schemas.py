@@ -16,6 +16,8 @@ from protocol.messages import (
     Chunk,
     Command,
     Delta,
+    EnrollmentAttachment,
+    EnrollmentDecision,
     EventAck,
     EventBatch,
     Heartbeat,
@@ -31,6 +33,7 @@ MODELS: Sequence[tuple[str, Any]] = (
     ("revocation", Revocation), ("command", Command), ("heartbeat", Heartbeat),
     ("event_ack", EventAck), ("events", EventBatch), ("applied", Applied),
     ("resync", ResyncRequest), ("status", Status),
+    ("enrollment_decision", EnrollmentDecision), ("enrollment_attachment", EnrollmentAttachment),
 )
 """Schema file name → model."""
 

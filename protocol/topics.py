@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from protocol import PROTOCOL
 
-INBOUND_KINDS = ("list", "rev", "cmd", "ack", "hb")
+INBOUND_KINDS = ("list", "rev", "cmd", "ack", "hb", "enr")
 """Central → gateway topic kinds."""
 OUTBOUND_KINDS = ("events", "status", "applied", "request")
 """Gateway → central topic kinds."""
@@ -20,7 +20,7 @@ class Topics:
     prefix: str = PROTOCOL
 
     def inbound(self, kind: str) -> str:
-        """Central → this gateway: ``list``, ``rev``, ``cmd``, ``ack``, ``hb``."""
+        """Central → this gateway: ``list``, ``rev``, ``cmd``, ``ack``, ``hb``, ``enr``."""
         return f"{self.prefix}/gw/{self.gateway}/in/{kind}"
 
     def outbound(self, kind: str) -> str:
@@ -45,7 +45,7 @@ def office_subscription(prefix: str = PROTOCOL) -> str:
 
 def stream_of(topic: str, gateway: str, prefix: str = PROTOCOL) -> str | None:
     """The stream a central topic carries (``list``, ``rev``, ``cmd``, ``ack``, ``hb``,
-    ``all``), or None when the topic is not one the gateway consumes."""
+    ``enr``, ``all``), or None when the topic is not one the gateway consumes."""
     if topic == f"{prefix}/all/rev":
         return "all"
     head = f"{prefix}/gw/{gateway}/in/"

@@ -38,6 +38,7 @@ from protocol.chain import Event
 from protocol.hashing import CredentialHasher
 from protocol.messages import (
     STREAM_TYPES,
+    CentralBody,
     Chunk,
     Command,
     Delta,
@@ -78,8 +79,7 @@ CARDS = {
 }
 OTHER_CARD = ("em4100:A1B2C3D4E5", "P-999")
 
-CentralMessage = Snapshot | Delta | Revocation | Command | \
-    Heartbeat | EventAck
+CentralMessage = CentralBody
 
 
 # -- helpers --------------------------------------------------------------------------

@@ -25,8 +25,11 @@ from agent.enroll import (
     end_of_day_s,
 )
 from agent.store import CredentialEntry, Store, lists_path
+from agent.sync import fit_batch
 from agent.tenants import TenantState
+from protocol.chain import Event, contents_match
 from protocol.hashing import CredentialHasher
+from protocol.messages import EnrollmentAttachment, EventBatch
 from protocol.sealing import unseal
 
 KEY = bytes(range(32))
@@ -256,3 +259,21 @@ def test_a_version_1_list_database_upgrades(tmp_path: Path) -> None:
         assert reopened.tenants.all() == []
     finally:
         reopened.close()
+
+
+def test_event_batch_carries_the_attachment_with_its_event(enroller: Enroller,
+                                                          store: Store) -> None:
+    """The outbox batch sends the attachment beside its event (outside the event's hash)
+    and none with other events; the office can check it against the digest."""
+    store.append(Event("agent_started"))
+    enroll(enroller)
+    events = store.events()
+    payload, count = fit_batch("gw-1", events, 1 << 20,
+                               store.attachments(events[0].seq, events[-1].seq))
+    batch = EventBatch.model_validate_json(payload)
+    assert count == 2 and batch.events[0].attachment is None
+    sent = batch.events[1]
+    assert sent.attachment is not None and contents_match(sent)
+    assert hashlib.sha256(sent.attachment.encode()).hexdigest() == \
+        sent.data["attachment_sha256"]
+    assert EnrollmentAttachment.model_validate_json(sent.attachment).cred

@@ -30,7 +30,9 @@ from protocol.messages import (
     Applied,
     Chunk,
     Command,
+    Decided,
     Delta,
+    EnrollmentDecision,
     Entry,
     EventAck,
     Heartbeat,
@@ -73,6 +75,7 @@ class Host:
         self.store = store
         self.mode = Mode.NORMAL
         self.cutoff: int | None = None
+        self.decided: list[Decided] = []
 
     def current_mode(self) -> Mode:
         """The mode in force."""
@@ -90,6 +93,10 @@ class Host:
     def record_event(self, event: Event) -> None:
         """Append to the real event chain."""
         self.store.append(event)
+
+    def enrollment_decided(self, decided: Decided) -> None:
+        """Remember the office's answers."""
+        self.decided.append(decided)
 
 
 @dataclass
@@ -423,3 +430,28 @@ def test_deltas_and_acks_apply_and_a_delta_on_the_wrong_base_is_a_gap(rig: Rig) 
     rig.send("ack", EventAck(type="event_ack", upto=upto + 100, **rig.header(1)))
     assert rig.sent.acked == [upto] and rig.store.first_unacked() is None
     assert len(rig.sent.applied) == reports
+
+
+def test_enrollment_decisions_apply_once_in_order(rig: Rig) -> None:
+    """A signed enrollment decision reaches the host item by item and is reported
+    applied; a replay of its seq is refused and applies nothing again."""
+    item = Decided(enrollment="0" * 8 + "-0000-4000-8000-" + "0" * 12, status="confirmed",
+                   list_version=3)
+    decision = EnrollmentDecision(type="enrollment_decision", items=[item],
+                                  **rig.header(1))
+    rig.send("enr", decision)
+    assert rig.host.decided == [item]
+    assert (rig.last().stream, rig.last().seq, rig.last().status) == ("enr", 1, "applied")
+    rig.send("enr", decision)
+    assert rig.host.decided == [item]
+    assert (rig.last().status, rig.last().reason) == ("refused", "replay")
+
+
+def test_enrollment_decision_only_on_its_own_topic(rig: Rig) -> None:
+    """An enrollment decision sent on the command topic is refused as wrong_stream."""
+    item = Decided(enrollment="1" * 8 + "-0000-4000-8000-" + "1" * 12, status="rejected",
+                   reason="officer")
+    rig.send("cmd", EnrollmentDecision(type="enrollment_decision", items=[item],
+                                       **rig.header(1)))
+    assert rig.host.decided == []
+    assert rig.last().reason == "wrong_stream"
