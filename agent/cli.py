@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from agent import __version__
+from agent.cli_tenants import TenantUsageError, add_tenant_commands
 from agent.config import DEFAULT_CONFIG_NAME, Config, ConfigError, load_config
 from agent.datalock import AlreadyRunningError
 from agent.resolve import resolve_store_path
@@ -484,6 +485,7 @@ def build_parser() -> argparse.ArgumentParser:
                    ).set_defaults(func=cmd_doctor)
     sub.add_parser("safe-state", parents=[common], help="put every relay in its safe state"
                    ).set_defaults(func=cmd_safe_state)
+    add_tenant_commands(sub, common)
     return parser
 
 
@@ -503,7 +505,8 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args, stdout))
-    except (ConfigError, DriverError, SecretError, UsageError, AlreadyRunningError) as exc:
+    except (ConfigError, DriverError, SecretError, UsageError, AlreadyRunningError,
+            TenantUsageError) as exc:
         sys.stderr.write(f"permitgate: {exc}\n")
         return EXIT_USAGE
     except BrokenPipeError:
