@@ -7,15 +7,20 @@ Exit status: 0 success, 1 a runtime failure (store, devices, a broken event chai
 from __future__ import annotations
 
 import argparse
+import difflib
 import json
 import os
 import re
 import sys
 import time
 from collections.abc import Sequence
-from datetime import UTC, datetime
+from datetime import datetime, tzinfo
 from pathlib import Path
 from typing import Any, TextIO
+from zoneinfo import ZoneInfo
+
+import structlog
+from structlog.typing import EventDict
 
 from agent import __version__
 from agent.cli_tenants import TenantUsageError, add_tenant_commands
@@ -31,6 +36,25 @@ from drivers.registry import DriverError
 from protocol.hashing import SITE_KEY_BYTES, SecretError
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
+
+KNOWN_EVENT_KINDS = (
+    "access_granted", "access_denied",
+    "door_locked", "door_unlocked", "door_opened", "door_closed", "door_forced",
+    "door_held_open", "rex_pressed",
+    "relay_fault", "contact_fault", "rex_fault",
+    "relay_restored", "contact_restored", "rex_restored",
+    "reader_online", "reader_offline", "reader_tamper", "reader_power",
+    "agent_started", "agent_stopped", "clock_checked", "clock_changed", "prune_held",
+    "mode_changed",
+    "snapshot_applied", "delta_applied", "revocations_applied",
+    "sync_refused", "sync_stale", "sync_fresh", "event_store_high_water",
+    "card_captured", "tenant_enrolled", "tenant_confirmed", "tenant_rejected",
+    "tenant_moved_out", "tenant_lease_ended",
+    "web_sign_in", "web_sign_in_failed", "web_signed_out", "web_account_created",
+    "web_account_changed", "web_account_deleted",
+)
+"""Every event kind the agent writes (docs/events.md, "Event kinds"; a test keeps the two
+in step). ``events --kind`` accepts these and any kind already stored."""
 
 
 class UsageError(Exception):
@@ -60,11 +84,35 @@ def _load(args: argparse.Namespace) -> tuple[Config, Path | None]:
 
 def _open_store(args: argparse.Namespace) -> tuple[Config, Store]:
     config, path = _load(args)
+    return config, _existing_store(config, path)
+
+
+def _existing_store(config: Config, path: Path | None) -> Store:
     db = resolve_store_path(config, path)
     if not db.exists():
         raise StoreError(f"{db}: no database yet (start the agent once with "
                          "'permitgate run')")
-    return config, Store(db)
+    return Store(db)
+
+
+def configure_run_logs(config: Config, fmt: str) -> None:
+    """The agent's logs as ``common.logs`` sets them up; on a terminal (console format)
+    with times in the site's time zone and without fields that hold nothing (a
+    ``door_unlocked`` has no reason, rather than ``reason=None``). JSON lines (the journal)
+    keep UTC times and every field."""
+    logs.configure(config.logging.level, fmt)
+    processors = list(structlog.get_config()["processors"])
+    if not processors or not isinstance(processors[-1], structlog.dev.ConsoleRenderer):
+        return
+    zone = config.zone
+
+    def site_time(_logger: Any, _name: str, event: EventDict) -> EventDict:
+        fields = {k: v for k, v in event.items() if v is not None}
+        fields["timestamp"] = datetime.now(zone).isoformat(sep=" ", timespec="milliseconds")
+        return fields
+
+    processors = [p for p in processors if not isinstance(p, structlog.processors.TimeStamper)]
+    structlog.configure(processors=[*processors[:-1], site_time, processors[-1]])
 
 
 # -- commands ------------------------------------------------------------------------
@@ -73,7 +121,7 @@ def _open_store(args: argparse.Namespace) -> tuple[Config, Store]:
 def cmd_run(args: argparse.Namespace, out: TextIO) -> int:
     """Run the agent until SIGTERM/SIGINT."""
     config, path = _load(args)
-    logs.configure(config.logging.level, args.log_format or config.logging.format)
+    configure_run_logs(config, args.log_format or config.logging.format)
     agent = Agent(config, config_path=path)
     if path is None:
         out.write("permitgate: no --config given, running the embedded defaults (a simulated "
@@ -110,15 +158,25 @@ def cmd_check_config(args: argparse.Namespace, out: TextIO) -> int:
     return EXIT_OK
 
 
-def _ago(ms: int | None) -> str:
+def local_time(ms: int, zone: tzinfo, timespec: str = "milliseconds") -> str:
+    """Unix milliseconds as the site's local time with its offset,
+    ``2026-11-26 19:32:35.155+01:00``; ``--since`` reads the same form back."""
+    return datetime.fromtimestamp(ms / 1000, zone).isoformat(sep=" ", timespec=timespec)
+
+
+def _age(seconds: float) -> str:
+    if seconds < 0:
+        return f"{-seconds:.0f} s in the future"
+    for limit, unit, size in ((120, "s", 1), (7200, "min", 60), (172_800, "h", 3600)):
+        if seconds < limit:
+            return f"{seconds / size:.0f} {unit} ago"
+    return f"{seconds / 86_400:.0f} d ago"
+
+
+def _ago(ms: int | None, zone: tzinfo) -> str:
     if ms is None:
         return "never"
-    seconds = time.time() - ms / 1000
-    return f"{_iso(ms)} ({seconds:.0f} s ago)"
-
-
-def _iso(ms: int) -> str:
-    return datetime.fromtimestamp(ms / 1000, UTC).isoformat(timespec="milliseconds")
+    return f"{local_time(ms, zone, 'seconds')} ({_age(time.time() - ms / 1000)})"
 
 
 def _pid_alive(pid: object) -> bool:
@@ -184,13 +242,14 @@ def cmd_status(args: argparse.Namespace, out: TextIO) -> int:
     if args.json:
         out.write(json.dumps(report, indent=2) + "\n")
         return EXIT_OK
+    zone = config.zone
     agent = report["agent"]
     out.write(f"site {report['site']}  gateway {report['gateway']}\n"
               f"agent      {agent.get('state')}"
               f"{' (pid ' + str(agent['pid']) + ')' if agent.get('pid') else ''}"
-              f", since {_ago(agent.get('since_ms'))}\n"
+              f", since {_ago(agent.get('since_ms'), zone)}\n"
               f"mode       {report['mode']}\n"
-              f"clock      {report['clock']['state']}\n")
+              f"clock      {report['clock']['state']}, time zone {config.site.timezone}\n")
     for door_id, door in report["doors"].items():
         alarm = f", ALARM {door['alarm']}" if door.get("alarm") else ""
         if door.get("faults"):
@@ -200,14 +259,20 @@ def cmd_status(args: argparse.Namespace, out: TextIO) -> int:
     for reader_id, reader in report["readers"].items():
         out.write(f"reader     {reader_id}: {reader.get('state')}\n")
     allow = report["allowlist"]
-    out.write(f"allowlist  {allow['entries']} entries, version {allow['version']}, applied "
-              f"{_ago(allow['applied_ms'])}\n"
-              f"revoked    {report['revocations']}\n"
-              f"events     {report['events']} stored, {report['outbox']} not yet delivered "
-              f"(outbox)\n"
-              f"last sync  {_ago(report['last_sync_ms'])}\n")
+    applied = ("none received yet" if allow["version"] is None
+               else f"version {allow['version']}, applied {_ago(allow['applied_ms'], zone)}")
+    out.write(f"allowlist  {allow['entries']} entries, {applied}\n"
+              f"revoked    {report['revocations']}\n")
     sync = report["sync"]
-    if sync["enabled"]:
+    if not sync["enabled"]:
+        # Without sync nothing is delivered and nothing is synced: an outbox count and a
+        # "last sync: never" would only suggest a fault.
+        out.write(f"events     {report['events']} stored\n"
+                  "sync       off\n")
+    else:
+        out.write(f"events     {report['events']} stored, {report['outbox']} not yet "
+                  "delivered (outbox)\n"
+                  f"last sync  {_ago(report['last_sync_ms'], zone)}\n")
         stale = {True: "STALE", False: "fresh", None: "not checked"}[sync["stale"]]
         refused = ", ".join(f"{k} {v}" for k, v in sync["refused"].items()) or "none"
         out.write(f"sync       {sync['link'] or 'not started'}, lists {stale}, "
@@ -218,8 +283,12 @@ def cmd_status(args: argparse.Namespace, out: TextIO) -> int:
 _DURATION = re.compile(r"^(\d+)([smhd])$")
 
 
-def parse_since(text: str) -> int:
-    """``"15m"``, ``"2h"``, ``"7d"`` ago, or an ISO 8601 time, as Unix milliseconds."""
+def parse_since(text: str, zone: tzinfo | None = None) -> int:
+    """``"15m"``, ``"2h"``, ``"7d"`` ago, or an ISO 8601 time, as Unix milliseconds.
+
+    An ISO time without an offset is read in ``zone`` (the site's, as ``events`` prints
+    times), or in the local time zone of this machine when ``zone`` is None.
+    """
     match = _DURATION.match(text)
     if match:
         unit = {"s": 1, "m": 60, "h": 3600, "d": 86400}[match.group(2)]
@@ -230,47 +299,129 @@ def parse_since(text: str) -> int:
         raise UsageError(f"--since {text!r}: use a duration such as 15m, 2h, 7d or an ISO "
                          "time such as 2026-11-26T08:00") from None
     if when.tzinfo is None:
-        when = when.astimezone()
+        when = when.replace(tzinfo=zone) if zone is not None else when.astimezone()
     return int(when.timestamp() * 1000)
 
 
-def _print_events(events: Sequence[StoredEvent], out: TextIO, as_json: bool) -> None:
+_COLUMNS = ("SEQ", "TIME", "KIND", "DOOR/READER", "DIR", "REASON", "CRED", "DATA")
+_WIDTHS = (6, 29, 16, 14, 5, 14, 10, 0)
+"""The text columns of ``events``, and the narrowest width of each (``-f`` keeps these:
+rows printed later cannot widen rows already printed)."""
+
+
+def _event_cells(ev: StoredEvent, zone: tzinfo) -> list[str]:
+    where = "/".join(x for x in (ev.door, ev.reader) if x)
+    # A field that holds nothing is left out, never shown as "None".
+    extra = " ".join(f"{k}={_value(v)}" for k, v in ev.data.items() if v is not None)
+    return [str(ev.seq), local_time(ev.ts_ms, zone), ev.kind, where, ev.direction or "",
+            ev.reason or "", ev.cred or "", extra]
+
+
+def _value(value: object) -> str:
+    text = value if isinstance(value, str) else json.dumps(value, sort_keys=True)
+    return json.dumps(text) if any(c.isspace() for c in text) or not text else text
+
+
+def _header(zone_name: str) -> list[str]:
+    labels = list(_COLUMNS)
+    labels[1] = f"TIME ({zone_name})"
+    return labels
+
+
+def _widths(rows: Sequence[Sequence[str]]) -> list[int]:
+    """Each column as wide as its widest cell (the last, DATA, is not padded)."""
+    widths = list(_WIDTHS)
+    for row in rows:
+        widths[:-1] = [max(w, len(cell)) for w, cell in zip(widths[:-1], row, strict=False)]
+    return widths
+
+
+def _line(cells: Sequence[str], widths: Sequence[int]) -> str:
+    padded = [cell.rjust(w) if i == 0 else cell.ljust(w)
+              for i, (cell, w) in enumerate(zip(cells, widths, strict=True))]
+    return "  ".join(padded).rstrip() + "\n"
+
+
+def _print_events(events: Sequence[StoredEvent], out: TextIO, as_json: bool,
+                  zone: tzinfo, widths: Sequence[int] | None = None) -> None:
     for ev in events:
         if as_json:
             out.write(json.dumps(ev.as_dict(), sort_keys=True) + "\n")
-            continue
-        where = "/".join(x for x in (ev.door, ev.reader) if x)
-        extra = " ".join(f"{k}={v}" for k, v in ev.data.items())
-        out.write(f"{ev.seq:>8}  {_iso(ev.ts_ms)}  {ev.kind:<16} {where:<20} "
-                  f"{ev.direction or '':<5} {ev.reason or '':<26} {ev.cred or '':<10} "
-                  f"{extra}\n".rstrip() + "\n")
+        else:
+            out.write(_line(_event_cells(ev, zone), widths or _WIDTHS))
+
+
+def _check_filters(args: argparse.Namespace, config: Config, store: Store) -> None:
+    """A ``--kind`` or ``--door`` that nothing known matches is a usage error listing the
+    known ones: a typo would otherwise look like "no such events"."""
+    kind, door = args.kind, args.door
+    if kind is not None and kind not in KNOWN_EVENT_KINDS and not store.events(
+            kind=kind, limit=1):
+        close = difflib.get_close_matches(kind, KNOWN_EVENT_KINDS, n=1)
+        hint = f"did you mean {close[0]!r}? " if close else ""
+        raise UsageError(f"--kind {kind!r}: no such event kind; {hint}known kinds: "
+                         f"{', '.join(sorted(KNOWN_EVENT_KINDS))} (docs/events.md)")
+    doors = [d.id for d in config.doors]
+    if door is not None and door not in doors and not store.events(door=door, limit=1):
+        raise UsageError(f"--door {door!r}: no such door in the configuration or the "
+                         f"event log (doors: {', '.join(doors)})")
+
+
+def _verify(store: Store, out: TextIO) -> int:
+    report = store.verify_chain()
+    if report.ok and report.checked == 0:
+        out.write("OK: no events stored\n")
+        return EXIT_OK
+    if report.ok:
+        out.write(f"OK: {report.checked} events, seq {report.first_seq} to "
+                  f"{report.last_seq}, hash chain intact\n")
+        return EXIT_OK
+    out.write(f"BROKEN: {len(report.problems)} problem(s) in {report.checked} events\n")
+    for problem in report.problems:
+        out.write(f"  {problem}\n")
+    return EXIT_FAILURE
+
+
+def _table_start(events: Sequence[StoredEvent], out: TextIO, zone_name: str, *,
+                 follow: bool, filtered: bool) -> list[int]:
+    """Write the column headers (or say that there is nothing to show); the widths of
+    the columns."""
+    header = _header(zone_name)
+    if not events and not follow:
+        out.write("no matching events\n" if filtered else "no events stored\n")
+        return list(_WIDTHS)
+    # Following, a later row may be wider than any so far: keep the default widths.
+    zone = ZoneInfo(zone_name)
+    widths = (list(_WIDTHS) if follow
+              else _widths([header, *(_event_cells(e, zone) for e in events)]))
+    if len(header[1]) > widths[1]:
+        header[1] = "TIME"  # a zone name too long for the column
+    out.write(_line(header, widths))
+    return widths
 
 
 def cmd_events(args: argparse.Namespace, out: TextIO) -> int:
     """Tail, filter or verify the event log."""
+    config, path = _load(args)
+    zone = config.zone
     # A bad --since is a usage error whatever state the store is in, so check it first.
-    since = parse_since(args.since) if getattr(args, "since", None) else None
-    _, store = _open_store(args)
+    since = parse_since(args.since, zone) if getattr(args, "since", None) else None
+    store = _existing_store(config, path)
     try:
         if args.action == "verify":
-            report = store.verify_chain()
-            if report.ok and report.checked == 0:
-                out.write("OK: no events stored\n")
-                return EXIT_OK
-            if report.ok:
-                out.write(f"OK: {report.checked} events, seq {report.first_seq} to "
-                          f"{report.last_seq}, hash chain intact\n")
-                return EXIT_OK
-            out.write(f"BROKEN: {len(report.problems)} problem(s) in {report.checked} "
-                      "events\n")
-            for problem in report.problems:
-                out.write(f"  {problem}\n")
-            return EXIT_FAILURE
+            return _verify(store, out)
+        _check_filters(args, config, store)
         events = store.events(kind=args.kind, door=args.door, reason=args.reason,
                               since_ms=since, limit=args.n, newest_first=True)
         events.reverse()
-        _print_events(events, out, args.json)
-        if args.action == "tail" and args.follow:
+        follow = args.action == "tail" and args.follow
+        widths = list(_WIDTHS)
+        if not args.json:
+            filtered = any(x is not None for x in (args.kind, args.door, args.reason, since))
+            widths = _table_start(events, out, config.site.timezone, follow=follow,
+                                  filtered=filtered)
+        _print_events(events, out, args.json, zone, widths)
+        if follow:
             newest = store.events(newest_first=True, limit=1)
             after = newest[0].seq if newest else 0
             while True:
@@ -278,7 +429,7 @@ def cmd_events(args: argparse.Namespace, out: TextIO) -> int:
                 time.sleep(0.5)
                 fresh = store.events(after_seq=after, kind=args.kind, door=args.door,
                                      reason=args.reason)
-                _print_events(fresh, out, args.json)
+                _print_events(fresh, out, args.json, zone, widths)
                 if fresh:
                     after = fresh[-1].seq
     except KeyboardInterrupt:

@@ -234,6 +234,11 @@ class PolicyConfig(_Model):
     holidays: tuple[date, ...] = Field(default=(), strict=False)
     schedules: dict[Ident, WeeklySchedule] = Field(default_factory=dict)
     clock_floor: date = date(2026, 1, 1)
+    clock_max_ahead_days: int = Field(default=30, ge=1, le=3650)
+    """After a restart, a clock more than this far past the trusted floor (agent/clock.py)
+    is judged ``ahead`` until the office or NTP confirms it."""
+    clock_trust_ntp: bool = True
+    """Take the kernel's NTP-synchronised state as a trusted time source."""
 
     @field_validator("schedules")
     @classmethod

@@ -19,7 +19,6 @@ import contextlib
 import errno
 import os
 import tempfile
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -28,10 +27,10 @@ from typing import Any, Literal, TextIO
 
 import serial
 
+from agent.clock import ClockJudge, ClockState
 from agent.config import Config
 from agent.keys import load_site_key, resolve_secret_path
 from agent.resolve import config_dir, resolve_store_path
-from agent.runtime import clock_state
 from agent.secrets_check import require_private
 from agent.store import Store, lists_path
 from common.sqlite import StoreError
@@ -341,12 +340,26 @@ def check_sync(config: Config, config_path: Path | None) -> list[Check]:
     return checks
 
 
+class _ReadOnlyFloor:
+    """The stored trusted floor, read but never written (the doctor changes nothing)."""
+
+    def __init__(self, values: dict[str, str | None]) -> None:
+        self._values = values
+
+    def meta(self, key: str) -> str | None:
+        return self._values.get(key)
+
+    def set_meta(self, key: str, value: str) -> None:
+        del key, value
+
+
 def check_clock(config: Config, config_path: Path | None) -> Check:
-    """Is the clock past the configured floor and not behind the newest event?"""
-    now_ms = time.time_ns() // 1_000_000
+    """Is the clock past the configured floor, and not behind (or far ahead of) the
+    trusted floor the agent keeps? Judged as the agent judges it at start
+    (agent/clock.py)."""
     floor = datetime.combine(config.policy.clock_floor, datetime.min.time(), config.zone)
     db = resolve_store_path(config, config_path)
-    last: int | None = None
+    values: dict[str, str | None] = {}
     if db.exists() and lists_path(db).exists():  # opening a partial store would create
         try:
             store = Store(db)
@@ -354,20 +367,32 @@ def check_clock(config: Config, config_path: Path | None) -> Check:
             store = None
         if store is not None:
             try:
-                last = store.last_event_ms()
+                values = {key: store.meta(key) for key in ("clock_trusted_ms",
+                                                            "clock_trusted_source")}
             except (StoreError, OSError):
-                last = None
+                values = {}
             finally:
                 store.close()
+    judge = ClockJudge(_ReadOnlyFloor(values), floor=floor,
+                       max_ahead_s=config.policy.clock_max_ahead_days * 86_400,
+                       trust_ntp=config.policy.clock_trust_ntp)
+    judgement = judge.judge()
     now = datetime.now(config.zone).isoformat(timespec="seconds")
-    state = clock_state(now_ms, last, floor)
     fix = ("enable time sync ('sudo timedatectl set-ntp true') or fit a real-time clock: "
            "validity dates and schedules are judged by this clock")
-    if state == "unset":
+    trusted = ""
+    if judgement.trusted_ms is not None:
+        at = datetime.fromtimestamp(judgement.trusted_ms / 1000, config.zone)
+        trusted = (f" (trusted floor {at:%Y-%m-%d %H:%M}, from "
+                   f"{judgement.source or 'an earlier run'})")
+    if judgement.state is ClockState.UNSET:
         return Check("fail", "clock", f"{now} is before the floor "
                      f"{config.policy.clock_floor.isoformat()} (clock not set)", fix)
-    if state == "behind":
-        return Check("fail", "clock", f"{now} is earlier than the newest stored event", fix)
+    if judgement.state is ClockState.BEHIND:
+        return Check("fail", "clock", f"{now} is behind the trusted time{trusted}", fix)
+    if judgement.state is ClockState.AHEAD:
+        return Check("fail", "clock", f"{now} is far ahead of the trusted time{trusted}; "
+                     "nothing is pruned by age until NTP or the office confirms it", fix)
     return Check("ok", "clock", now)
 
 

@@ -27,6 +27,7 @@ from typing import Any
 import structlog
 
 from agent import __version__
+from agent.clock import ClockJudge, ClockState, Judgement
 from agent.config import Config, ReaderConfig
 from agent.control import ControlServer, simulated_inputs, simulated_readers
 from agent.datalock import DataLock
@@ -72,7 +73,6 @@ several milliseconds and would land on whichever tap triggered it."""
 LEASE_CHECK_S = 60.0
 """How often ended leases are marked ended (their access stopped at the lease end by
 itself; this records it)."""
-CLOCK_SKEW_TOLERANCE_MS = 5 * 60_000
 
 
 def build_policy(config: Config, mode: Mode | None = None) -> Policy:
@@ -100,16 +100,6 @@ def check_drivers(config: Config) -> None:
         registry.check_options("reader", reader.driver, reader.options, f"readers[{i}]")
 
 
-def clock_state(now_ms: int, last_event_ms: int | None, floor: datetime) -> str:
-    """``ok``, ``unset`` (before the configured floor date: no RTC, no NTP yet) or
-    ``behind`` (earlier than events already recorded: the clock went backwards)."""
-    if now_ms < int(floor.timestamp() * 1000):
-        return "unset"
-    if last_event_ms is not None and now_ms + CLOCK_SKEW_TOLERANCE_MS < last_event_ms:
-        return "behind"
-    return "ok"
-
-
 @dataclass(slots=True)
 class ReadTiming:
     """Timestamps (``time.perf_counter``) of one card read through the agent."""
@@ -134,6 +124,8 @@ class Agent:
         self.config_dir = self.paths.config_dir
         self.store: Store | None = None
         self._lock: DataLock | None = None
+        self.clock: ClockJudge | None = None
+        self._prune_held = False
         self._decide_lock = threading.Lock()
         self.captures = Captures()
         """Open enrollment captures: a tap at a capturing reader is taken, not decided."""
@@ -399,24 +391,56 @@ class Agent:
         log.warning("mode_changed", mode=mode.value, source=source)
 
     def _check_clock(self) -> None:
+        """Judge the clock at start (agent/clock.py) and record what was found."""
         assert self.store is not None
-        now_ms = time.time_ns() // 1_000_000
-        floor = datetime.combine(self.config.policy.clock_floor, datetime.min.time(),
-                                 self.config.zone)
-        last = self.store.last_event_ms()
-        # The agent_started event just written carries now_ms itself; compare with the
-        # newest event before it.
-        previous = self.store.events(newest_first=True, limit=2)
-        if len(previous) == 2:
-            last = previous[1].ts_ms
-        state = clock_state(now_ms, last, floor)
-        self._record(Event("clock_checked", reason=state, data={"now_ms": now_ms,
-                           "last_event_ms": last}),
-                     device=("system", "clock", json.dumps({"state": state})))
-        if state != "ok":
-            log.error("clock_suspect", state=state, now=datetime.now(self.config.zone)
-                      .isoformat(), hint="set the time (NTP or an RTC); validity dates and "
-                      "schedules are judged by this clock")
+        cfg = self.config.policy
+        self.clock = ClockJudge(
+            self.store, floor=datetime.combine(cfg.clock_floor, datetime.min.time(),
+                                               self.config.zone),
+            max_ahead_s=cfg.clock_max_ahead_days * 86_400, trust_ntp=cfg.clock_trust_ntp)
+        judgement = self.clock.judge()
+        self.store.clock_tag = self._clock_tag
+        self._clock_event("clock_checked", judgement)
+
+    def _clock_tag(self) -> str | None:
+        state = self.clock.state if self.clock is not None else ClockState.OK
+        return None if state is ClockState.OK else state.value
+
+    def _clock_event(self, kind: str, judgement: Judgement) -> None:
+        state = judgement.state.value
+        self._record(Event(kind, reason=state, data={
+            "now_ms": judgement.now_ms, "trusted_ms": judgement.trusted_ms,
+            "source": judgement.source}),
+            device=("system", "clock", json.dumps({
+                "state": state, "trusted_ms": judgement.trusted_ms,
+                "offset_s": judgement.offset_s})))
+        if judgement.state is not ClockState.OK:
+            log.error("clock_suspect", state=state, offset_s=judgement.offset_s,
+                      now=datetime.now(self.config.zone).isoformat(),
+                      hint="set the time (NTP or an RTC); until then nothing is pruned by "
+                      "age and the lists count as stale")
+        elif kind == "clock_changed":
+            log.warning("clock_recovered", offset_s=judgement.offset_s)
+
+    def rejudge_clock(self) -> ClockState:
+        """Judge the clock again; a change of state is recorded (``clock_changed``)."""
+        if self.clock is None:
+            return ClockState.OK
+        before = self.clock.state
+        judgement = self.clock.judge()
+        if judgement.state is not before:
+            self._clock_event("clock_changed", judgement)
+        return judgement.state
+
+    def clock_observed(self, trusted_ms: int, source: str) -> None:
+        """A trusted time source (the office's signed time) was seen (``SyncHost``)."""
+        if self.clock is not None:
+            self.clock.observe(trusted_ms, source)
+            self.rejudge_clock()
+
+    def clock_ok(self) -> bool:
+        """Whether the clock is judged right (``SyncHost``)."""
+        return self.clock is None or self.clock.state is ClockState.OK
 
     def _housekeeping(self) -> None:
         assert self.store is not None
@@ -425,6 +449,7 @@ class Agent:
         while not self._stopping.wait(CHECKPOINT_S):
             try:
                 self.store.checkpoint()
+                self.rejudge_clock()
                 if self._enroller is not None and time.monotonic() >= next_leases:
                     next_leases = time.monotonic() + LEASE_CHECK_S
                     self._enroller.expire_leases()
@@ -437,11 +462,21 @@ class Agent:
     def prune(self) -> int:
         """Apply event retention now; returns the number of events deleted."""
         assert self.store is not None
+        clock = self.rejudge_clock()
+        held = clock is not ClockState.OK
+        if held != self._prune_held:
+            self._prune_held = held
+            if held:
+                # Retention by age is suspended while the clock cannot be believed: a
+                # clock far ahead would make every event look old.
+                self._record(Event("prune_held", reason=f"clock_{clock.value}"))
+                log.error("prune_held", clock=clock.value)
         try:
             deleted = self.store.prune(
                 retention_days=self.config.store.event_retention_days,
                 max_events=self.config.store.max_events,
                 keep_unacked=self.keep_unacked,
+                by_age=not held,
                 presence_max_age_s=(self.policy.passback_reset_s
                                     or self.config.store.event_retention_days * 86_400))
         except StoreError as exc:

@@ -25,8 +25,8 @@ import os
 import sqlite3
 import time
 import uuid
-from collections.abc import Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, replace
 from datetime import datetime, tzinfo
 from pathlib import Path
 from typing import Any
@@ -223,6 +223,8 @@ class Store:
         self.path = path
         self.lists_path = lists_path(path)
         self._clock_ms = clock_ms
+        self.clock_tag: Callable[[], str | None] | None = None
+        """Set by the agent: the clock's state when it is not ``ok`` (agent/clock.py)."""
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
@@ -277,6 +279,14 @@ class Store:
     def meta(self, key: str) -> str | None:
         """A value from the event database's meta table."""
         return self._ev.meta(key)
+
+    def set_meta(self, key: str, value: str) -> None:
+        """Store a value in the event database's meta table."""
+        with self._write_lock:
+            try:
+                self._writer.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, value))
+            except sqlite3.Error as exc:
+                raise StoreError(f"{self.path}: cannot write {key}: {exc}") from exc
 
     # -- decisions -----------------------------------------------------------------
 
@@ -343,6 +353,11 @@ class Store:
         Raises ``StoreError`` when the write fails (disk full, I/O error); nothing is
         half-written then and the chain head is unchanged.
         """
+        tag = self.clock_tag() if self.clock_tag is not None else None
+        if tag is not None and "clock" not in event.data:
+            # Events carry the clock state they were recorded under when it is not "ok"
+            # (agent/clock.py); absent means the clock was judged right.
+            event = replace(event, data={**event.data, "clock": tag})
         with self._write_lock:
             seq = self._last_seq + 1
             event_id = str(time_ordered_uuid(self._clock_ms()))
@@ -443,7 +458,7 @@ class Store:
         return ChainReport(not problems, checked, first, last, tuple(problems))
 
     def prune(self, *, retention_days: int, max_events: int, keep_unacked: bool,
-              presence_max_age_s: int | None = None) -> int:
+              presence_max_age_s: int | None = None, by_age: bool = True) -> int:
         """Delete old events and return how many went.
 
         Deletes the oldest events while they are older than ``retention_days`` (stopping at
@@ -457,9 +472,14 @@ class Store:
         """
         now = self._clock_ms()
         reader = self._ev.conn()
-        first_recent = reader.execute("SELECT min(seq) FROM events WHERE ts_ms >= ?",
-                                      (now - retention_days * 86_400_000,)).fetchone()[0]
-        upto = int(first_recent) - 1 if first_recent is not None else self._last_seq
+        upto = 0
+        if by_age:
+            # Only with a clock judged right: a clock far ahead would make every event
+            # look old (a +400-day jump deleted the whole log before this gate).
+            first_recent = reader.execute(
+                "SELECT min(seq) FROM events WHERE ts_ms >= ?",
+                (now - retention_days * 86_400_000,)).fetchone()[0]
+            upto = int(first_recent) - 1 if first_recent is not None else self._last_seq
         total = int(reader.execute("SELECT count(*) FROM events").fetchone()[0])
         if total > max_events:
             row = reader.execute("SELECT seq FROM events ORDER BY seq LIMIT 1 OFFSET ?",
@@ -492,7 +512,7 @@ class Store:
                 except sqlite3.Error as exc:
                     rollback(conn)
                     raise StoreError(f"{self.path}: cannot prune events: {exc}") from exc
-        if presence_max_age_s is not None:
+        if presence_max_age_s is not None and by_age:
             with self._write_lock:
                 try:
                     self._writer.execute("DELETE FROM presence WHERE at < ?",

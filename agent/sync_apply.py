@@ -84,6 +84,12 @@ class SyncHost(Protocol):
     def set_stale_cutoff(self, cutoff: int | None) -> None:
         """Apply (or lift, with None) the stale-list policy."""
 
+    def clock_observed(self, trusted_ms: int, source: str) -> None:
+        """The office's signed time was seen (agent/clock.py)."""
+
+    def clock_ok(self) -> bool:
+        """Whether the wall clock is judged right."""
+
     def enrollment_decided(self, decided: Decided) -> None:
         """Apply the office's answer to an enrollment made here (raises ``StoreError``)."""
 
@@ -218,6 +224,15 @@ class Applier:
         if message.gateway != target:
             raise RefusedError("wrong_target", f"addressed to {message.gateway!r}")
         now = self._clock()
+        if message.issued_at > now + MAX_CLOCK_SKEW_S:
+            # Signed by the office, so its time is the better one: our clock is behind.
+            # The clock judge raises the alarm and the offline policy applies (stale).
+            self.host.clock_observed(message.issued_at * 1000, "office")
+        if stream in ("rev", "all"):
+            # Revocations only take access away: applied whatever the clock says, or a
+            # wrong clock would keep a revoked card working. Their seq still refuses
+            # replays and rollbacks.
+            return
         if now >= message.expires_at:
             raise RefusedError("expired", f"expired at {message.expires_at}, now {int(now)}")
         if message.issued_at > now + MAX_CLOCK_SKEW_S:
@@ -254,6 +269,7 @@ class Applier:
     def _on_heartbeat(self, hb: Heartbeat) -> None:
         self.store.set_stream("hb", hb.seq, {"issued_at": hb.issued_at,
                                              "expires_at": hb.expires_at})
+        self.host.clock_observed(hb.issued_at * 1000, "office")
         versions = self.versions()
         if (hb.list_version > versions.get("list", 0) or hb.rev_seq > versions.get("rev", 0)
                 or hb.all_seq > versions.get("all", 0)):
@@ -425,7 +441,9 @@ class Applier:
         detail = self.store.stream_detail("hb")
         reference = float(detail["issued_at"]) if detail else self._started
         now = self._clock()
-        stale = now - reference > self.config.heartbeat_max_age_s
+        # A clock judged wrong makes the heartbeat's age meaningless (negative when the
+        # clock went back): the lists then count as stale until the clock is right.
+        stale = now - reference > self.config.heartbeat_max_age_s or not self.host.clock_ok()
         if stale and self.config.offline_policy == "recent_only":
             self.host.set_stale_cutoff(int(now - self.config.recent_window_h * 3600))
         elif self.stale:

@@ -46,6 +46,7 @@ from agent.store import CredentialEntry, Store
 from common import logs
 from drivers.simulated import SimBus
 from protocol.chain import Event
+from tests.agentconf import DoorSpec, ReaderSpec, agent_toml
 from tests.broker import Broker
 from tests.harness import (
     GATEWAY,
@@ -59,33 +60,15 @@ from tests.harness import (
     wait_for,
 )
 
-CONFIG = """
-[site]
-site_id = "bench"
-gateway_id = "{gateway}"
-[store]
-path = "{folder}/pg.db"
-[keys]
-site_key = "{folder}/site.key"
-[sync]
-enabled = true
-host = "{host}"
-port = {port}
-tls = false
-trusted_keys = "{trusted}"
-batch_size = {batch_size}
-status_interval_s = 5
-[[doors]]
-id = "front"
-unlock_s = 0.2
-relay = {{ driver = "simulated" }}
-[[readers]]
-id = "front-in"
-door = "front"
-direction = "entry"
-driver = "simulated"
-debounce_s = 0
-"""
+
+def agent_config(folder: Path, broker: Broker, trusted: Path, batch_size: int) -> str:
+    """The in-process agent's configuration: sync on (plain MQTT) with ``batch_size``, one
+    door, one simulated reader without debounce, store and key in ``folder``."""
+    return agent_toml(folder, site_id="bench", gateway_id=GATEWAY,
+                      sync={"enabled": True, "host": broker.host, "port": broker.port,
+                            "tls": False, "trusted_keys": str(trusted),
+                            "batch_size": batch_size, "status_interval_s": 5},
+                      doors=(DoorSpec(unlock_s=0.2),), readers=(ReaderSpec(debounce_s=0),))
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -189,9 +172,8 @@ def main() -> int:
         generated = time.perf_counter()
         backlog_last = fill_outbox(gw / "pg.db", args.events)
         generate_s = time.perf_counter() - generated
-        config = parse_config(CONFIG.format(
-            gateway=GATEWAY, folder=gw, host=broker.host, port=broker.port,
-            trusted=office.trusted_keys, batch_size=args.batch_size), "<bench>")
+        config = parse_config(agent_config(gw, broker, office.trusted_keys, args.batch_size),
+                              "<bench>")
         bus = SimBus()
         agent = Agent(config, bus=bus)
         taps = Taps(agent, bus, args.tap_every_ms / 1000)

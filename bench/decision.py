@@ -29,6 +29,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # for tests.agentconf
+
 from agent.config import ReaderConfig, parse_config
 from agent.decision import Decision
 from agent.runtime import Agent, ReadTiming
@@ -36,27 +38,17 @@ from agent.store import CredentialEntry, Store
 from common import logs
 from drivers.simulated import SimBus, SimulatedRelay
 from protocol.hashing import CredentialHasher
+from tests.agentconf import DoorSpec, ReaderSpec, agent_toml
 
-CONFIG = """
-[site]
-site_id = "bench"
-gateway_id = "bench-gw"
-[store]
-path = "{folder}/bench.db"
-[keys]
-site_key = "{folder}/site.key"
-generate_missing = true
-[[doors]]
-id = "bench"
-unlock_s = {unlock_s}
-relay = {{ driver = "simulated" }}
-[[readers]]
-id = "bench-in"
-door = "bench"
-direction = "entry"
-driver = "simulated"
-debounce_s = 0
-"""
+
+def bench_config(folder: Path, unlock_s: float) -> str:
+    """The agent's configuration: one door, one simulated reader without debounce, the
+    store and a generated site key in ``folder``."""
+    return agent_toml(folder, site_id="bench", gateway_id="bench-gw",
+                      store={"path": str(folder / "bench.db")},
+                      keys={"generate_missing": True},
+                      doors=(DoorSpec("bench", unlock_s=unlock_s),),
+                      readers=(ReaderSpec("bench-in", door="bench", debounce_s=0),))
 
 
 class TimedRelay(SimulatedRelay):
@@ -112,7 +104,7 @@ def main() -> int:
     unlock_s = 0.005
     with tempfile.TemporaryDirectory(prefix="permitgate-bench-") as tmp:
         folder = Path(tmp)
-        config = parse_config(CONFIG.format(folder=folder, unlock_s=unlock_s), "<bench>")
+        config = parse_config(bench_config(folder, unlock_s), "<bench>")
         bus = SimBus()
         relay = TimedRelay(bus)
         agent = Agent(config, bus=bus, devices={"bench.relay": relay})

@@ -7,9 +7,12 @@ state in one folder:
 - ``central.db``: the database (``provisioning.db``; SQLite, WAL, ``synchronous=FULL``):
   gateways and the sequence number of every stream sent to them, enrolled entries (keyed
   hashes only), revocations, the events received and the chain problems found in them,
-  what each gateway reported, requests from one-shot commands to ``serve``;
-- ``signing/<kid>.pem``, ``trusted-keys.txt``, ``permit.key``, ``site-keys/``: the keys
-  (``provisioning.keys``, with the rotation of signing keys);
+  what each gateway reported, enrollments made at gateways (with the permit numbers the
+  office needs for the registry comparison), the enrollment policy, requests from
+  one-shot commands to ``serve``;
+- ``signing/<kid>.pem``, ``trusted-keys.txt``, ``permit.key``, ``seal.key`` and
+  ``office-seal.pub``, ``site-keys/``: the keys (``provisioning.keys``, with the rotation
+  of signing keys);
 - ``serve.lock``: one publisher per folder (``provisioning.handoff``).
 
 ``Central`` only wires the rooms together; each does one job:
@@ -19,7 +22,9 @@ state in one folder:
 - ``provisioning.enrollment``: gateways and their enrolled cards;
 - ``provisioning.publish``: typed operations built, numbered and signed;
 - ``provisioning.receive``: gateway messages checked, stored, acknowledged, answered;
-- ``provisioning.reports``: ``show`` and ``events``;
+- ``provisioning.tenants``: enrollments made at gateways: unsealed, checked, confirmed or
+  rejected by the office's policy or an officer, answered;
+- ``provisioning.reports``: ``show``, ``events`` and ``enrollments``;
 - ``provisioning.serve``: the worker thread of ``run()`` and its MQTT client;
 - ``provisioning.mqtt``: broker settings and the one-shot connection;
 - ``provisioning.handoff``: the folder lock and the request queue to a running ``serve``.
@@ -39,16 +44,20 @@ from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+import structlog
+
 from protocol.messages import Entry, EventBatch, Revoked
 from protocol.signing import b64
 from provisioning.db import OfficeDatabase
 from provisioning.db.sqlite import SqliteOfficeDatabase
 from provisioning.enrollment import Enrollment, normalise_card_id
 from provisioning.errors import CentralError, CentralUsageError, PublishError
-from provisioning.handoff import REQUEST_TIMEOUT_S, FolderLock, RequestQueue
+from provisioning.handoff import REQUEST_TIMEOUT_S, FolderLock, Request, RequestQueue
 from provisioning.keys import (
     DEFAULT_KID,
     PERMIT_KEY_NAME,
+    SEAL_KEY_NAME,
+    SEAL_PUBLIC_NAME,
     TRUSTED_KEYS_NAME,
     KeygenResult,
     OfficeKeys,
@@ -74,14 +83,20 @@ from provisioning.publish import (
 from provisioning.receive import RESYNC_INTERVAL_S, Receiver, StoreResult
 from provisioning.reports import Reports
 from provisioning.serve import DEFAULT_HEARTBEAT_EVERY_S, Duties, Worker
+from provisioning.tenants import POLICIES, ConfirmEnrollment, RejectEnrollment, Tenants
 
 __all__ = [  # what the CLI, tests and benchmarks take from the facade
-    "COMMAND_ACTIONS", "DEFAULT_HEARTBEAT_EVERY_S", "DEFAULT_KID", "MAX_CHUNK_ENTRIES",
-    "PERMIT_KEY_NAME", "TRUSTED_KEYS_NAME", "Central", "CentralError", "CentralUsageError",
-    "KeygenResult", "PublishError", "StoreResult", "keygen", "permit_hash",
+    "COMMAND_ACTIONS", "DEFAULT_HEARTBEAT_EVERY_S", "DEFAULT_KID", "ENROLLMENT_POLICIES",
+    "MAX_CHUNK_ENTRIES", "PERMIT_KEY_NAME", "SEAL_KEY_NAME", "SEAL_PUBLIC_NAME",
+    "TRUSTED_KEYS_NAME", "Central", "CentralError", "CentralUsageError", "KeygenResult",
+    "PublishError", "StoreResult", "keygen", "permit_hash",
 ]
 
+ENROLLMENT_POLICIES = POLICIES
+
 DB_NAME = "central.db"
+
+log = structlog.get_logger()
 
 
 class Central:
@@ -119,9 +134,11 @@ class Central:
                                     ttl_s=ttl_s, heartbeat_ttl_s=heartbeat_ttl_s)
         self._enrollment = Enrollment(self._db, self._keys, clock=clock,
                                       on_worker=self._worker.submit)
+        self._tenants = Tenants(self._db, self._keys, self._publisher, clock=clock)
         self._receiver = Receiver(self._db, self._publisher, clock=clock,
-                                  resync_interval_s=resync_interval_s)
+                                  resync_interval_s=resync_interval_s, tenants=self._tenants)
         self._reports = Reports(self._db)
+        self._caught_up = False
         self.subscribed = self._worker.subscribed
         """Set once the serving client's subscription is acknowledged (tests wait on it)."""
 
@@ -236,25 +253,69 @@ class Central:
             raise CentralError(f"heartbeat_all: unexpected result {result!r}")
         return result
 
+    # -- enrollments made at gateways (provisioning.tenants) ----------------------------
+
+    def enrollment_policy(self) -> str:
+        """``auto`` (confirm what checks out) or ``hold`` (wait for an officer)."""
+        return self._tenants.policy()
+
+    def set_enrollment_policy(self, policy: str) -> None:
+        """Set the policy; a running ``serve`` applies it to what it receives next."""
+        self._worker.submit(lambda: self._tenants.set_policy(policy))
+
+    def enrollments(self, gateway: str | None = None, status: str | None = None, *,
+                    reveal: bool = False) -> list[dict[str, Any]]:
+        """Enrollments made at gateways (``Reports.enrollments``)."""
+        return self._reports.enrollments(gateway, status, reveal=reveal)
+
+    def confirm_enrollment(self, gateway: str, enrollment: str) -> dict[str, int]:
+        """Confirm a received or held enrollment: its card into the list (a delta), then
+        the signed decision; a confirmed one's decision is sent again. Returns
+        ``{"enr": seq, "list": version}`` (``list`` only when the list changed)."""
+        return self._decision(ConfirmEnrollment(gateway, enrollment))
+
+    def reject_enrollment(self, gateway: str, enrollment: str,
+                          reason: str = "officer") -> dict[str, int]:
+        """Reject an enrollment (a confirmed one's card leaves the list), then the signed
+        decision; a rejected one's decision is sent again."""
+        return self._decision(RejectEnrollment(gateway, enrollment, reason))
+
+    def _decision(self, op: Request) -> dict[str, int]:
+        result = self._publish(op)
+        if not isinstance(result, dict):
+            raise CentralError(f"{type(op).__name__}: unexpected result {result!r}")
+        return result
+
     def _seq(self, op: Operation) -> int:
         result = self._publish(op)
         if not isinstance(result, int):
             raise CentralError(f"{type(op).__name__}: unexpected result {result!r}")
         return result
 
-    def _publish(self, op: Operation) -> OpResult:
+    def _check(self, op: Request) -> None:
+        if isinstance(op, ConfirmEnrollment | RejectEnrollment):
+            self._tenants.check(op)
+        else:
+            self._publisher.check(op)
+
+    def _perform(self, op: Request) -> OpResult:
+        if isinstance(op, ConfirmEnrollment | RejectEnrollment):
+            return self._tenants.perform(op)
+        return self._publisher.perform(op)
+
+    def _publish(self, op: Request) -> OpResult:
         """Check ``op``, then run it through the one publisher of this folder: on the
         worker while ``run()`` is active here; else handed to the ``serve`` that holds the
         folder lock elsewhere, without connecting (``provisioning.handoff``); else here,
         on a one-shot connection made before any sequence number is spent, every message
         acknowledged by the broker before this returns (``provisioning.mqtt``)."""
-        self._publisher.check(op)
+        self._check(op)
         if self._worker.active:
-            return self._worker.submit(lambda: self._publisher.perform(op))
+            return self._worker.submit(lambda: self._perform(op))
         if not self._link.connected and not self._lock.hold(exclusive=False):
             return self._requests.submit(op)
         self._link.connect()
-        result = self._publisher.perform(op)
+        result = self._perform(op)
         self._link.flush()
         return result
 
@@ -282,6 +343,7 @@ class Central:
                                "using this folder; only one may publish for it")
         try:
             self._requests.reset()
+            self._caught_up = False
             self._worker.run(stop, Duties(self._receiver.handle,
                                           self._publisher.heartbeat_all, self._chores),
                              heartbeat_every_s=heartbeat_every_s)
@@ -289,19 +351,28 @@ class Central:
             self._lock.release()
 
     def _chores(self) -> None:
+        if not self._caught_up and self._worker.subscribed.is_set():
+            # Once connected: tenant events a stop left unacted on, decisions it left
+            # unsent (provisioning.tenants).
+            self._caught_up = True
+            try:
+                self._tenants.catch_up()
+            except (CentralError, CentralUsageError) as exc:
+                log.error("tenant_events_not_processed", error=str(exc))
         self._receiver.answer_due_resyncs()
-        self._requests.serve_pending(self._publisher.perform)
+        self._requests.serve_pending(self._perform)
 
     def store_events(self, gateway: str, batch: EventBatch) -> StoreResult:
         """Store a batch once (dedupe by seq), check its links, advance ``acked_upto``
-        (``Receiver.store_events``)."""
+        (``Receiver.store_events``). Its tenant events are acted on by ``run()``: after
+        the next batch it receives, or once it is connected."""
         return self._receiver.store_events(gateway, batch)
 
     # -- reports (provisioning.reports) ----------------------------------------------
 
     def report(self) -> dict[str, Any]:
         """Everything ``show`` prints, as plain data."""
-        return self._reports.report()
+        return {**self._reports.report(), "enrollment_policy": self._tenants.policy()}
 
     def gateway_report(self, gateway: str) -> dict[str, Any]:
         """The ``show`` report of one gateway."""

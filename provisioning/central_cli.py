@@ -12,6 +12,7 @@ import os
 import signal
 import sys
 import threading
+import time
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -24,6 +25,7 @@ from provisioning.central import (
     COMMAND_ACTIONS,
     DEFAULT_HEARTBEAT_EVERY_S,
     DEFAULT_KID,
+    ENROLLMENT_POLICIES,
     MAX_CHUNK_ENTRIES,
     Central,
     CentralError,
@@ -88,7 +90,7 @@ def _folder(args: argparse.Namespace, *, must_exist: bool = True) -> Path:
     folder = Path(raw)
     if must_exist and not folder.is_dir():
         raise UsageError(f"--dir {folder}: no such folder (create it with "
-                         f"'permitgate-central keygen {folder}')")
+                         f"'permitgate-central --dir {folder} keygen')")
     return folder
 
 
@@ -104,14 +106,33 @@ def _central(args: argparse.Namespace) -> Central:
 # -- commands ------------------------------------------------------------------------
 
 
+def _keygen_folder(args: argparse.Namespace) -> Path:
+    """The folder ``keygen`` writes to: its ``DIR`` argument, else ``--dir`` (before or
+    after the command) or ``$PERMITGATE_CENTRAL_DIR``, like every other command."""
+    if args.folder is None:
+        return _folder(args, must_exist=False)
+    dir_option = getattr(args, "dir", None)
+    if dir_option and Path(dir_option) != Path(args.folder):
+        raise UsageError(f"keygen: two folders given ({args.folder} and --dir "
+                         f"{dir_option}); give one")
+    return Path(args.folder)
+
+
 def cmd_keygen(args: argparse.Namespace, out: TextIO) -> int:
     """Create a signing key (and, once, the permit key)."""
-    result = keygen(Path(args.folder), args.kid)
-    out.write(f"wrote signing key {result.kid} to {result.private_key} (mode 0600)\n"
-              f"listed it in {result.trusted_keys}: install that file on every gateway\n")
+    result = keygen(_keygen_folder(args), args.kid)
+    if result.signing_key_created:
+        out.write(f"wrote signing key {result.kid} to {result.private_key} (mode 0600)\n"
+                  f"listed it in {result.trusted_keys}: install that file on every gateway\n")
     if result.permit_key_created:
         out.write(f"wrote the permit key to {result.permit_key} (mode 0600): back it up; "
                   "replacing it changes every permit hash\n")
+    if result.seal_key_created:
+        out.write(f"wrote the seal key to {result.seal_key} (mode 0600) and its public key "
+                  f"to {result.seal_public}: copy {result.seal_public.name} to every gateway "
+                  "that enrolls tenants, beside its trusted-keys.txt ([enrollment] "
+                  "seal_key); back up the seal key: without it no sealed permit number "
+                  "opens\n")
     return EXIT_OK
 
 
@@ -222,12 +243,79 @@ def cmd_serve(args: argparse.Namespace, out: TextIO) -> int:
     return EXIT_OK
 
 
+def local_time(ms: int, timespec: str = "seconds") -> str:
+    """Unix milliseconds as this machine's local time with its offset (the zone the
+    office's dates, such as ``enroll --until``, are read in)."""
+    return datetime.fromtimestamp(ms / 1000, UTC).astimezone().isoformat(
+        sep=" ", timespec=timespec)
+
+
+def _age(seconds: float) -> str:
+    if seconds < 0:
+        return f"{-seconds:.0f} s in the future"
+    for limit, unit, size in ((120, "s", 1), (7200, "min", 60), (172_800, "h", 3600)):
+        if seconds < limit:
+            return f"{seconds / size:.0f} {unit} ago"
+    return f"{seconds / 86_400:.0f} d ago"
+
+
+def cmd_enrollments(args: argparse.Namespace, out: TextIO) -> int:
+    """Enrollments made at gateways (``--status held``: those waiting for an officer)."""
+    with _central(args) as central:
+        found = central.enrollments(args.gateway, args.status, reveal=args.reveal)
+    for e in found:
+        if args.json:
+            out.write(json.dumps(e, sort_keys=True) + "\n")
+            continue
+        reason = f" ({e['reason']})" if e["reason"] else ""
+        lease = ("?" if e["lease_end"] is None else
+                 datetime.fromtimestamp(e["lease_end"], UTC).date().isoformat())
+        permit = f"  permit {e['permit']}" if e["permit"] else ""
+        elsewhere = f"  also listed at {','.join(e['elsewhere'])}" if e["elsewhere"] else ""
+        out.write(f"{e['gateway']}  {e['enrollment']}  unit {e['unit']}  card {e['cred']}  "
+                  f"{e['status']}{reason}  lease end {lease}{permit}{elsewhere}\n")
+    if not found and not args.json:
+        out.write("no enrollments\n")
+    return EXIT_OK
+
+
+def cmd_confirm(args: argparse.Namespace, out: TextIO) -> int:
+    """Confirm an enrollment: the card into the gateway's list, then the decision."""
+    with _central(args) as central:
+        sent = central.confirm_enrollment(args.gateway, args.enrollment)
+    listed = f"list version {sent['list']}, " if "list" in sent else ""
+    out.write(f"confirmed enrollment {args.enrollment} at {args.gateway} ({listed}"
+              f"decision enr seq {sent['enr']})\n")
+    return EXIT_OK
+
+
+def cmd_reject(args: argparse.Namespace, out: TextIO) -> int:
+    """Reject an enrollment (a confirmed one's card leaves the list), then the decision."""
+    with _central(args) as central:
+        sent = central.reject_enrollment(args.gateway, args.enrollment, args.reason)
+    listed = f"list version {sent['list']}, " if "list" in sent else ""
+    out.write(f"rejected enrollment {args.enrollment} at {args.gateway} ({args.reason}; "
+              f"{listed}decision enr seq {sent['enr']})\n")
+    return EXIT_OK
+
+
+def cmd_policy(args: argparse.Namespace, out: TextIO) -> int:
+    """Show or set the office's policy for enrollments made at gateways."""
+    with _central(args) as central:
+        before = central.enrollment_policy()
+        if args.value is not None:
+            central.set_enrollment_policy(args.value)
+    if args.value is None or args.value == before:
+        out.write(f"enrollments: {before}\n")
+    else:
+        out.write(f"enrollments: {args.value} (was {before}); held enrollments stay held\n")
+    return EXIT_OK
+
+
 def _ago(ms: int | None) -> str:
     if ms is None:
         return "never"
-    when = datetime.fromtimestamp(ms / 1000, UTC)
-    age = datetime.now(UTC) - when
-    return f"{when.isoformat(timespec='seconds')} ({age.total_seconds():.0f} s ago)"
+    return f"{local_time(ms)} ({_age(time.time() - ms / 1000)})"
 
 
 def _print_gateway(gw: dict[str, Any], out: TextIO) -> None:
@@ -281,16 +369,22 @@ def cmd_events(args: argparse.Namespace, out: TextIO) -> int:
     """The newest events stored for a gateway."""
     with _central(args) as central:
         events = central.events(args.gateway, limit=args.n)
-    for ev in events:
-        if args.json:
+    if args.json:
+        for ev in events:
             out.write(json.dumps(ev, sort_keys=True) + "\n")
-            continue
-        when = datetime.fromtimestamp(ev["ts_ms"] / 1000, UTC).isoformat(
-            timespec="milliseconds")
-        where = "/".join(x for x in (ev["door"], ev["reader"]) if x)
-        out.write(f"{ev['seq']:>8}  {when}  {ev['kind']:<16} {where:<20} "
-                  f"{ev['direction'] or '':<5} {ev['reason'] or '':<26} "
-                  f"{ev['cred'] or ''}".rstrip() + "\n")
+        return EXIT_OK
+    if not events:
+        out.write(f"no events received from {args.gateway} yet\n")
+        return EXIT_OK
+    rows = [["SEQ", "TIME", "KIND", "DOOR/READER", "DIR", "REASON", "CRED"]]
+    rows += [[str(ev["seq"]), local_time(ev["ts_ms"], "milliseconds"), ev["kind"],
+              "/".join(x for x in (ev["door"], ev["reader"]) if x), ev["direction"] or "",
+              ev["reason"] or "", ev["cred"] or ""] for ev in events]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        cells = [cell.rjust(w) if i == 0 else cell.ljust(w)
+                 for i, (cell, w) in enumerate(zip(row, widths, strict=True))]
+        out.write("  ".join(cells).rstrip() + "\n")
     return EXIT_OK
 
 
@@ -348,7 +442,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("keygen", help="create a signing key and the permit key")
-    p.add_argument("folder", metavar="DIR")
+    p.add_argument("folder", metavar="DIR", nargs="?",
+                   help="the central folder, created if missing (default: --dir)")
+    p.add_argument("--dir", default=argparse.SUPPRESS, help="the central folder "
+                   f"(default: ${DIR_ENV})")
     p.add_argument("--kid", default=DEFAULT_KID, help=f"key id (default {DEFAULT_KID})")
     p.set_defaults(func=cmd_keygen)
 
@@ -391,7 +488,38 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_revoke)
 
     _add_operation_commands(sub, common)
+    _add_enrollment_commands(sub, common)
     return parser
+
+
+def _add_enrollment_commands(sub: Any, common: argparse.ArgumentParser) -> None:
+    """enrollments, confirm, reject, policy (enrollments made at gateways)."""
+    p = sub.add_parser("enrollments", parents=[common],
+                       help="enrollments made at gateways")
+    p.add_argument("gateway", metavar="GW", nargs="?", help="one gateway (default all)")
+    p.add_argument("--status", choices=("received", "held", "confirmed", "rejected", "ended"))
+    p.add_argument("--reveal", action="store_true",
+                   help="show permit numbers (for the registry comparison)")
+    p.add_argument("--json", action="store_true", help="one JSON object per line")
+    p.set_defaults(func=cmd_enrollments)
+
+    p = sub.add_parser("confirm", parents=[common], help="confirm an enrollment")
+    p.add_argument("gateway", metavar="GW")
+    p.add_argument("enrollment", metavar="ENROLLMENT_ID")
+    p.set_defaults(func=cmd_confirm)
+
+    p = sub.add_parser("reject", parents=[common], help="reject an enrollment")
+    p.add_argument("gateway", metavar="GW")
+    p.add_argument("enrollment", metavar="ENROLLMENT_ID")
+    p.add_argument("--reason", default="officer",
+                   help="a word the gateway records (default officer)")
+    p.set_defaults(func=cmd_reject)
+
+    p = sub.add_parser("policy", parents=[common], help="show or set the office's policy")
+    p.add_argument("setting", choices=("enrollments",))
+    p.add_argument("value", nargs="?", choices=ENROLLMENT_POLICIES,
+                   help="auto: confirm what checks out; hold: wait for an officer")
+    p.set_defaults(func=cmd_policy)
 
 
 def _add_operation_commands(sub: Any, common: argparse.ArgumentParser) -> None:

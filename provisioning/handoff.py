@@ -11,15 +11,18 @@ The request format (the ``requests`` table of ``central.db``; both sides are thi
 so it only has to agree with itself across one upgrade):
 
 - ``op``: the operation's name: ``snapshot``, ``delta``, ``revoke``, ``command``,
-  ``heartbeat``, ``heartbeat_all``;
+  ``heartbeat``, ``heartbeat_all``, ``confirm_enrollment``, ``reject_enrollment``;
 - ``args``: a JSON object of its fields: ``snapshot`` ``{"gateway", "chunk_entries"}``;
   ``delta`` ``{"gateway", "upsert": [b64 credential hash…], "remove": [b64…]}``;
   ``revoke`` ``{"target", "items": [{"kind", "hash"}…]}``; ``command``
-  ``{"gateway", "action"}``; ``heartbeat`` ``{"gateway"}``; ``heartbeat_all`` ``{}``.
-  Hashes only, never a card or permit number;
-- the outcome: ``result`` (JSON: the seq or version, or for ``heartbeat_all`` an object of
-  seqs by gateway) or ``error_kind`` ``usage`` (exit 2 for the command), ``failure``,
-  ``expired`` with ``error`` text.
+  ``{"gateway", "action"}``; ``heartbeat`` ``{"gateway"}``; ``heartbeat_all`` ``{}``;
+  ``confirm_enrollment`` ``{"gateway", "enrollment"}``; ``reject_enrollment``
+  ``{"gateway", "enrollment", "reason"}``. Hashes and ids only, never a card or permit
+  number;
+- the outcome: ``result`` (JSON: the seq or version; for ``heartbeat_all`` an object of
+  seqs by gateway; for the enrollment operations ``{"enr": seq}`` and, when the list
+  changed, ``"list": version``) or ``error_kind`` ``usage`` (exit 2 for the command),
+  ``failure``, ``expired`` with ``error`` text.
 
 A request waits at most ``REQUEST_TIMEOUT_S`` to be taken; once serve has taken it, its
 outcome (sent or not) is worth waiting for.
@@ -51,6 +54,7 @@ from provisioning.publish import (
     SendCommand,
     SendHeartbeat,
 )
+from provisioning.tenants import ConfirmEnrollment, EnrollmentOp, RejectEnrollment
 
 log = structlog.get_logger()
 
@@ -60,6 +64,9 @@ REQUEST_TIMEOUT_S = 30.0
 """How long a one-shot command waits for the running ``serve`` to take its request."""
 KEEP_DONE_MS = 86_400_000
 """Finished requests are forgotten a day later (at the next start of ``serve``)."""
+
+Request = Operation | EnrollmentOp
+"""Everything a one-shot command can hand to a running ``serve``."""
 
 
 def wall_ms() -> int:
@@ -98,7 +105,7 @@ class FolderLock:
 # -- the request format ---------------------------------------------------------------
 
 
-def encode(op: Operation) -> tuple[str, str]:
+def encode(op: Request) -> tuple[str, str]:
     """``(op, args)`` of the request format (see the module docstring)."""
     args: dict[str, Any]
     match op:
@@ -116,28 +123,36 @@ def encode(op: Operation) -> tuple[str, str]:
             name, args = "heartbeat", {"gateway": gateway}
         case HeartbeatAll():
             name, args = "heartbeat_all", {}
+        case ConfirmEnrollment(gateway, enrollment):
+            name, args = "confirm_enrollment", {"gateway": gateway, "enrollment": enrollment}
+        case RejectEnrollment(gateway, enrollment, reason):
+            name, args = "reject_enrollment", {"gateway": gateway, "enrollment": enrollment,
+                                               "reason": reason}
         case _:
             assert_never(op)
     return name, json.dumps(args)
 
 
-def decode(name: str, args_json: str) -> Operation:
+_DECODERS: dict[str, Callable[[dict[str, Any]], Request]] = {
+    "snapshot": lambda a: PublishSnapshot(a["gateway"], int(a["chunk_entries"])),
+    "delta": lambda a: PublishDelta(a["gateway"], tuple(unb64(c) for c in a["upsert"]),
+                                    tuple(unb64(c) for c in a["remove"])),
+    "revoke": lambda a: Revoke(a["target"], tuple(Revoked(**item) for item in a["items"])),
+    "command": lambda a: SendCommand(a["gateway"], a["action"]),
+    "heartbeat": lambda a: SendHeartbeat(a["gateway"]),
+    "heartbeat_all": lambda _a: HeartbeatAll(),
+    "confirm_enrollment": lambda a: ConfirmEnrollment(a["gateway"], a["enrollment"]),
+    "reject_enrollment": lambda a: RejectEnrollment(a["gateway"], a["enrollment"],
+                                                    a["reason"]),
+}
+
+
+def decode(name: str, args_json: str) -> Request:
     """The operation a request names; ``ValueError`` when it names none."""
-    args = json.loads(args_json)
-    if name == "snapshot":
-        return PublishSnapshot(args["gateway"], int(args["chunk_entries"]))
-    if name == "delta":
-        return PublishDelta(args["gateway"], tuple(unb64(c) for c in args["upsert"]),
-                            tuple(unb64(c) for c in args["remove"]))
-    if name == "revoke":
-        return Revoke(args["target"], tuple(Revoked(**item) for item in args["items"]))
-    if name == "command":
-        return SendCommand(args["gateway"], args["action"])
-    if name == "heartbeat":
-        return SendHeartbeat(args["gateway"])
-    if name == "heartbeat_all":
-        return HeartbeatAll()
-    raise ValueError(f"unknown operation {name!r}")
+    decoder = _DECODERS.get(name)
+    if decoder is None:
+        raise ValueError(f"unknown operation {name!r}")
+    return decoder(json.loads(args_json))
 
 
 def decode_result(text: str) -> OpResult:
@@ -159,7 +174,7 @@ class RequestQueue:
         self._db = db
         self.timeout_s = timeout_s
 
-    def submit(self, op: Operation) -> OpResult:
+    def submit(self, op: Request) -> OpResult:
         """Queue ``op`` for the running ``serve`` and wait for its outcome."""
         name, args = encode(op)
         request = self._db.queue_request(name, args, wall_ms())
@@ -183,7 +198,7 @@ class RequestQueue:
             raise PublishError(f"serve: {outcome.error or outcome.error_kind}")
         return decode_result(outcome.result or "null")
 
-    def serve_pending(self, perform: Callable[[Operation], OpResult]) -> None:
+    def serve_pending(self, perform: Callable[[Request], OpResult]) -> None:
         """Perform what one-shot commands queued for this ``serve`` (worker thread)."""
         for pending in self._db.open_requests():
             result, kind, error = None, None, None

@@ -9,6 +9,11 @@ In the central folder:
 - ``trusted-keys.txt``: ``<kid> <base64 public key>`` lines, installed on every gateway;
 - ``permit.key``: 32 random bytes (hex, mode 0600) under which permit numbers are hashed
   for every building, so one broadcast revocation covers them all;
+- ``seal.key``: the X25519 private key (PKCS#8 PEM, mode 0600) that opens the permit
+  numbers gateways seal to the office (``protocol.sealing``), and ``office-seal.pub``, its
+  public key as gateways install it (``[enrollment] seal_key``): standard base64 of the 32
+  raw bytes. Made once, like the permit key: replacing it means installing the new
+  public key on every gateway, and enrollments sealed to the old one no longer open;
 - ``site-keys/<gateway>.key``: a building's site key handed to ``add_gateway`` as bytes
   (mode 0600); a key given as a path stays in its own file, read when needed.
 """
@@ -23,15 +28,19 @@ from pathlib import Path
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from pydantic import BaseModel
 
 from protocol import ids
 from protocol.hashing import SITE_KEY_BYTES, CredentialHasher, SecretError, parse_key, read_key
+from protocol.sealing import public_key_text
 from protocol.signing import sign
 from provisioning.errors import CentralUsageError
 
 TRUSTED_KEYS_NAME = "trusted-keys.txt"
 PERMIT_KEY_NAME = "permit.key"
+SEAL_KEY_NAME = "seal.key"
+SEAL_PUBLIC_NAME = "office-seal.pub"
 SIGNING_DIR = "signing"
 SITE_KEYS_DIR = "site-keys"
 DEFAULT_KID = "central-1"
@@ -47,6 +56,13 @@ class KeygenResult:
     public_key_b64: str
     permit_key: Path
     permit_key_created: bool
+    seal_key: Path
+    seal_public: Path
+    """``office-seal.pub``: what every gateway that enrolls tenants installs."""
+    seal_key_created: bool
+    signing_key_created: bool = True
+    """False when ``kid`` was listed already and only the seal key pair was missing (a
+    folder made before enrollments existed)."""
 
 
 def create_secret(path: Path, text: str) -> None:
@@ -68,11 +84,51 @@ def listed_kids(path: Path) -> list[str]:
     return kids
 
 
-def keygen(folder: Path, kid: str = DEFAULT_KID) -> KeygenResult:
-    """Create a signing key ``kid`` (and the permit key, once) in ``folder``.
+def _listed_key(path: Path, kid: str) -> str:
+    """The base64 public key listed for ``kid`` in a ``trusted-keys.txt``."""
+    for line in path.read_text("utf-8").splitlines():
+        parts = line.split("#", 1)[0].split()
+        if len(parts) == 2 and parts[0] == kid:
+            return parts[1]
+    raise CentralUsageError(f"{path}: key id {kid!r} is not listed")
 
-    Refuses to overwrite an existing key or to list a key id twice. The permit key is
-    created only when missing: replacing it would change every permit hash.
+
+def seal_keygen(folder: Path) -> bool:
+    """Create the seal key pair in ``folder`` unless it exists; whether it was created.
+
+    ``office-seal.pub`` is written again from ``seal.key`` when only it is missing; a
+    public key without its private key is refused (whatever was sealed to it is lost).
+    """
+    private, public = folder / SEAL_KEY_NAME, folder / SEAL_PUBLIC_NAME
+    if private.exists():
+        if not public.exists():
+            public.write_text(public_key_text(OfficeKeys(folder).seal_key().public_key())
+                              + "\n", "ascii")
+        return False
+    if public.exists():
+        raise CentralUsageError(f"{public}: exists without {private.name}, whose private key "
+                                "is lost; move it away to make a new pair (then install the "
+                                "new one on every gateway)")
+    key = X25519PrivateKey.generate()
+    create_secret(private, key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption()).decode("ascii"))
+    # Public: a gateway installs it; 0644 inside the 0700 folder.
+    fd = os.open(public, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    with os.fdopen(fd, "w", encoding="ascii") as out:
+        out.write(public_key_text(key.public_key()) + "\n")
+    return True
+
+
+def keygen(folder: Path, kid: str = DEFAULT_KID) -> KeygenResult:
+    """Create a signing key ``kid`` (and, once, the permit key and the seal key pair) in
+    ``folder``.
+
+    Refuses to overwrite an existing key or to list a key id twice, except that on a
+    folder made before the seal key existed, ``kid`` listed already, it creates only the
+    seal key pair. The permit key and the seal key are created only when missing:
+    replacing the one would change every permit hash, the other every gateway's
+    ``office-seal.pub``.
     """
     if not ids.KEY_ID_RE.match(kid):
         raise CentralUsageError(f"--kid {kid!r}: use 1-64 letters, digits, '.', '_', '-'")
@@ -82,10 +138,17 @@ def keygen(folder: Path, kid: str = DEFAULT_KID) -> KeygenResult:
     except OSError as exc:
         raise CentralUsageError(f"{folder}: cannot create the folder: {exc.strerror}") from None
     trusted = folder / TRUSTED_KEYS_NAME
-    if kid in listed_kids(trusted):
+    private = folder / SIGNING_DIR / f"{kid}.pem"
+    permit = folder / PERMIT_KEY_NAME
+    listed = kid in listed_kids(trusted)
+    if listed and (folder / SEAL_KEY_NAME).exists():
         raise CentralUsageError(f"{trusted}: key id {kid!r} is listed already; choose "
                                 "another --kid")
-    private = folder / SIGNING_DIR / f"{kid}.pem"
+    sealed = seal_keygen(folder)
+    if listed:
+        return KeygenResult(kid, private, trusted, _listed_key(trusted, kid), permit, False,
+                            folder / SEAL_KEY_NAME, folder / SEAL_PUBLIC_NAME, sealed,
+                            signing_key_created=False)
     key = Ed25519PrivateKey.generate()
     pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                             serialization.NoEncryption()).decode("ascii")
@@ -99,14 +162,14 @@ def keygen(folder: Path, kid: str = DEFAULT_KID) -> KeygenResult:
     public = base64.b64encode(raw).decode("ascii")
     with trusted.open("a", encoding="utf-8") as out:
         out.write(f"{kid} {public}\n")
-    permit = folder / PERMIT_KEY_NAME
     created = False
     try:
         create_secret(permit, secrets.token_bytes(SITE_KEY_BYTES).hex() + "\n")
         created = True
     except FileExistsError:
         pass
-    return KeygenResult(kid, private, trusted, public, permit, created)
+    return KeygenResult(kid, private, trusted, public, permit, created,
+                        folder / SEAL_KEY_NAME, folder / SEAL_PUBLIC_NAME, sealed)
 
 
 def permit_hash(permit_key: bytes, permit_number: str) -> bytes:
@@ -126,6 +189,7 @@ class OfficeKeys:
         self._signing_kid = signing_kid
         self._signer: tuple[str, Ed25519PrivateKey] | None = None
         self._permit_key: bytes | None = None
+        self._seal_key: X25519PrivateKey | None = None
 
     def signing(self) -> tuple[str, Ed25519PrivateKey]:
         """The key id and private key that sign (``--signing-kid``, else by rotation)."""
@@ -179,6 +243,23 @@ class OfficeKeys:
             except SecretError as exc:
                 raise CentralUsageError(str(exc)) from None
         return self._permit_key
+
+    def seal_key(self) -> X25519PrivateKey:
+        """The private key that opens permit numbers sealed to the office."""
+        if self._seal_key is None:
+            path = self.folder / SEAL_KEY_NAME
+            try:
+                key = serialization.load_pem_private_key(path.read_bytes(), password=None)
+            except FileNotFoundError:
+                raise CentralUsageError(f"{path}: seal key not found (create it with "
+                                        f"'permitgate-central keygen {self.folder}')"
+                                        ) from None
+            except (OSError, ValueError, TypeError) as exc:
+                raise CentralUsageError(f"{path}: not a PEM private key: {exc}") from None
+            if not isinstance(key, X25519PrivateKey):
+                raise CentralUsageError(f"{path}: not an X25519 key")
+            self._seal_key = key
+        return self._seal_key
 
     def permit_hash(self, permit_number: str) -> bytes:
         """``permit_hash`` under this office's permit key."""

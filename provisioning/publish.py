@@ -7,7 +7,9 @@ before the message carrying it is handed to the broker, so a number is never use
 even across a crash; a message lost on the way is recovered by the protocol (a gateway
 that sees a gap, or a heartbeat ahead of it, asks for a snapshot), not by paho's
 in-memory queue, which a restart loses. Event acks are built here too (``Publisher.ack``)
-for the receiving side.
+for the receiving side, and the deltas and decisions of enrollments made at gateways
+(``Publisher.send_delta``, ``Publisher.decisions``) for ``provisioning.tenants``, which
+allocates their numbers itself.
 
 ``Publisher`` hands each finished message to a ``send(topic, payload)`` it is given; who
 sends (the serve worker, a one-shot connection) is decided by ``provisioning.central``.
@@ -17,7 +19,7 @@ through the database (``provisioning.handoff``).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, assert_never, cast, get_args
 
@@ -26,7 +28,9 @@ import structlog
 from protocol.messages import (
     Chunk,
     Command,
+    Decided,
     Delta,
+    EnrollmentDecision,
     EventAck,
     Heartbeat,
     Revocation,
@@ -36,7 +40,7 @@ from protocol.messages import (
 )
 from protocol.signing import b64, unb64
 from protocol.topics import Topics
-from provisioning.db import OfficeDatabase
+from provisioning.db import EntryRecord, OfficeDatabase
 from provisioning.enrollment import known_gateway, wire_entry, wire_revoked
 from provisioning.errors import CentralUsageError
 from provisioning.keys import OfficeKeys
@@ -189,7 +193,7 @@ class Publisher:
         return now, now + ttl
 
     def _signed(self, topic: str, body: Snapshot | Delta | Revocation | Command | Heartbeat
-                | EventAck) -> None:
+                | EventAck | EnrollmentDecision) -> None:
         self._send(topic, self._keys.sign(topic, body))
 
     def snapshot(self, gateway: str, chunk_entries: int = MAX_CHUNK_ENTRIES, *,
@@ -228,14 +232,29 @@ class Publisher:
             raise CentralUsageError(f"delta: a card to upsert is not enrolled at "
                                     f"gateway {gateway}")
         version, records = allocated
-        rows = [wire_entry(r) for r in records]
+        self.send_delta(gateway, version, records, remove)
+        return version
+
+    def send_delta(self, gateway: str, version: int, upsert: Sequence[EntryRecord],
+                   remove: Sequence[bytes]) -> None:
+        """Send list version ``version`` (allocated, and committed, by the caller) as a
+        delta on ``version - 1``."""
+        rows = [wire_entry(r) for r in upsert]
         issued, expires = self._times(self.ttl_s)
         self._signed(Topics(gateway).inbound("list"), Delta(
             type="delta", gateway=gateway, seq=version, issued_at=issued, expires_at=expires,
             base=version - 1, upsert=rows, remove=[b64(c) for c in remove]))
         log.info("delta_published", gateway=gateway, version=version, upserts=len(rows),
                  removals=len(remove))
-        return version
+
+    def decisions(self, gateway: str, seq: int, items: Sequence[Decided]) -> None:
+        """Send answers to enrollments as ``enr`` seq ``seq`` (allocated, and committed,
+        by the caller)."""
+        issued, expires = self._times(self.ttl_s)
+        self._signed(Topics(gateway).inbound("enr"), EnrollmentDecision(
+            type="enrollment_decision", gateway=gateway, seq=seq, issued_at=issued,
+            expires_at=expires, items=list(items)))
+        log.info("enrollment_decision_published", gateway=gateway, seq=seq, items=len(items))
 
     def revoke(self, target: str, items: tuple[Revoked, ...]) -> int:
         """Revoke ``items`` at ``target`` (or everywhere with ``"*"``); returns the seq."""

@@ -7,6 +7,12 @@ else is counted as malformed and logged, and nothing of it is stored. Event batc
 stored once per seq with their chain checked (``protocol.chain``) and acknowledged only
 after the commit; ``applied`` reports and statuses are kept per gateway; resync requests
 are answered with a snapshot, at most one per gateway per ``RESYNC_INTERVAL_S``.
+
+After a batch is stored, its tenant events (enrollments made at the gateway, move-outs,
+lease ends) are acted on (``provisioning.tenants``) before the ack is published, but the
+ack does not wait on them: it goes out whether they succeed or not, because they are
+acted on from the stored events (with their attachments), at the next batch or the next
+start of ``serve`` if not now.
 """
 
 from __future__ import annotations
@@ -37,7 +43,9 @@ from provisioning.db import (
     EventRecord,
     OfficeDatabase,
 )
+from provisioning.errors import CentralError, CentralUsageError
 from provisioning.publish import MAX_CHUNK_ENTRIES, Publisher
+from provisioning.tenants import Tenants
 
 log = structlog.get_logger()
 
@@ -84,7 +92,8 @@ def chain_problems(ev: WireEvent, arrival: Arrival) -> list[ChainProblemFound]:
 def _record(ev: WireEvent) -> EventRecord:
     data = json.dumps(ev.data, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
     return EventRecord(ev.seq, ev.event_id, ev.ts_ms, ev.kind, ev.door, ev.reader,
-                       ev.direction, ev.reason, ev.cred, data, ev.prev_hash, ev.hash)
+                       ev.direction, ev.reason, ev.cred, data, ev.prev_hash, ev.hash,
+                       ev.attachment)
 
 
 class Receiver:
@@ -92,9 +101,11 @@ class Receiver:
 
     def __init__(self, db: OfficeDatabase, publisher: Publisher, *,
                  clock: Callable[[], float],
-                 resync_interval_s: float = RESYNC_INTERVAL_S) -> None:
+                 resync_interval_s: float = RESYNC_INTERVAL_S,
+                 tenants: Tenants | None = None) -> None:
         self._db = db
         self._publisher = publisher
+        self._tenants = tenants
         self._clock = clock
         self.resync_interval_s = resync_interval_s
         self._resync_due: dict[str, float] = {}
@@ -179,10 +190,24 @@ class Receiver:
 
     def _on_events(self, gateway: str, batch: EventBatch) -> None:
         result = self.store_events(gateway, batch)
-        # The ack goes out only after the commit above: the gateway may then forget them.
-        self._publisher.ack(gateway, result.acked_upto)
         log.info("events_stored", gateway=gateway, received=result.received, new=result.new,
                  acked_upto=result.acked_upto, problems=len(result.problems))
+        try:
+            self._act_on_tenant_events(gateway)
+        finally:
+            # The ack goes out only after the commit above (the gateway may then forget
+            # the events and their attachments), and whatever acting on them did.
+            self._publisher.ack(gateway, result.acked_upto)
+
+    def _act_on_tenant_events(self, gateway: str) -> None:
+        if self._tenants is None:
+            return
+        try:
+            self._tenants.process(gateway)
+        except (CentralError, CentralUsageError) as exc:
+            # The office's own trouble (its database, a missing seal key), not the
+            # gateway's: the events stay stored and unacted on until it is mended.
+            log.error("tenant_events_not_processed", gateway=gateway, error=str(exc))
 
     def _on_applied(self, gateway: str, msg: Applied) -> None:
         self._db.record_applied(gateway, AppliedRecord(

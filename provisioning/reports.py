@@ -1,12 +1,15 @@
-"""Reports: what ``show`` and ``events`` print, as plain data (JSON-ready dicts)."""
+"""Reports: what ``show``, ``events`` and ``enrollments`` print, as plain data (JSON-ready
+dicts)."""
 
 from __future__ import annotations
 
 import json
 from typing import Any
 
-from provisioning.db import GatewayRecord, OfficeDatabase
+from protocol.hashing import log_prefix
+from provisioning.db import ENROLLMENT_STATUSES, GatewayRecord, OfficeDatabase
 from provisioning.enrollment import known_gateway
+from provisioning.errors import CentralUsageError
 
 
 class Reports:
@@ -50,7 +53,8 @@ class Reports:
                      "applied_ms": row.applied_ms,
                      "current": row.applied_list_version == row.list_version},
             "streams": {"rev": row.rev_seq, "cmd": row.cmd_seq, "hb": row.hb_seq,
-                        "ack": row.ack_seq},
+                        "ack": row.ack_seq, "enr": row.enr_seq},
+            "enrollments": self._db.enrollment_counts(gw),
             "reported_versions": (status or {}).get("versions", {}),
             "applied": applied,
             "entries": counts.entries,
@@ -76,3 +80,24 @@ class Reports:
                  "prev_hash": s.event.prev_hash, "hash": s.event.hash,
                  "received_ms": s.received_ms}
                 for s in self._db.events(gateway, after_seq=after_seq, limit=limit)]
+
+    def enrollments(self, gateway: str | None = None, status: str | None = None, *,
+                    reveal: bool = False) -> list[dict[str, Any]]:
+        """Enrollments made at gateways, by gateway and event seq. The card shows as its
+        hash prefix; the permit number only with ``reveal`` (an officer comparing it with
+        the registry), else only whether the office holds one."""
+        if gateway is not None:
+            known_gateway(self._db, gateway)
+        if status is not None and status not in ENROLLMENT_STATUSES:
+            raise CentralUsageError(f"--status {status!r}: one of "
+                                    f"{', '.join(ENROLLMENT_STATUSES)}")
+        return [{"gateway": r.gateway, "enrollment": r.id, "seq": r.seq, "unit": r.unit,
+                 "cred": None if r.cred is None else log_prefix(r.cred),
+                 "permit": r.permit if reveal else None,
+                 "permit_held": r.permit is not None,
+                 "lease_end": r.lease_end, "provisional_until": r.provisional_until,
+                 "account": r.account, "received_ms": r.received_ms, "status": r.status,
+                 "reason": r.reason, "decided_ms": r.decided_ms,
+                 "list_version": r.list_version, "decision_seq": r.decision_seq,
+                 "elsewhere": list(r.elsewhere), "ended_ms": r.ended_ms}
+                for r in self._db.enrollments(gateway, status)]

@@ -29,8 +29,11 @@ fi
 # The test suite talks to real peers: Mosquitto (tests/broker.py), pcscd with the vpcd
 # virtual reader (PC/SC tests), libnfc's nfc-list (PN532 cross-check); pyscard builds from
 # source here (swig, libpcsclite-dev). Only the programs are wanted: a policy-rc.d that
-# answers 101 keeps the packages from starting their system services.
-dev_packages="mosquitto mosquitto-clients pcscd vsmartcard-vpcd libpcsclite-dev swig libnfc-bin"
+# answers 101 keeps the packages from starting their system services. The landlord page's
+# browser tests drive Debian's chromium through Playwright (no browser download), and
+# Chinese text in their screenshots needs a CJK font.
+dev_packages="mosquitto mosquitto-clients pcscd vsmartcard-vpcd libpcsclite-dev swig libnfc-bin faketime"
+dev_packages="$dev_packages chromium fonts-wqy-microhei"
 if [ "$flavour" = dev ]; then
     missing=""
     for pkg in $dev_packages; do

@@ -16,13 +16,14 @@ import shutil
 import signal
 import socket
 import subprocess
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import TypedDict, Unpack
 
 import pytest
+
+from tests.waiting import wait_for
 
 HOST = "127.0.0.1"
 START_TIMEOUT_S = 10.0
@@ -282,8 +283,8 @@ class Broker:
     def _wait_ready(self) -> None:
         process = self._process
         assert process is not None
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while True:
+
+        def accepting() -> bool:
             returncode = process.poll()
             if returncode is not None:
                 self._process = None
@@ -291,14 +292,16 @@ class Broker:
                                   f"config {self.config_path}, log:\n{self.log()}")
             try:
                 with socket.create_connection((HOST, self._port), timeout=0.5):
-                    return
+                    return True
             except OSError:
-                pass
-            if time.monotonic() > deadline:
-                self._terminate(signal.SIGKILL)
-                raise BrokerError(f"mosquitto did not accept connections on port "
-                                  f"{self._port} within {START_TIMEOUT_S} s; log:\n{self.log()}")
-            time.sleep(0.02)
+                return False
+
+        try:
+            wait_for(accepting, f"mosquitto to accept connections on port {self._port}",
+                     START_TIMEOUT_S)
+        except AssertionError as exc:
+            self._terminate(signal.SIGKILL)
+            raise BrokerError(f"{exc}; log:\n{self.log()}") from exc
 
     def _terminate(self, sig: signal.Signals) -> int | None:
         process, self._process = self._process, None

@@ -16,8 +16,7 @@ import socket
 import subprocess
 import sys
 import threading
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -26,8 +25,10 @@ from drivers.serial_reader import em4100_frame
 from protocol.chain import GENESIS, Event, event_hash
 from protocol.hashing import CredentialHasher
 from provisioning.central import TRUSTED_KEYS_NAME, Central, keygen
+from tests.agentconf import DoorSpec, ReaderSpec, write_agent
 from tests.broker import Broker
 from tests.conftest import PtyPeer
+from tests.waiting import wait_for as wait_for  # noqa: PLC0414 - bench/backlog.py imports it
 
 REPO = Path(__file__).resolve().parent.parent
 SITE_KEY = bytes(range(32))
@@ -37,18 +38,6 @@ VALID = ("67003B51C6", "67003BA86C", "1122334455")
 UNKNOWN = ("DEADBEEF00", "DEADBEEF01")
 """Two cards nobody enrolled: alternating them gives one denial (one event) per tap."""
 HASHER = CredentialHasher(SITE_KEY)
-
-
-def wait_for(condition: Callable[[], bool], what: str, timeout: float = 30.0,
-             interval: float = 0.05) -> None:
-    """Poll ``condition`` until true; fail naming ``what`` after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        if condition():
-            return
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
-        time.sleep(interval)
 
 
 def card_id(value: str) -> str:
@@ -97,16 +86,8 @@ class JsonLog:
     def wait(self, event: str, since: int = 0, timeout: float = 30.0,
              **fields: Any) -> dict[str, Any]:
         """Wait for ``find`` to return a record."""
-        found: list[dict[str, Any]] = []
-
-        def seen() -> bool:
-            record = self.find(event, since, **fields)
-            if record is not None:
-                found.append(record)
-            return record is not None
-
-        wait_for(seen, f"{event} {fields or ''} in {self.path.name}", timeout)
-        return found[0]
+        return wait_for(lambda: self.find(event, since, **fields),
+                        f"{event} {fields or ''} in {self.path.name}", timeout)
 
 
 class _Child:
@@ -240,36 +221,16 @@ class AgentProcess(_Child):
         self.pty = pty
         self.db = folder / "pg.db"
         self.site_key = folder / "site.key"
-        self.site_key.write_text(SITE_KEY.hex())
-        options: dict[str, Any] = {
-            "enabled": True, "host": broker.host, "port": broker.port, "tls": False,
-            "trusted_keys": str(trusted_keys), "status_interval_s": 1, "keepalive_s": 5,
-            "ack_timeout_s": 2.0, "resync_interval_s": 1, **sync}
-        sync_toml = "\n".join(f"{k} = {json.dumps(v)}" for k, v in options.items())
-        reader = (f'driver = "serial"\noptions = {{ port = "{pty.path}" }}' if pty
-                  else 'driver = "simulated"')
-        self.config = folder / "permitgate.toml"
-        self.config.write_text(f"""
-[site]
-site_id = "site-f"
-gateway_id = "{gateway}"
-[store]
-path = "pg.db"
-[keys]
-site_key = "{self.site_key}"
-[sync]
-{sync_toml}
-[[doors]]
-id = "front"
-unlock_s = 0.2
-relay = {{ driver = "simulated", options = {{ state_file = "{folder / 'relay.json'}" }} }}
-[[readers]]
-id = "front-in"
-door = "front"
-direction = "entry"
-debounce_s = 0
-{reader}
-""")
+        self.config = write_agent(
+            folder, key=SITE_KEY, site_id="site-f", gateway_id=gateway,
+            store={"path": "pg.db"},
+            sync={"enabled": True, "host": broker.host, "port": broker.port, "tls": False,
+                  "trusted_keys": str(trusted_keys), "status_interval_s": 1,
+                  "keepalive_s": 5, "ack_timeout_s": 2.0, "resync_interval_s": 1, **sync},
+            doors=(DoorSpec(unlock_s=0.2, relay={
+                "driver": "simulated", "options": {"state_file": folder / "relay.json"}}),),
+            readers=(ReaderSpec(debounce_s=0, driver="serial" if pty else "simulated",
+                                options={"port": pty.path} if pty else None),))
         self._store: Store | None = None
 
     def start(self) -> None:
@@ -306,15 +267,12 @@ debounce_s = 0
         store = self.store()
         before = self.last_seq()
         self.tap(value)
-        found: list[StoredEvent] = []
 
-        def decided() -> bool:
-            found[:] = [e for e in store.events(after_seq=before)
-                        if e.kind in ("access_granted", "access_denied")]
-            return bool(found)
+        def decided() -> StoredEvent | None:
+            return next((e for e in store.events(after_seq=before)
+                         if e.kind in ("access_granted", "access_denied")), None)
 
-        wait_for(decided, f"a decision on card {value}", timeout, interval=0.005)
-        return found[0]
+        return wait_for(decided, f"a decision on card {value}", timeout, interval=0.005)
 
     def last_seq(self) -> int:
         """The newest event's seq, read afresh."""

@@ -13,8 +13,7 @@ from __future__ import annotations
 
 import queue
 import threading
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,6 +28,7 @@ from paho.mqtt.reasoncodes import ReasonCode
 from protocol.topics import INBOUND_KINDS, Topics
 from provisioning import pki
 from tests.broker import Broker, BrokerPool, TlsFiles
+from tests.conftest import wait_for
 
 REPO = Path(__file__).resolve().parent.parent
 TEMPLATE = REPO / "config" / "mosquitto" / "permitgate.conf"
@@ -41,15 +41,6 @@ NEVER_EXPIRES = 0xFFFFFFFF
 
 GW_A = Topics("gw-a")
 GW_B = Topics("gw-b")
-
-
-def wait_until(condition: Callable[[], bool], what: str, timeout: float = WAIT_S) -> None:
-    """Poll ``condition`` until it holds; fail naming ``what`` after ``timeout`` s."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.01)
 
 
 # -- the site ---------------------------------------------------------------------------
@@ -173,7 +164,7 @@ class Peer:
         """Connect and wait for a successful CONNACK; return Session Present."""
         self.start()
         assert self.connect_error is None, f"{self.name}: {self.connect_error!r}"
-        wait_until(lambda: bool(self.connacks), f"{self.name}'s CONNACK")
+        wait_for(lambda: bool(self.connacks), f"{self.name}'s CONNACK")
         reason, session_present = self.connacks[0]
         assert reason.value == 0, f"{self.name} refused: {reason}"
         return session_present
@@ -183,14 +174,14 @@ class Peer:
         result, mid = self.client.subscribe([(f, 1) for f in filters])
         assert result == mqtt.MQTT_ERR_SUCCESS, result
         assert mid is not None
-        wait_until(lambda: mid in self.subacks, f"{self.name}'s SUBACK")
+        wait_for(lambda: mid in self.subacks, f"{self.name}'s SUBACK")
         return self.subacks[mid]
 
     def publish(self, topic: str, payload: bytes, *, retain: bool = False) -> ReasonCode:
         """Publish at QoS 1 and return the PUBACK reason code."""
         info = self.client.publish(topic, payload, qos=1, retain=retain)
         assert info.rc == mqtt.MQTT_ERR_SUCCESS, info.rc
-        wait_until(lambda: info.mid in self.pubacks, f"{self.name}'s PUBACK on {topic}")
+        wait_for(lambda: info.mid in self.pubacks, f"{self.name}'s PUBACK on {topic}")
         return self.pubacks[info.mid]
 
     def receive(self) -> tuple[str, bytes]:
@@ -273,9 +264,9 @@ def assert_refused(peer: Peer, broker: Broker, reason_in_log: str | None) -> Non
     if peer.connect_error is None:
         # TLS 1.3: the client's handshake completes before the server has checked the
         # client certificate; the server's alert then closes the connection.
-        wait_until(lambda: bool(peer.disconnects), f"{peer.name} to be disconnected")
+        wait_for(lambda: bool(peer.disconnects), f"{peer.name} to be disconnected")
     if reason_in_log is not None:
-        wait_until(lambda: reason_in_log in broker.log(), f"{reason_in_log!r} in the log")
+        wait_for(lambda: reason_in_log in broker.log(), f"{reason_in_log!r} in the log")
     assert peer.connacks == [], peer.connacks
     assert f"as {peer.name} " not in broker.log()
 

@@ -648,7 +648,9 @@ class _Lines:
         self._stdout.close()
 
 
-def _wait_for(lines: _Lines, event: str) -> dict[str, Any]:
+def _next_line(lines: _Lines, event: str) -> dict[str, Any]:
+    """The next line ``serve`` logs for ``event``, read off its output as it comes (lines
+    before it are skipped)."""
     while True:
         try:
             line = lines.queue.get(timeout=WAIT_S)
@@ -690,18 +692,18 @@ def test_cli_keygen_add_gateway_enroll_publish_serve_and_show(
              "--heartbeat-every", "0", "--log-format", "json"],
             cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         lines = _Lines(serve)
-        _wait_for(lines, "central_subscribed")
+        _next_line(lines, "central_subscribed")
         second = run_cli("serve", *net, check=1)
         assert "another 'serve'" in second.stderr
         assert "version 2" in run_cli("publish", "gw1", *net).stdout
-        _wait_for(lines, "request_served")
+        _next_line(lines, "request_served")
         manifest, _ = gw1.receive_snapshot(keys)
         assert manifest.seq == 2
         gw1.send("applied", {"type": "applied", "gateway": "gw1", "stream": "list",
                              "seq": 2, "status": "applied", "list_version": 2, "ts_ms": 1})
-        _wait_for(lines, "gateway_applied")
+        _next_line(lines, "gateway_applied")
         gw1.send("events", batch("gw1", make_events(tmp_path, 2)))
-        _wait_for(lines, "events_stored")
+        _next_line(lines, "events_stored")
         (event,) = [json.loads(line) for line in run_cli(
             "events", "gw1", "--json", "-n", "1", *net).stdout.splitlines()]
         assert (event["seq"], event["kind"]) == (2, "access_granted")

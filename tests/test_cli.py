@@ -19,11 +19,12 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
+from zoneinfo import ZoneInfo
 
 import pytest
 import structlog
@@ -39,8 +40,8 @@ from drivers.base import CardRead
 from drivers.simulated import SimBus, SimulatedRelay
 from protocol.chain import Event
 from protocol.hashing import CredentialHasher, log_prefix
+from tests.agentconf import KEY, SIMULATED, DoorSpec, ReaderSpec, agent_toml
 
-KEY = bytes(range(32))
 GRANTED_CARD = "em4100:67003B51C6"
 UNKNOWN_CARD = "em4100:DEADBEEF00"
 DEMO_RAW_IDS = ("67003B51C6", "67003BA86C", "1A2B3C4D5E", "0F0E0D0C0B", "0102030405",
@@ -51,6 +52,7 @@ DEMO_REASONS = ("granted", "unknown_card", "revoked", "expired", "not_yet_valid"
 SIM_TAP_HINT = "permitgate sim tap front-in em4100:67003B51C6"
 """The one line where the demo shows a demo card id on purpose: a command to copy."""
 HEX64 = re.compile(r"[0-9a-f]{64}")
+ROOT = Path(__file__).resolve().parent.parent
 
 
 # -- helpers -------------------------------------------------------------------------
@@ -76,56 +78,27 @@ def run_main(*argv: str) -> tuple[int, str]:
     return status, out.getvalue()
 
 
-def toml_str(value: object) -> str:
-    """A TOML basic string (JSON's escaping is a subset of TOML's)."""
-    return json.dumps(str(value))
-
-
 def write_config(folder: Path, *, name: str = "permitgate.toml", site_id: str = "test-site",
                  store: str = "pg.db", reader_driver: str = "simulated",
-                 reader_options: str = "{}", relay_driver: str = "simulated",
-                 back_state: Path | None = None) -> Path:
+                 reader_options: Mapping[str, Any] | None = None,
+                 relay_driver: str = "simulated", back_state: Path | None = None) -> Path:
     """A two-door site: ``front`` (fail-secure) and ``back`` (fail-safe), each relay
-    mirroring its state to a file; ``readers[0]`` is configurable."""
-    front_state = toml_str(folder / "front.json")
-    back_state = back_state or folder / "back.json"
+    mirroring its state to a file; ``readers[0]`` is configurable. No site key is
+    written: the commands that need one get it from the test."""
+    def relay(driver: str, state_file: Path) -> dict[str, Any]:
+        return {"driver": driver, "options": {"state_file": state_file}}
+
     path = folder / name
-    path.write_text(f"""\
-[site]
-site_id = "{site_id}"
-gateway_id = "test-gw"
-timezone = "Europe/Berlin"
-
-[store]
-path = {toml_str(store)}
-
-[keys]
-site_key = {toml_str(folder / "site.key")}
-
-[[doors]]
-id = "front"
-fail_mode = "secure"
-relay = {{ driver = "{relay_driver}", options = {{ state_file = {front_state} }} }}
-
-[[doors]]
-id = "back"
-fail_mode = "safe"
-relay = {{ driver = "simulated", options = {{ state_file = {toml_str(back_state)} }} }}
-contact = {{ driver = "simulated" }}
-
-[[readers]]
-id = "front-in"
-door = "front"
-direction = "entry"
-driver = "{reader_driver}"
-options = {reader_options}
-
-[[readers]]
-id = "back-in"
-door = "back"
-direction = "entry"
-driver = "simulated"
-""")
+    path.write_text(agent_toml(
+        folder, site_id=site_id, site={"timezone": "Europe/Berlin"}, store={"path": store},
+        doors=(DoorSpec("front", unlock_s=None, relay=relay(relay_driver, folder / "front.json"),
+                        extra={"fail_mode": "secure"}),
+               DoorSpec("back", unlock_s=None,
+                        relay=relay("simulated", back_state or folder / "back.json"),
+                        contact=SIMULATED, extra={"fail_mode": "safe"})),
+        readers=(ReaderSpec("front-in", driver=reader_driver, debounce_s=None,
+                            options=reader_options),
+                 ReaderSpec("back-in", door="back", debounce_s=None))))
     return path
 
 
@@ -271,12 +244,12 @@ def test_check_config_missing_file_exits_2(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(("options", "key", "problem"), [
-    ('{ port = "/dev/ttyUSB0", speed = 9600 }', "readers[0].options.speed", "unknown key"),
-    ("{ baudrate = 9600 }", "readers[0].options.port", "Field required"),
-    ('{ port = "/dev/ttyUSB0", format = "wiegand" }', "readers[0].options.format", "em4100"),
+    ({"port": "/dev/ttyUSB0", "speed": 9600}, "readers[0].options.speed", "unknown key"),
+    ({"baudrate": 9600}, "readers[0].options.port", "Field required"),
+    ({"port": "/dev/ttyUSB0", "format": "wiegand"}, "readers[0].options.format", "em4100"),
 ])
 def test_check_config_serial_reader_option_error_names_the_option(
-        tmp_path: Path, options: str, key: str, problem: str) -> None:
+        tmp_path: Path, options: dict[str, Any], key: str, problem: str) -> None:
     """A serial reader's bad, missing or unknown option exits 2 naming the file and the
     option's full key ``readers[0].options.<name>``."""
     config = write_config(tmp_path, reader_driver="serial", reader_options=options)
@@ -392,6 +365,13 @@ def test_parse_since_accepts_durations_and_iso_times() -> None:
         cli.parse_since("5 minutes")
 
 
+def test_parse_since_reads_a_time_without_offset_in_the_site_zone() -> None:
+    """An ISO time without an offset is read in the zone given (the site's, the zone
+    ``events`` prints), so a time copied from the output selects that event."""
+    assert cli.parse_since("2026-11-26 09:00", ZoneInfo("Asia/Shanghai")) == int(
+        datetime(2026, 11, 26, 1, tzinfo=UTC).timestamp() * 1000)
+
+
 # -- status --------------------------------------------------------------------------
 
 
@@ -435,21 +415,54 @@ def test_status_json_reports_allowlist_outbox_doors_readers_and_clock(site: Site
 
 
 def test_status_text_shows_each_door_reader_and_count(site: Site) -> None:
-    """Plain ``status`` prints one line per door and reader, alarms, and the counts."""
+    """Plain ``status`` prints one line per door and reader, alarms, the counts, and the
+    site's time zone with the clock."""
     status, text = run_main("status", "-c", str(site.config))
     assert status == 0
     lines = text.splitlines()
     assert lines[0] == "site test-site  gateway test-gw"
     assert lines[1].startswith(f"agent      running (pid {LIVE_PID}), since ")
     assert "mode       normal" in lines
-    assert "clock      ok" in lines
+    assert "clock      ok, time zone Europe/Berlin" in lines
     assert "door       front: locked, not monitored" in lines
     assert "door       back: locked, open, ALARM forced" in lines
     assert "reader     front-in: online" in lines
     assert "reader     back-in: unknown" in lines
     assert any(line.startswith("allowlist  3 entries, version 7, applied ") for line in lines)
     assert "revoked    1" in lines
+
+
+def test_status_text_times_are_in_the_site_time_zone(site: Site) -> None:
+    """``status`` shows the agent's start in the site's zone (``[site] timezone``, here
+    Europe/Berlin) with its offset, not in UTC."""
+    status, text = run_main("status", "-c", str(site.config))
+    assert status == 0
+    started = datetime.fromtimestamp(site.now_ms / 1000 - 3 * 86_400,
+                                     ZoneInfo("Europe/Berlin"))
+    assert f"since {started.isoformat(sep=' ', timespec='seconds')} (3 d ago)" in text
+
+
+def test_status_with_sync_off_shows_no_outbox_or_last_sync(site: Site) -> None:
+    """With sync off, ``status`` says so and shows neither an outbox count nor a last
+    sync, which would only suggest a fault."""
+    status, text = run_main("status", "-c", str(site.config))
+    assert status == 0
+    lines = text.splitlines()
+    assert "events     8 stored" in lines
+    assert "sync       off" in lines
+    assert "outbox" not in text
+    assert "last sync" not in text
+
+
+def test_status_with_sync_on_shows_outbox_and_last_sync(site: Site) -> None:
+    """With sync on, ``status`` shows the events not yet delivered and the last sync."""
+    site.config.write_text(site.config.read_text() + "\n[sync]\nenabled = true\n")
+    status, text = run_main("status", "-c", str(site.config))
+    assert status == 0
+    lines = text.splitlines()
     assert "events     8 stored, 5 not yet delivered (outbox)" in lines
+    assert any(line.startswith("last sync  ") for line in lines)
+    assert "sync       not started, lists not checked, refused none" in lines
 
 
 def test_status_on_a_path_the_system_refuses_is_a_message_not_a_traceback(
@@ -484,27 +497,72 @@ def test_events_tail_n_json_gives_the_newest_in_order_as_json(site: Site) -> Non
 
 
 def test_events_tail_defaults_to_all_of_a_short_log(site: Site) -> None:
-    """``events tail`` without -n shows up to 20 events, here all eight, in seq order."""
+    """``events tail`` without -n shows up to 20 events, here all eight, in seq order,
+    under one line of column headers."""
     status, text = run_main("events", "tail", "-c", str(site.config))
     assert status == 0
-    seqs = [int(line.split()[0]) for line in text.splitlines()]
+    header, *rows = text.splitlines()
+    assert header.split()[:2] == ["SEQ", "TIME"]
+    seqs = [int(line.split()[0]) for line in rows]
     assert seqs == list(range(1, 9))
 
 
+def test_events_text_has_column_headers_naming_the_time_zone(site: Site) -> None:
+    """The text output of ``events`` starts with a header naming every column, the time
+    column with the site's zone, and each header sits above its column."""
+    status, text = run_main("events", "tail", "-n", "2", "-c", str(site.config))
+    assert status == 0
+    header, row, _ = text.splitlines()
+    assert header.split() == ["SEQ", "TIME", "(Europe/Berlin)", "KIND", "DOOR/READER", "DIR",
+                              "REASON", "CRED", "DATA"]
+    assert header.index("KIND") == row.index("access_denied")
+    assert header.index("DOOR/READER") == row.index("front/front-in")
+    assert header.index("REASON") == row.index("revoked")
+
+
 def test_events_text_row_shows_place_reason_and_cred_prefix_only(site: Site) -> None:
-    """A text row carries seq, UTC time, kind, door/reader, direction, reason and the short
-    credential prefix, never the card id."""
+    """A text row carries seq, the time in the site's zone (Europe/Berlin, with its
+    offset), kind, door/reader, direction, reason and the short credential prefix, never
+    the card id."""
     status, text = run_main("events", "filter", "--reason", "granted", "-c",
                             str(site.config))
     assert status == 0
-    [row] = text.splitlines()
+    [_, row] = text.splitlines()
     prefix = log_prefix(CredentialHasher(KEY).credential(GRANTED_CARD))
     fields = row.split()
     assert fields[0] == "6"
-    assert fields[1] == datetime.fromtimestamp((site.now_ms - 60_000) / 1000, UTC).isoformat(
-        timespec="milliseconds")
-    assert fields[2:] == ["access_granted", "front/front-in", "entry", "granted", prefix]
+    local = datetime.fromtimestamp((site.now_ms - 60_000) / 1000, ZoneInfo("Europe/Berlin"))
+    assert " ".join(fields[1:3]) == local.isoformat(sep=" ", timespec="milliseconds")
+    assert fields[3:] == ["access_granted", "front/front-in", "entry", "granted", prefix]
     assert "67003B51C6" not in text
+
+
+def test_events_text_leaves_out_fields_that_hold_nothing(tmp_path: Path) -> None:
+    """A ``door_unlocked`` without a reason, and a data field that is null, print no
+    field at all: nothing reads ``None``."""
+    config = write_config(tmp_path)
+    store = Store(tmp_path / "pg.db")
+    store.append(Event("door_unlocked", door="front"))
+    store.append(Event("door_locked", door="front", reason="startup",
+                       data={"error": None, "attempt": 2}))
+    store.close()
+    status, text = run_main("events", "tail", "-c", str(config))
+    assert status == 0
+    _, unlocked, locked = text.splitlines()
+    assert unlocked.split()[3:] == ["door_unlocked", "front"]
+    assert locked.split()[3:] == ["door_locked", "front", "startup", "attempt=2"]
+    assert "None" not in text
+    assert "null" not in text
+
+
+def test_events_on_an_empty_log_say_so(tmp_path: Path) -> None:
+    """``events tail`` on a store with no events says there are none rather than printing
+    a bare header."""
+    config = write_config(tmp_path)
+    Store(tmp_path / "pg.db").close()
+    status, text = run_main("events", "tail", "-c", str(config))
+    assert status == 0
+    assert text == "no events stored\n"
 
 
 @pytest.mark.parametrize(("filters", "seqs"), [
@@ -514,7 +572,7 @@ def test_events_text_row_shows_place_reason_and_cred_prefix_only(site: Site) -> 
     (("--since", "1h"), [6, 7, 8]),
     (("--kind", "access_denied", "--since", "1h"), [7]),
     (("--door", "front", "-n", "2"), [6, 7]),
-    (("--kind", "no_such_kind"), []),
+    (("--kind", "door_held_open"), []),
 ])
 def test_events_filter_selects_by_kind_door_reason_and_since(
         site: Site, filters: Sequence[str], seqs: list[int]) -> None:
@@ -523,6 +581,58 @@ def test_events_filter_selects_by_kind_door_reason_and_since(
                      cwd=site.folder)
     assert result.returncode == 0, result.stderr
     assert [e["seq"] for e in json_lines(result.stdout)] == seqs
+
+
+def test_events_filter_unknown_kind_exits_2_listing_the_known_kinds(site: Site) -> None:
+    """A ``--kind`` that is neither a kind the agent writes nor one stored exits 2, names
+    the closest kind and lists the known ones, instead of printing nothing."""
+    result = run_cli("events", "filter", "--kind", "acess_denied", "-c", str(site.config),
+                     cwd=site.folder)
+    assert result.returncode == 2
+    assert result.stdout == ""
+    assert "--kind 'acess_denied': no such event kind" in result.stderr
+    assert "did you mean 'access_denied'?" in result.stderr
+    assert "door_forced, door_held_open" in result.stderr
+
+
+def test_events_filter_unknown_door_exits_2_listing_the_doors(site: Site) -> None:
+    """A ``--door`` that is neither configured nor in the log exits 2 listing the doors."""
+    result = run_cli("events", "tail", "--door", "frnot", "-c", str(site.config),
+                     cwd=site.folder)
+    assert result.returncode == 2
+    assert "--door 'frnot': no such door" in result.stderr
+    assert "(doors: front, back)" in result.stderr
+
+
+def test_events_filter_accepts_a_stored_kind_and_door_it_does_not_know(site: Site) -> None:
+    """A kind or door found in the log is accepted although the agent no longer writes or
+    configures it (an older version's kind, a door since removed)."""
+    store = Store(site.db)
+    store.append(Event("legacy_kind", door="garage"))
+    store.close()
+    status, text = run_main("events", "filter", "--kind", "legacy_kind", "--door", "garage",
+                            "--json", "-c", str(site.config))
+    assert status == 0
+    assert [e["seq"] for e in json_lines(text)] == [9]
+
+
+def test_events_filter_known_kind_without_events_says_none_match(site: Site) -> None:
+    """A known kind with no stored events exits 0 saying nothing matched."""
+    status, text = run_main("events", "filter", "--kind", "door_held_open", "-c",
+                            str(site.config))
+    assert status == 0
+    assert text == "no matching events\n"
+
+
+def test_known_event_kinds_are_those_documented() -> None:
+    """The kinds ``events --kind`` knows are exactly the kinds docs/events.md lists."""
+    text = (ROOT / "docs" / "events.md").read_text()
+    table = text.split("## Event kinds", 1)[1].split("\n## ", 1)[0]
+    documented = set()
+    for line in table.splitlines():
+        if line.startswith("| `"):
+            documented.update(re.findall(r"`([a-z_]+)`", line.split("|")[1]))
+    assert documented == set(cli.KNOWN_EVENT_KINDS)
 
 
 def test_events_since_iso_time_with_offset(site: Site) -> None:
@@ -851,6 +961,46 @@ def test_decision_logs_carry_the_cred_prefix_never_the_card_id(tmp_path: Path,
     assert log_prefix(hasher.credential(UNKNOWN_CARD)) in output
     for raw in ("67003B51C6", "DEADBEEF00", "67003b51c6", "deadbeef00"):
         assert raw not in output
+
+
+@pytest.mark.usefixtures("restore_structlog")
+def test_run_logs_on_a_terminal_show_site_time_and_no_empty_fields(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The agent's console log lines carry the time in the site's zone (with its offset)
+    and leave out fields that hold nothing: no ``reason=None``."""
+    config_path = write_config(tmp_path)
+    config = parse_config(config_path.read_text().replace("Europe/Berlin", "Asia/Shanghai"),
+                          str(config_path))
+    cli.configure_run_logs(config, "console")
+    structlog.get_logger().info("door_unlocked", door="front", reason=None)
+    [line] = capsys.readouterr().out.splitlines()
+    assert re.match(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d{3}\+08:00 ", line), line
+    assert "door=front" in line
+    assert "reason" not in line
+
+
+@pytest.mark.usefixtures("restore_structlog")
+def test_run_logs_as_json_keep_utc_and_every_field(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """JSON log lines (the journal's) keep their UTC timestamp and every field."""
+    config_path = write_config(tmp_path)
+    config = parse_config(config_path.read_text(), str(config_path))
+    cli.configure_run_logs(config, "json")
+    structlog.get_logger().info("door_unlocked", door="front", reason=None)
+    line = json.loads(capsys.readouterr().out)
+    assert line["reason"] is None
+    assert line["timestamp"].endswith("Z")
+
+
+def test_readme_command_table_lists_every_command() -> None:
+    """README's table of commands has a row for every ``permitgate`` subcommand (what
+    ``permitgate --help`` lists), and none that does not exist."""
+    readme = (ROOT / "README.md").read_text()
+    table = readme.split("\n## Commands\n", 1)[1].split("\n## ", 1)[0]
+    listed = set(re.findall(r"^\| `permitgate ([a-z-]+)", table, re.M))
+    commands = set(re.findall(r"^    ([a-z-]+)  ", cli.build_parser().format_help(), re.M))
+    assert "doctor" in commands
+    assert listed == commands
 
 
 @pytest.mark.parametrize("argv", [

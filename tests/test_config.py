@@ -820,7 +820,8 @@ def _can_be_set_up(config: Config) -> None:
     config.zone.utcoffset(datetime(2026, 1, 1))
 
 
-@settings(max_examples=600, deadline=None, database=None)
+# The loader's broadest property: twice the profile's examples (600 in CI).
+@settings(max_examples=2 * settings().max_examples, database=None)
 @given(st.one_of(documents(wild=False), documents(wild=True)))
 def test_loader_fuzz_returns_config_or_config_error(doc: dict[str, Any]) -> None:
     """Documents built from the real keys with odd values load to a Config that can be
@@ -835,7 +836,7 @@ def test_loader_fuzz_returns_config_or_config_error(doc: dict[str, Any]) -> None
     _can_be_set_up(config)
 
 
-@settings(max_examples=200, deadline=None, database=None)
+@settings(database=None)
 @given(st.one_of(st.text(max_size=200),
                  st.builds(lambda doc, tail: toml_document(doc) + tail, documents(wild=True),
                            st.text(alphabet="[]{}=\"'#\n.,x1 ", max_size=40))))

@@ -18,7 +18,7 @@ import pytest
 from structlog.testing import capture_logs
 
 from agent import cli, control
-from agent.config import parse_config
+from agent.config import load_config
 from agent.control import (
     MAX_DATAGRAM,
     MAX_QUEUED_TAPS,
@@ -34,13 +34,13 @@ from agent.runtime import Agent
 from agent.store import CredentialEntry
 from drivers.simulated import SimBus
 from protocol.hashing import CredentialHasher
+from tests.agentconf import KEY, SIMULATED, DoorSpec, ReaderSpec, write_agent
 from tests.conftest import wait_for
 
 CARD = "em4100:67003B51C6"
 OTHER_CARD = "em4100:DEADBEEF00"
 RAW = "67003B51C6"
 """The number part of CARD: it must never show in a log or an error message."""
-KEY = bytes(range(32))
 
 
 def request_bytes(**fields: Any) -> bytes:
@@ -450,42 +450,22 @@ def test_unbindable_path_is_a_clear_error(tmp_path: Path, fake: FakeAgent) -> No
 
 # -- a real agent, and permitgate sim ---------------------------------------------------------
 
-AGENT_CONFIG = """
-[site]
-site_id = "t"
-gateway_id = "t-gw"
-[store]
-path = "pg.db"
-[keys]
-site_key = "{folder}/site.key"
-[[doors]]
-id = "front"
-unlock_s = 0.2
-relay = {{ driver = "simulated" }}
-contact = {{ driver = "simulated" }}
-[[readers]]
-id = "front-in"
-door = "front"
-direction = "entry"
-driver = "simulated"
-debounce_s = 30
-[[readers]]
-id = "front-out"
-door = "front"
-direction = "exit"
-driver = "serial"
-options = {{ port = "/dev/null-permitgate-test" }}
-"""
+def write_config(folder: Path) -> Path:
+    """A site key and a configuration in ``folder``: one door with a simulated relay and
+    contact, a simulated entry reader and a serial exit reader (not simulated)."""
+    return write_agent(
+        folder, site_id="t", gateway_id="t-gw", store={"path": "pg.db"},
+        doors=(DoorSpec(unlock_s=0.2, contact=SIMULATED),),
+        readers=(ReaderSpec("front-in", debounce_s=30),
+                 ReaderSpec("front-out", direction="exit", driver="serial", debounce_s=None,
+                            options={"port": "/dev/null-permitgate-test"})))
 
 
 @pytest.fixture
 def agent(tmp_path: Path) -> Iterator[tuple[Agent, Path]]:
     """A started agent with simulated devices (CARD enrolled) and its configuration file."""
-    (tmp_path / "site.key").write_text(KEY.hex())
-    config_path = tmp_path / "permitgate.toml"
-    config_path.write_text(AGENT_CONFIG.format(folder=tmp_path))
-    running = Agent(parse_config(config_path.read_text(), str(config_path)),
-                    config_path=config_path, bus=SimBus())
+    config_path = write_config(tmp_path)
+    running = Agent(load_config(config_path), config_path=config_path, bus=SimBus())
     running.start()
     try:
         assert running.store is not None
@@ -544,8 +524,7 @@ def test_sim_refuses_bad_arguments_with_exit_2(tmp_path: Path, argv: tuple[str, 
                                                capsys: pytest.CaptureFixture[str]) -> None:
     """Malformed or oversized card ids, a reader that is not simulated and an unknown
     input exit 2 before anything is sent, and the card is not repeated."""
-    config_path = tmp_path / "permitgate.toml"
-    config_path.write_text(AGENT_CONFIG.format(folder=tmp_path))
+    config_path = write_config(tmp_path)
     status, out = run_sim(config_path, *argv)
     err = capsys.readouterr().err
     assert (status, out) == (2, "")
@@ -567,11 +546,8 @@ def test_agent_refusal_is_reported_with_its_exit_status(agent: tuple[Agent, Path
 
 def test_agent_stop_removes_its_socket(tmp_path: Path) -> None:
     """A stopped agent leaves no socket file behind."""
-    (tmp_path / "site.key").write_text(KEY.hex())
-    config_path = tmp_path / "permitgate.toml"
-    config_path.write_text(AGENT_CONFIG.format(folder=tmp_path))
-    running = Agent(parse_config(config_path.read_text(), str(config_path)),
-                    config_path=config_path, bus=SimBus())
+    config_path = write_config(tmp_path)
+    running = Agent(load_config(config_path), config_path=config_path, bus=SimBus())
     running.start()
     assert stat.S_ISSOCK(running.sim_socket_path.lstat().st_mode)
     running.stop()

@@ -258,8 +258,10 @@ def test_decide_table(req: Request, lookup: Lookup, pol: Policy, expected: Decis
 
 
 def test_table_covers_every_reason() -> None:
-    """The decision table exercises every Reason at least once."""
-    assert {case[4].reason for case in CASES} == set(Reason)
+    """The decision table exercises every Reason that ``decide`` gives at least once
+    (``captured`` is the card path's, for a tap taken for enrollment: tests/
+    test_tenant_ops.py)."""
+    assert {case[4].reason for case in CASES} == set(Reason) - {Reason.CAPTURED}
 
 
 @pytest.mark.parametrize(("now", "expected"), [
@@ -384,7 +386,7 @@ def scenarios(draw: st.DrawFn) -> tuple[Request, Lookup, Policy]:
     return req, lookup, pol
 
 
-PROPERTY = settings(max_examples=200, deadline=None)
+PROPERTY = settings(deadline=None)
 
 
 @PROPERTY

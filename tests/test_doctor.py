@@ -12,13 +12,13 @@ from __future__ import annotations
 import base64
 import io
 import os
-import select
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
+from datetime import date
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -29,7 +29,7 @@ from serial.tools.list_ports_common import ListPortInfo
 from agent import cli, doctor
 from agent.store import Store
 from drivers.serial_reader import SerialReader
-from protocol.chain import Event
+from tests.agentconf import SIMULATED, DoorSpec, ReaderSpec, agent_toml
 
 if TYPE_CHECKING:
     from tests.conftest import PtyPeer
@@ -37,44 +37,30 @@ if TYPE_CHECKING:
 REPO = Path(__file__).resolve().parent.parent
 
 
-def write_config(folder: Path, *, reader: str, relay: str, extra: str = "",
-                 clock_floor: str = "2020-01-01") -> Path:
-    """A configuration with one door and one reader; ``reader`` and ``relay`` are TOML
-    inline tables, ``extra`` is appended as is."""
+SIMULATED_READER = ReaderSpec(debounce_s=None)
+
+
+def write_config(folder: Path, *, reader: ReaderSpec = SIMULATED_READER,
+                 relay: Mapping[str, Any] = SIMULATED, sync: Mapping[str, Any] | None = None,
+                 clock_floor: date = date(2020, 1, 1)) -> Path:
+    """A configuration with one door and one reader, its store under ``data/`` and no
+    ``site_key`` set, so the key is looked for next to the store (see ``install_key``)."""
     path = folder / "permitgate.toml"
-    path.write_text(f"""
-[site]
-site_id = "s1"
-gateway_id = "gw1"
-
-[store]
-path = "data/permitgate.db"
-
-[policy]
-clock_floor = {clock_floor}
-
-[[doors]]
-id = "front"
-relay = {relay}
-
-[[readers]]
-id = "front-in"
-door = "front"
-direction = "entry"
-{reader}
-{extra}
-""")
+    path.write_text(agent_toml(
+        folder, site_id="s1", gateway_id="gw1", store={"path": "data/permitgate.db"},
+        keys={"site_key": None}, policy={"clock_floor": clock_floor, "clock_trust_ntp": False},
+        sync=sync, doors=(DoorSpec(unlock_s=None, relay=relay),), readers=(reader,)))
     return path
 
 
-def serial_reader(port: str) -> str:
-    """The TOML of a serial reader on ``port``."""
-    return f'driver = "serial"\noptions = {{ port = "{port}" }}'
+def serial_reader(port: str) -> ReaderSpec:
+    """A serial reader on ``port``."""
+    return ReaderSpec(driver="serial", debounce_s=None, options={"port": port})
 
 
-def relay_board(port: str) -> str:
-    """The TOML inline table of a relay board on ``port``."""
-    return f'{{ driver = "relay_board", options = {{ port = "{port}", channel = 2 }} }}'
+def relay_board(port: str) -> dict[str, Any]:
+    """A relay board on ``port``, channel 2."""
+    return {"driver": "relay_board", "options": {"port": port, "channel": 2}}
 
 
 def install_key(folder: Path, mode: int = 0o600, data: bytes | None = None) -> Path:
@@ -102,8 +88,7 @@ def check_line(output: str, subject: str) -> str:
 
 def nothing_written(pty: PtyPeer) -> bool:
     """Whether nothing arrived at the device end of ``pty``."""
-    ready, _, _ = select.select([pty.master], [], [], 0.1)
-    return not ready
+    return pty.unread() == b""
 
 
 @pytest.fixture
@@ -197,8 +182,7 @@ def test_missing_port_fix_lists_the_connected_devices(
     link = by_id / "usb-FTDI_FT232R_USB_UART_A50285BI-if00-port0"
     link.symlink_to(pty_peer.path)
     install_key(tmp_path)
-    config = write_config(tmp_path, reader=serial_reader("/dev/ttyUSB0"),
-                          relay='{ driver = "simulated" }')
+    config = write_config(tmp_path, reader=serial_reader("/dev/ttyUSB0"))
     status, output = run_doctor(config)
     assert status == 1
     assert f"connected now: {link}" in check_line(output, "reader front-in")
@@ -212,8 +196,7 @@ def test_port_list_shows_pyserial_ports_with_descriptions(
     port.description = "CP2102 USB to UART Bridge Controller"
     comports.append(port)
     install_key(tmp_path)
-    config = write_config(tmp_path, reader='driver = "simulated"',
-                          relay='{ driver = "simulated" }')
+    config = write_config(tmp_path)
     _, output = run_doctor(config)
     assert output.split("\n\n")[1] == (
         f"serial ports\n  {pty_peer.path}  CP2102 USB to UART Bridge Controller")
@@ -226,8 +209,7 @@ def test_dangling_by_id_link_says_the_device_is_not_connected(
     gone = by_id / "usb-1a86_USB_Serial-if00-port0"
     gone.symlink_to("/dev/ttyUSB7")
     install_key(tmp_path)
-    config = write_config(tmp_path, reader=serial_reader(str(gone)),
-                          relay='{ driver = "simulated" }')
+    config = write_config(tmp_path, reader=serial_reader(str(gone)))
     status, output = run_doctor(config)
     assert status == 1
     assert (f"{gone} does not exist — no reader with this id is connected"
@@ -242,8 +224,7 @@ def test_unstable_name_opens_with_a_tip(tmp_path: Path, by_id: Path, pty_peer: P
     link = by_id / "usb-Prolific_PL2303-if00-port0"
     link.symlink_to(pty_peer.path)
     install_key(tmp_path)
-    config = write_config(tmp_path, reader=serial_reader(pty_peer.path),
-                          relay='{ driver = "simulated" }')
+    config = write_config(tmp_path, reader=serial_reader(pty_peer.path))
     status, output = run_doctor(config)
     assert status == 0
     assert check_line(output, "reader front-in") == (
@@ -258,8 +239,7 @@ def test_port_held_by_the_agent_is_a_warning(tmp_path: Path, pty_peer: PtyPeer) 
     holder.open()
     try:
         install_key(tmp_path)
-        config = write_config(tmp_path, reader=serial_reader(pty_peer.path),
-                              relay='{ driver = "simulated" }')
+        config = write_config(tmp_path, reader=serial_reader(pty_peer.path))
         status, output = run_doctor(config)
     finally:
         holder.close()
@@ -274,8 +254,9 @@ def test_missing_gpio_chip_fails_with_a_fix(tmp_path: Path) -> None:
     kernel) fail, pointing at gpiodetect; a non-chip device path fails as such."""
     install_key(tmp_path)
     config = write_config(
-        tmp_path, relay='{ driver = "gpio", options = { chip = "/dev/null", line = 4 } }',
-        reader='driver = "wiegand"\noptions = { chip = "/dev/gpiochip9", d0 = 17, d1 = 18 }')
+        tmp_path, relay={"driver": "gpio", "options": {"chip": "/dev/null", "line": 4}},
+        reader=ReaderSpec(driver="wiegand", debounce_s=None,
+                          options={"chip": "/dev/gpiochip9", "d0": 17, "d1": 18}))
     status, output = run_doctor(config)
     assert status == 1
     assert check_line(output, "reader front-in").startswith(
@@ -288,8 +269,7 @@ def test_missing_gpio_chip_fails_with_a_fix(tmp_path: Path) -> None:
 def test_simulated_devices_are_not_probed(tmp_path: Path) -> None:
     """Simulated devices have nothing to check and say so, without failing."""
     install_key(tmp_path)
-    config = write_config(tmp_path, reader='driver = "simulated"',
-                          relay='{ driver = "simulated" }')
+    config = write_config(tmp_path)
     status, output = run_doctor(config)
     assert status == 0
     assert check_line(output, "reader front-in") == (
@@ -302,8 +282,7 @@ def test_simulated_devices_are_not_probed(tmp_path: Path) -> None:
 def test_missing_site_key_fails_with_a_fix(tmp_path: Path) -> None:
     """Without the site key the doctor fails and says where to put it and how to make a
     test key."""
-    config = write_config(tmp_path, reader='driver = "simulated"',
-                          relay='{ driver = "simulated" }')
+    config = write_config(tmp_path)
     status, output = run_doctor(config)
     key = tmp_path / "data" / "site.key"
     assert status == 1
@@ -316,8 +295,7 @@ def test_missing_site_key_fails_with_a_fix(tmp_path: Path) -> None:
 def test_malformed_site_key_fails(tmp_path: Path) -> None:
     """A site key of the wrong size fails with the key loader's reason."""
     install_key(tmp_path, data=b"too short")
-    config = write_config(tmp_path, reader='driver = "simulated"',
-                          relay='{ driver = "simulated" }')
+    config = write_config(tmp_path)
     status, output = run_doctor(config)
     assert status == 1
     assert "a site key is 32 bytes or 64 hex characters" in check_line(output, "site key")
@@ -327,8 +305,7 @@ def test_world_readable_site_key_fails(tmp_path: Path) -> None:
     """A site key other users can read fails, as the agent refuses to start with it, and
     the line gives the chmod that fixes it."""
     key = install_key(tmp_path, mode=0o644)
-    config = write_config(tmp_path, reader='driver = "simulated"',
-                          relay='{ driver = "simulated" }')
+    config = write_config(tmp_path)
     status, output = run_doctor(config)
     assert status == 1
     line = check_line(output, "site key")
@@ -341,8 +318,7 @@ def test_store_folder_that_is_a_file_fails(tmp_path: Path) -> None:
     """A store folder that cannot hold files (here a plain file in its place) fails with a
     fix; the doctor creates nothing."""
     (tmp_path / "data").write_text("not a folder")
-    config = write_config(tmp_path, reader='driver = "simulated"',
-                          relay='{ driver = "simulated" }')
+    config = write_config(tmp_path)
     status, output = run_doctor(config)
     assert status == 1
     assert check_line(output, "store").startswith(
@@ -352,30 +328,23 @@ def test_store_folder_that_is_a_file_fails(tmp_path: Path) -> None:
 def test_store_folder_not_yet_made_is_fine(tmp_path: Path) -> None:
     """A store folder that does not exist yet, under a writable parent, is ok: the agent
     makes it at the first start; the doctor does not."""
-    config = write_config(tmp_path, reader='driver = "simulated"',
-                          relay='{ driver = "simulated" }')
+    config = write_config(tmp_path)
     _, output = run_doctor(config)
     assert check_line(output, "store") == (
         f"ok    store: {tmp_path / 'data'} will be created at the first start")
     assert not (tmp_path / "data").exists()
 
 
-SYNC = """
-[sync]
-enabled = true
-trusted_keys = "./office/trusted-keys.txt"
-ca_file = "./office/ca.crt"
-cert_file = "./office/gateway.crt"
-key_file = "./office/gateway.key"
-"""
+SYNC = {"enabled": True, "trusted_keys": "./office/trusted-keys.txt",
+        "ca_file": "./office/ca.crt", "cert_file": "./office/gateway.crt",
+        "key_file": "./office/gateway.key"}
 
 
 def test_sync_files_missing_fail_one_by_one(tmp_path: Path) -> None:
     """With sync on, a missing trusted-keys file and missing TLS files each fail with
     their own line."""
     install_key(tmp_path)
-    config = write_config(tmp_path, reader='driver = "simulated"',
-                          relay='{ driver = "simulated" }', extra=SYNC)
+    config = write_config(tmp_path, sync=SYNC)
     status, output = run_doctor(config)
     assert status == 1
     for subject in ("sync trusted keys", "sync ca_file", "sync cert_file", "sync key_file"):
@@ -393,8 +362,7 @@ def test_sync_files_present_pass(tmp_path: Path) -> None:
     (office / "trusted-keys.txt").write_text(f"k1 {base64.b64encode(public).decode()}\n")
     for name in ("ca.crt", "gateway.crt", "gateway.key"):
         (office / name).write_text("-----BEGIN PLACEHOLDER-----\n")
-    config = write_config(tmp_path, reader='driver = "simulated"',
-                          relay='{ driver = "simulated" }', extra=SYNC)
+    config = write_config(tmp_path, sync=SYNC)
     status, output = run_doctor(config)
     assert status == 0, output
     assert check_line(output, "sync trusted keys").endswith("trusted-keys.txt: 1 key(s)")
@@ -404,8 +372,7 @@ def test_sync_files_present_pass(tmp_path: Path) -> None:
 def test_sync_off_is_not_checked(tmp_path: Path) -> None:
     """With sync off no sync file is looked for."""
     install_key(tmp_path)
-    config = write_config(tmp_path, reader='driver = "simulated"',
-                          relay='{ driver = "simulated" }')
+    config = write_config(tmp_path)
     _, output = run_doctor(config)
     assert check_line(output, "sync").startswith("--    sync: disabled")
 
@@ -416,8 +383,7 @@ def test_sync_off_is_not_checked(tmp_path: Path) -> None:
 def test_clock_before_the_floor_fails(tmp_path: Path) -> None:
     """A clock before the configured floor date (no RTC, no NTP yet) fails with the fix."""
     install_key(tmp_path)
-    config = write_config(tmp_path, reader='driver = "simulated"',
-                          relay='{ driver = "simulated" }', clock_floor="2999-01-01")
+    config = write_config(tmp_path, clock_floor=date(2999, 1, 1))
     status, output = run_doctor(config)
     assert status == 1
     line = check_line(output, "clock")
@@ -425,18 +391,21 @@ def test_clock_before_the_floor_fails(tmp_path: Path) -> None:
     assert "is before the floor 2999-01-01 (clock not set) — enable time sync" in line
 
 
-def test_clock_behind_the_newest_event_fails(tmp_path: Path) -> None:
-    """A clock earlier than an event already stored (the clock went back) fails."""
+@pytest.mark.parametrize(("offset_days", "words"), [
+    (1, "is behind the trusted time"), (-60, "is far ahead of the trusted time")])
+def test_clock_judged_against_the_trusted_floor(tmp_path: Path, offset_days: int,
+                                                words: str) -> None:
+    """A clock behind the trusted floor the agent stored (the clock went back), or far
+    ahead of it, fails, as the agent itself would judge it at start."""
     install_key(tmp_path)
-    day_ahead = int(time.time() * 1000) + 86_400_000
-    store = Store(tmp_path / "data" / "permitgate.db", clock_ms=lambda: day_ahead)
-    store.append(Event("agent_started"))
+    store = Store(tmp_path / "data" / "permitgate.db")
+    store.set_meta("clock_trusted_ms", str(int(time.time() * 1000) + offset_days * 86_400_000))
+    store.set_meta("clock_trusted_source", "office")
     store.close()
-    config = write_config(tmp_path, reader='driver = "simulated"',
-                          relay='{ driver = "simulated" }')
+    config = write_config(tmp_path)
     status, output = run_doctor(config)
     assert status == 1
-    assert "is earlier than the newest stored event" in check_line(output, "clock")
+    assert words in check_line(output, "clock") and "from office" in check_line(output, "clock")
 
 
 # --- the command -------------------------------------------------------------------------
@@ -447,8 +416,7 @@ def test_exit_status_of_the_real_command(tmp_path: Path, pty_peer: PtyPeer) -> N
     port, printing the fix on stdout."""
     install_key(tmp_path)
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    good = write_config(tmp_path, reader=serial_reader(pty_peer.path),
-                        relay='{ driver = "simulated" }')
+    good = write_config(tmp_path, reader=serial_reader(pty_peer.path))
     run = subprocess.run([sys.executable, "-m", "agent.cli", "doctor", "-c", str(good)],
                          capture_output=True, text=True, env=env, cwd=tmp_path, timeout=60,
                          check=False)
@@ -456,8 +424,7 @@ def test_exit_status_of_the_real_command(tmp_path: Path, pty_peer: PtyPeer) -> N
     bad_dir = tmp_path / "bad"
     bad_dir.mkdir()
     install_key(bad_dir)
-    bad = write_config(bad_dir, reader=serial_reader("/dev/ttyUSB9"),
-                       relay='{ driver = "simulated" }')
+    bad = write_config(bad_dir, reader=serial_reader("/dev/ttyUSB9"))
     run = subprocess.run([sys.executable, "-m", "agent.cli", "doctor", "-c", str(bad)],
                          capture_output=True, text=True, env=env, cwd=tmp_path, timeout=60,
                          check=False)
@@ -469,8 +436,8 @@ def test_invalid_driver_options_are_a_usage_error(tmp_path: Path,
                                                   capsys: pytest.CaptureFixture[str]) -> None:
     """Options the driver refuses stop the doctor before any probe, with status 2 and the
     key named, as for every command."""
-    config = write_config(tmp_path, reader='driver = "qr"\noptions = { port = "/dev/x", '
-                          'max_len = 0 }', relay='{ driver = "simulated" }')
+    config = write_config(tmp_path, reader=ReaderSpec(
+        driver="qr", debounce_s=None, options={"port": "/dev/x", "max_len": 0}))
     status, _ = run_doctor(config)
     assert status == 2
     assert "readers[0].options.max_len" in capsys.readouterr().err

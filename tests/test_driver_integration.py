@@ -9,13 +9,12 @@ from __future__ import annotations
 import hashlib
 import os
 import select
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from agent.config import parse_config
 from agent.decision import Decision, Reason
 from agent.runtime import Agent, ReadTiming
 from agent.store import CredentialEntry
@@ -24,42 +23,23 @@ from drivers.idcard import IdCardReader
 from drivers.simulated import SimBus
 from drivers.wiegand import WiegandReader, encode
 from protocol.hashing import CredentialHasher
+from tests.agentconf import KEY, SIMULATED, DoorSpec, ReaderSpec, agent_config
 from tests.conftest import PtyPeer, wait_for
 from tests.test_idcard import FOUND, NO_CARD, SELECTED, SERIAL_ID, SamPeer, sam_reply
 from tests.test_reader_contract import ReaderContract
 from tests.test_wiegand import RecordedLines
 
-KEY = bytes(range(32))
-
-
-
 
 class Site:
     """An agent with one door, one reader of the driver under test, one enrolled card."""
 
-    def __init__(self, folder: Path, reader: str, relay: str = '{ driver = "simulated" }',
+    def __init__(self, folder: Path, driver: str, options: Mapping[str, Any] | None = None,
+                 relay: Mapping[str, Any] = SIMULATED,
                  devices: dict[str, Any] | None = None) -> None:
-        (folder / "site.key").write_text(KEY.hex())
         self.bus = SimBus()
-        config = parse_config(f"""
-[site]
-site_id = "s"
-gateway_id = "g"
-[store]
-path = "{folder}/pg.db"
-[keys]
-site_key = "{folder}/site.key"
-[[doors]]
-id = "front"
-unlock_s = 0.3
-relay = {relay}
-[[readers]]
-id = "front-in"
-door = "front"
-direction = "entry"
-debounce_s = 0
-{reader}
-""", "<test>")
+        config = agent_config(folder, doors=(DoorSpec(unlock_s=0.3, relay=relay),),
+                              readers=(ReaderSpec(driver=driver, debounce_s=0,
+                                                  options=options),))
         self.agent = Agent(config, bus=self.bus, devices=devices)
         self.decisions: list[Decision] = []
         self.agent.on_decision = self._collect
@@ -105,7 +85,7 @@ def test_qr_scan_becomes_a_decision(tmp_path: Path, pty_peer: PtyPeer,
                                     sites: list[Site]) -> None:
     """A QR code scanned on a serial scanner is granted when its hashed text is enrolled,
     and an unknown code is denied; both are recorded."""
-    site = Site(tmp_path, f'driver = "qr"\noptions = {{ port = "{pty_peer.path}" }}')
+    site = Site(tmp_path, "qr", {"port": pty_peer.path})
     sites.append(site)
     text = "RP-2026-000123"
     site.start(f"qr:{hashlib.sha256(text.encode()).hexdigest()}")
@@ -122,13 +102,16 @@ def test_idcard_module_serial_becomes_a_decision(tmp_path: Path, pty_peer: PtyPe
     """A residence-permit card on an ID-card reader module is granted by its chip serial
     number alone."""
     peer = SamPeer(pty_peer)
-    site = Site(tmp_path, f'driver = "idcard"\noptions = {{ port = "{pty_peer.path}", '
-                          'poll_interval = 0.05 }')
-    sites.append(site)
-    site.start(SERIAL_ID)
-    peer.card = SELECTED
-    assert site.next_decision(1) == Decision(True, Reason.GRANTED)
-    assert site.granted_event()
+    try:
+        site = Site(tmp_path, "idcard", {"port": pty_peer.path, "poll_interval": 0.05})
+        sites.append(site)
+        site.start(SERIAL_ID)
+        peer.card = SELECTED
+        assert site.next_decision(1) == Decision(True, Reason.GRANTED)
+        assert site.granted_event()
+    finally:
+        # Its thread reads the pty's descriptor number, which the next test's pty reuses.
+        peer.stop()
 
 
 def test_wiegand_frame_becomes_a_decision(tmp_path: Path, sites: list[Site]) -> None:
@@ -138,9 +121,8 @@ def test_wiegand_frame_becomes_a_decision(tmp_path: Path, sites: list[Site]) -> 
     reader = WiegandReader("front-in", {"chip": "/dev/gpiochip0", "d0": 17, "d1": 18,
                                         "format": "h10301"},
                            open_lines=lambda _o, _c: lines)
-    site = Site(tmp_path, 'driver = "wiegand"\noptions = { chip = "/dev/gpiochip0", '
-                          'd0 = 17, d1 = 18, format = "h10301" }',
-                devices={"front-in": reader})
+    site = Site(tmp_path, "wiegand", {"chip": "/dev/gpiochip0", "d0": 17, "d1": 18,
+                                      "format": "h10301"}, devices={"front-in": reader})
     sites.append(site)
     site.start("wiegand26:118:1603")
     wait_for(lambda: reader._source is not None, "the lines")  # noqa: SLF001 - opened
@@ -154,9 +136,8 @@ def test_grant_drives_the_usb_relay_board(tmp_path: Path, pty_peer: PtyPeer,
                                           sites: list[Site]) -> None:
     """A grant makes the agent switch the LCUS relay board's channel on, then off after
     the unlock time, with the board's exact command frames."""
-    site = Site(tmp_path, 'driver = "simulated"',
-                relay=f'{{ driver = "relay_board", options = {{ port = "{pty_peer.path}", '
-                      f'channel = 1 }} }}')
+    site = Site(tmp_path, "simulated", relay={
+        "driver": "relay_board", "options": {"port": pty_peer.path, "channel": 1}})
     sites.append(site)
     site.start("em4100:67003B51C6")
     received = bytearray()

@@ -44,6 +44,7 @@ from drivers.idcard import (
     ReplyDecoder,
 )
 from drivers.registry import DriverError, check_options, create
+from tests.conftest import wait_for
 
 if TYPE_CHECKING:
     from tests.conftest import PtyPeer
@@ -188,18 +189,12 @@ class SamPeer:
 
     def wait_commands(self, count: int, timeout: float = READ_TIMEOUT) -> None:
         """Block until at least ``count`` commands have arrived."""
-        deadline = threading.Event()
-        timer = threading.Timer(timeout, deadline.set)
-        timer.start()
-        try:
-            while not deadline.is_set():
-                with self.lock:
-                    if len(self.commands) >= count:
-                        return
-                deadline.wait(0.01)
-        finally:
-            timer.cancel()
-        raise AssertionError(f"only {len(self.commands)} of {count} commands arrived")
+        def arrived() -> bool:
+            with self.lock:
+                return len(self.commands) >= count
+
+        wait_for(arrived, lambda: f"{count} commands; {len(self.commands)} arrived", timeout,
+                 interval=0.01)
 
     def stop(self) -> None:
         """Stop answering."""
@@ -566,7 +561,7 @@ def _feed_in_chunks(stream: bytes, cuts: list[int]) -> list[Reply | Rejected]:
     return out
 
 
-@settings(deadline=None, max_examples=300)
+@settings(deadline=None)
 @given(lead=_noise, replies=st.lists(st.tuples(_reply, _noise), max_size=6),
        cuts=st.lists(st.integers(min_value=0), max_size=8))
 def test_replies_among_noise_come_out_exactly(
@@ -578,7 +573,7 @@ def test_replies_among_noise_come_out_exactly(
         Reply(bytes([0, 0, sw3]), data) for (sw3, data), _ in replies]
 
 
-@settings(deadline=None, max_examples=300)
+@settings(deadline=None)
 @given(stream=st.binary(max_size=200), cuts=st.lists(st.integers(min_value=0), max_size=8))
 def test_decoder_total_and_chunking_invariant(stream: bytes, cuts: list[int]) -> None:
     """Any bytes, in any chunks, decode without raising, exactly as in one chunk."""

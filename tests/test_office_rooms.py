@@ -19,26 +19,37 @@ import pytest
 
 from protocol.messages import Revoked
 from protocol.signing import b64
-from provisioning.db import Arrival, EntryRecord, EventRecord, OfficeDatabase
+from provisioning.db import (
+    Arrival,
+    EnrollmentRecord,
+    EntryRecord,
+    EventRecord,
+    OfficeDatabase,
+)
 from provisioning.db.sqlite import SqliteOfficeDatabase
 from provisioning.db.sqlite_schema import MIGRATIONS
-from provisioning.handoff import decode, decode_result, encode
+from provisioning.handoff import Request, decode, decode_result, encode
 from provisioning.publish import (
     HeartbeatAll,
-    Operation,
     PublishDelta,
     PublishSnapshot,
     Revoke,
     SendCommand,
     SendHeartbeat,
 )
+from provisioning.tenants import ConfirmEnrollment, RejectEnrollment
 
 REPO = Path(__file__).resolve().parent.parent
 OFFICE = REPO / "provisioning"
 SQL = re.compile(r"\b(SELECT|INSERT|UPDATE|DELETE|CREATE|DROP|ALTER)\s")
-FIRST_MIGRATION_SHA256 = "64dd19363738079a883063518415d708740bf10dee31f0789320280b1a8315af"
-"""Of ``MIGRATIONS[0]`` as every ``central.db`` so far was made by it."""
+MIGRATION_SHA256 = (
+    "64dd19363738079a883063518415d708740bf10dee31f0789320280b1a8315af",
+    "fc338cd80a61cc7334392379e80d3bd930968eacf91561ece16348ad132a7a52",
+)
+"""Of each entry of ``MIGRATIONS`` as the ``central.db`` files made so far were made (or
+upgraded) by it."""
 HASH = bytes(range(32))
+ENROLLMENT = "5b0c7f0e-3c2a-4d8e-9a61-2f4b8d7e1c90"
 
 
 def _sql_strings(path: Path) -> list[str]:
@@ -65,13 +76,15 @@ def test_only_the_database_backends_speak_sql() -> None:
     assert _sql_strings(OFFICE / "db" / "sqlite_schema.py")
 
 
-def test_the_first_migration_is_never_edited() -> None:
-    """The schema every existing ``central.db`` was made by stays byte for byte the same:
-    a schema change is a new migration, so an existing folder still opens."""
-    assert hashlib.sha256(MIGRATIONS[0].encode()).hexdigest() == FIRST_MIGRATION_SHA256
+def test_a_migration_is_never_edited() -> None:
+    """The migrations existing ``central.db`` files were made and upgraded by stay byte
+    for byte the same: a schema change is a new migration, so an existing folder still
+    opens."""
+    assert tuple(hashlib.sha256(m.encode()).hexdigest()
+                 for m in MIGRATIONS[:len(MIGRATION_SHA256)]) == MIGRATION_SHA256
 
 
-OPERATIONS: list[tuple[Operation, str, dict[str, object]]] = [
+OPERATIONS: list[tuple[Request, str, dict[str, object]]] = [
     (PublishSnapshot("gw1", 500), "snapshot", {"gateway": "gw1", "chunk_entries": 500}),
     (PublishDelta("gw1", (HASH,), (HASH[::-1],)), "delta",
      {"gateway": "gw1", "upsert": [b64(HASH)], "remove": [b64(HASH[::-1])]}),
@@ -80,15 +93,19 @@ OPERATIONS: list[tuple[Operation, str, dict[str, object]]] = [
     (SendCommand("gw1", "lockdown"), "command", {"gateway": "gw1", "action": "lockdown"}),
     (SendHeartbeat("gw2"), "heartbeat", {"gateway": "gw2"}),
     (HeartbeatAll(), "heartbeat_all", {}),
+    (ConfirmEnrollment("gw1", ENROLLMENT), "confirm_enrollment",
+     {"gateway": "gw1", "enrollment": ENROLLMENT}),
+    (RejectEnrollment("gw1", ENROLLMENT, "officer"), "reject_enrollment",
+     {"gateway": "gw1", "enrollment": ENROLLMENT, "reason": "officer"}),
 ]
 
 
 @pytest.mark.parametrize(("op", "name", "args"), OPERATIONS,
                          ids=[name for _, name, _ in OPERATIONS])
 def test_every_operation_travels_to_serve_in_the_documented_format(
-        op: Operation, name: str, args: dict[str, object]) -> None:
+        op: Request, name: str, args: dict[str, object]) -> None:
     """Each typed operation is queued for a running serve as its documented name and JSON
-    arguments (hashes only), and comes back out as the same operation."""
+    arguments (hashes and ids only), and comes back out as the same operation."""
     encoded = encode(op)
     assert (encoded[0], json.loads(encoded[1])) == (name, args)
     assert decode(*encoded) == op
@@ -141,3 +158,62 @@ def test_a_delta_naming_an_unenrolled_card_spends_no_version(db: OfficeDatabase)
     contents = db.allocate_snapshot("gw1", 3_000, resync=False)
     assert contents.version == 1
     assert [e.doors for e in contents.entries] == [("front",)]
+
+
+def _enrollment(enrollment_id: str = ENROLLMENT, seq: int = 3, *,
+                status: str = "received") -> EnrollmentRecord:
+    return EnrollmentRecord(gateway="gw1", id=enrollment_id, seq=seq, unit="101",
+                            cred=HASH, permit="11010519491231002X", permit_hash=HASH[::-1],
+                            lease_end=2_000_000_000, provisional_until=1_900_000_000,
+                            account="landlord", received_ms=1, status=status, reason=None)
+
+
+def _entry() -> EntryRecord:
+    return EntryRecord(HASH, HASH[::-1], None, 2_000_000_000, None, None, 1, 1_000)
+
+
+def test_an_enrollment_is_recorded_once_together_with_the_cursor(db: OfficeDatabase) -> None:
+    """Recording an enrollment moves the gateway's tenant cursor in the same transaction;
+    the same enrollment id again changes nothing but the cursor (the first record
+    stays)."""
+    assert db.record_enrollment(_enrollment(seq=3))
+    assert not db.record_enrollment(_enrollment(seq=7, status="rejected"))
+    (record,) = db.enrollments("gw1")
+    assert (record.seq, record.status, record.permit) == (3, "received", "11010519491231002X")
+    gateway = db.gateway("gw1")
+    assert gateway is not None and gateway.tenant_upto == 7
+
+
+def test_deciding_spends_a_number_only_when_something_changes(db: OfficeDatabase) -> None:
+    """Confirming what is no longer open, or numbering decisions when none is due,
+    allocates no list version and no enr seq; a confirmation spends one of each."""
+    assert db.allocate_decisions("gw1", 10) is None
+    db.record_enrollment(_enrollment(status="rejected"))
+    assert db.confirm_enrollments("gw1", {ENROLLMENT: _entry()}, 5) is None
+    gateway = db.gateway("gw1")
+    assert gateway is not None and (gateway.list_version, gateway.enr_seq) == (0, 0)
+    other = "8e41d2a0-6b7c-4f19-a3d5-0c9e2b7f5a16"
+    db.record_enrollment(_enrollment(other, 4, status="held"))
+    change = db.confirm_enrollments("gw1", {other: _entry()}, 6)
+    assert change is not None and (change.version, change.enrollments) == (1, [other])
+    allocated = db.allocate_decisions("gw1", 10)
+    assert allocated is not None
+    seq, due = allocated
+    assert (seq, [(r.id, r.status, r.decision_seq) for r in due]) == (
+        1, [(ENROLLMENT, "rejected", 1), (other, "confirmed", 1)])
+    assert db.allocate_decisions("gw1", 10) is None
+
+
+def test_the_end_of_a_confirmed_enrollment_unlists_its_card_once(db: OfficeDatabase) -> None:
+    """Ending a confirmed enrollment deletes its entry under a new list version, in one
+    transaction with the cursor; ending it again changes nothing."""
+    db.record_enrollment(_enrollment())
+    db.confirm_enrollments("gw1", {ENROLLMENT: _entry()}, 5)
+    change = db.end_enrollment("gw1", ENROLLMENT, 9, "moved_out", 6)
+    assert change is not None and (change.version, change.remove) == (2, [HASH])
+    assert db.entries("gw1") == []
+    assert db.end_enrollment("gw1", ENROLLMENT, 10, "moved_out", 7) is None
+    record = db.enrollment("gw1", ENROLLMENT)
+    assert record is not None and (record.status, record.reason) == ("ended", "moved_out")
+    gateway = db.gateway("gw1")
+    assert gateway is not None and (gateway.list_version, gateway.tenant_upto) == (2, 10)

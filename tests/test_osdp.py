@@ -22,7 +22,6 @@ import os
 import subprocess
 import sys
 import threading
-import time
 import tty
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -35,10 +34,9 @@ from structlog.testing import capture_logs
 
 import drivers.osdp.bus as osdp_bus
 import drivers.osdp.devices as osdp_devices
-from agent.config import parse_config
 from agent.runtime import Agent
 from agent.store import CredentialEntry
-from drivers.base import CardRead, DeviceError, Reader
+from drivers.base import CardRead, DeviceError, Reader, Relay
 from drivers.osdp import (
     SCBK_D,
     Frame,
@@ -60,9 +58,11 @@ from drivers.osdp.evidence import LinkEvidence, diagnose
 from drivers.registry import DriverError, check_options
 from drivers.simulated import SimBus
 from protocol.hashing import CredentialHasher
+from tests.agentconf import KEY, DoorSpec, ReaderSpec, agent_config
 from tests.conftest import wait_for
 from tests.line_relay import LineRelay
 from tests.test_reader_contract import ReaderContract
+from tests.test_relay_contract import RelayContract
 
 SCBK = bytes.fromhex("a0a1a2a3a4a5a6a7a8a9aaabacadaeaf")
 WRONG_SCBK = bytes.fromhex("0f1e2d3c4b5a69788796a5b4c3d2e1f0")
@@ -375,6 +375,15 @@ def devices(line: Line, key_file: Callable[..., str]) -> Iterator[Opened]:
     for dev in opened:
         dev.close()
     assert not osdp_devices._BUSES  # noqa: SLF001 - every bus closed with its last user
+
+
+def read_error(reader: Reader) -> DeviceError | None:
+    """The DeviceError one ``read(0.2)`` raises, or None when it returns."""
+    try:
+        reader.read(0.2)
+    except DeviceError as exc:
+        return exc
+    return None
 
 
 def read_id(reader: Reader) -> str | None:
@@ -837,10 +846,9 @@ def test_silent_pd_makes_read_raise_then_reopen_works(line: Line, devices: Opene
     pd = line.add_pd(1)
     reader = devices()
     pd.stop()
-    deadline = time.monotonic() + OFFLINE_WAIT_S
-    with pytest.raises(DeviceError, match="address 1 offline: the PD stopped answering"):
-        while time.monotonic() < deadline:
-            reader.read(0.2)
+    error = wait_for(lambda: read_error(reader), "read() to raise for the silent PD",
+                     OFFLINE_WAIT_S, interval=0)
+    assert "address 1 offline: the PD stopped answering" in str(error)
     assert not reader.status["online"]
     back = line.add_pd(1)
     reader.open()
@@ -853,10 +861,9 @@ def test_pulled_adapter_makes_read_raise_at_once(line: Line, devices: Opened) ->
     line.add_pd(1)
     reader = devices()
     line.hang_up()
-    deadline = time.monotonic() + WAIT_S
-    with pytest.raises(DeviceError, match="failed"):
-        while time.monotonic() < deadline:
-            reader.read(0.2)
+    error = wait_for(lambda: read_error(reader), "read() to raise for the failed port",
+                     WAIT_S, interval=0)
+    assert "failed" in str(error)
 
 
 def test_failed_port_is_reopened_by_the_bus(
@@ -907,45 +914,68 @@ class TestOsdpReaderContract(ReaderContract):
         self.pd.card(bytes.fromhex(value), bits=40)
 
 
+# --- the shared relay contract -------------------------------------------------------------
+
+
+class TestOsdpRelayContract(RelayContract):
+    """An output of a libosdp PD behind Secure Channel driving a lock; output on unlocks."""
+
+    driver = "osdp"
+    output_no: ClassVar[int] = 1
+    active_high: ClassVar[bool] = True
+
+    @pytest.fixture(autouse=True)
+    def _line(self, line: Line, key_file: Callable[..., str]) -> None:
+        self.line = line
+        self.pd = line.add_pd(5)
+        self.key = key_file(SCBK)
+
+    def make_relay(self) -> Relay:
+        """A secure OSDP output of the PD at address 5 of this test's line."""
+        return OsdpRelay("front.relay", {
+            "port": self.line.path, "address": 5, "scbk_file": self.key,
+            "output_no": self.output_no, "active_high": self.active_high})
+
+    def commands(self) -> list[bool]:
+        """The osdp_OUT commands the PD received for the output: 2 permanent on, 1 off."""
+        return [(c["control_code"] == 2) == self.active_high
+                for c in self.pd.received(osdp.Command.Output, output_no=self.output_no)]
+
+    def unopenable(self) -> tuple[Relay, str]:
+        """An output on an RS-485 adapter that is unplugged."""
+        port = "/dev/serial/by-id/usb-FTDI_FT232R-permitgate-gone"
+        return OsdpRelay("front.relay", {"port": port, "address": 5,
+                                         "scbk_file": self.key}), port
+
+    def released(self) -> bool:
+        """Whether the line's bus (port, libosdp CP, thread) is closed."""
+        return not osdp_devices._BUSES  # noqa: SLF001 - the registry of open buses
+
+
+class TestOsdpRelayActiveLowContract(TestOsdpRelayContract):
+    """An output wired so that on locks (``active_high = false``, a fail-safe lock)."""
+
+    output_no = 0
+    active_high = False
+
+
 # --- the agent ----------------------------------------------------------------------------
-
-AGENT_CONFIG = """
-[site]
-site_id = "t"
-gateway_id = "t-gw"
-[store]
-path = "{folder}/pg.db"
-[keys]
-site_key = "{folder}/site.key"
-[[doors]]
-id = "front"
-unlock_s = 0.3
-relay = {{ driver = "simulated" }}
-[[readers]]
-id = "front-in"
-door = "front"
-direction = "entry"
-driver = "osdp"
-options = {{ port = "{port}", address = 9, scbk_file = "{key}" }}
-"""
-
 
 def test_agent_grants_a_card_presented_at_the_pd(
         tmp_path: Path, line: Line, key_file: Callable[..., str]) -> None:
     """A real agent with an OSDP reader decides a card presented at the PD: the grant is
     committed as an event and the PD's LED turns green."""
-    site_key = bytes(range(32))
-    (tmp_path / "site.key").write_text(site_key.hex())
     pd = line.add_pd(9)
-    config = parse_config(AGENT_CONFIG.format(folder=tmp_path, port=line.path,
-                                              key=key_file(SCBK)), "<test>")
+    config = agent_config(tmp_path, doors=(DoorSpec(unlock_s=0.3),), readers=(ReaderSpec(
+        driver="osdp", debounce_s=None,
+        options={"port": line.path, "address": 9, "scbk_file": key_file(SCBK)}),))
     agent = Agent(config, bus=SimBus())
     agent.start()
     try:
         store = agent.store
         assert store is not None
         store.replace_allowlist(
-            [CredentialEntry(CredentialHasher(site_key).credential("osdp:26:12345640"))], 1)
+            [CredentialEntry(CredentialHasher(KEY).credential("osdp:26:12345640"))], 1)
         wait_for(lambda: any(e.kind == "reader_online" for e in store.events()),
                  "reader_online")
         pd.card()

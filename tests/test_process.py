@@ -13,7 +13,6 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -22,12 +21,10 @@ import pytest
 from agent.store import CredentialEntry, Store, StoredEvent
 from drivers.serial_reader import em4100_frame
 from protocol.hashing import CredentialHasher
+from tests.agentconf import KEY, DoorSpec, ReaderSpec, write_agent
 from tests.conftest import PtyPeer, wait_for
 
-KEY = bytes(range(32))
 VALID = ("67003B51C6", "67003BA86C", "1122334455")
-
-
 
 
 class AgentProcess:
@@ -37,29 +34,12 @@ class AgentProcess:
         self.folder = folder
         self.db = folder / "pg.db"
         self.relay_file = folder / "relay.json"
-        (folder / "site.key").write_text(KEY.hex())
-        self.config = folder / "permitgate.toml"
-        self.config.write_text(f"""
-[site]
-site_id = "test-site"
-gateway_id = "test-gw"
-[store]
-path = "pg.db"
-[keys]
-site_key = "{folder / 'site.key'}"
-[[doors]]
-id = "front"
-unlock_s = 0.5
-fail_mode = "{fail_mode}"
-relay = {{ driver = "simulated", options = {{ state_file = "{self.relay_file}" }} }}
-[[readers]]
-id = "front-in"
-door = "front"
-direction = "entry"
-driver = "serial"
-debounce_s = 0.2
-options = {{ port = "{port}" }}
-""")
+        self.config = write_agent(
+            folder, store={"path": "pg.db"},
+            doors=(DoorSpec(unlock_s=0.5, relay={
+                "driver": "simulated", "options": {"state_file": self.relay_file}},
+                extra={"fail_mode": fail_mode}),),
+            readers=(ReaderSpec(driver="serial", debounce_s=0.2, options={"port": port}),))
         self.proc: subprocess.Popen[bytes] | None = None
         self.logs: list[Path] = []
 
@@ -96,6 +76,11 @@ options = {{ port = "{port}" }}
     def count(self, kind: str) -> int:
         """How many events of ``kind`` are stored."""
         return sum(1 for e in self.events() if e.kind == kind)
+
+    def wait_count(self, kinds: tuple[str, ...], count: int) -> None:
+        """Wait until exactly ``count`` events of ``kinds`` are stored."""
+        wait_for(lambda: sum(self.count(k) for k in kinds) == count,
+                 f"{count} event(s) of {', '.join(kinds)}")
 
     def relay_unlocked(self) -> bool:
         """The relay state last written by the agent."""
@@ -137,14 +122,17 @@ def test_taps_through_the_serial_driver_become_decisions(agent_process: AgentPro
     agent_process.start()
     pty_peer.write(em4100_frame(VALID[0]))
     wait_for(lambda: agent_process.count("access_granted") == 1, "the grant")
-    wait_for(agent_process.relay_unlocked, "the relay to unlock")
+    # The door's events, not the relay file: the unlock lasts only unlock_s, which a
+    # poll of the file could miss on a busy machine.
+    agent_process.wait_count(("door_unlocked",), 1)
     pty_peer.write(em4100_frame("DEADBEEF00"))
     wait_for(lambda: agent_process.count("access_denied") == 1, "the denial")
     denied = next(e for e in agent_process.events() if e.kind == "access_denied")
     assert denied.reason == "unknown_card"
     assert denied.direction == "entry"
     assert denied.cred is not None and "DEADBEEF00" not in json.dumps(denied.as_dict())
-    wait_for(lambda: not agent_process.relay_unlocked(), "the relay to relock")
+    agent_process.wait_count(("door_locked",), 2)  # at the start, and the relock
+    assert agent_process.relay_unlocked() is False
 
 
 def test_sigterm_stops_with_the_door_locked_and_every_event_kept(
@@ -152,10 +140,9 @@ def test_sigterm_stops_with_the_door_locked_and_every_event_kept(
     """SIGTERM during a stream of taps ends the process with status 0 within the
     shutdown bound, the relay locked, and an intact chain ending in agent_stopped."""
     agent_process.start()
-    for card in VALID:
+    for granted, card in enumerate(VALID, start=1):
         pty_peer.write(em4100_frame(card))
-        time.sleep(0.05)
-    wait_for(lambda: agent_process.count("access_granted") == len(VALID), "three grants")
+        agent_process.wait_count(("access_granted",), granted)
     assert agent_process.proc is not None
     agent_process.proc.send_signal(signal.SIGTERM)
     assert agent_process.proc.wait(timeout=10) == 0
@@ -205,7 +192,9 @@ def test_sigkill_mid_stream_loses_and_duplicates_nothing(agent_process: AgentPro
             except OSError:
                 return
             written[0] += 1
-            time.sleep(0.03)
+            # The pace of the stream is the behaviour under test (taps keep arriving while
+            # the process is killed), not a stand-in for a condition: about 33 frames a s.
+            stop.wait(0.03)
 
     streamer = threading.Thread(target=tap_stream)
     streamer.start()
@@ -221,12 +210,9 @@ def test_sigkill_mid_stream_loses_and_duplicates_nothing(agent_process: AgentPro
     first_run = agent_process.events()
     agent_process.start()
     before = len([e for e in agent_process.events() if e.kind.startswith("access_")])
-    for card in VALID:
+    for n, card in enumerate(VALID, start=1):
         pty_peer.write(em4100_frame(card))
-        time.sleep(0.3)
-    wait_for(lambda: len([e for e in agent_process.events()
-                          if e.kind.startswith("access_")]) == before + len(VALID),
-             "decisions after the restart")
+        agent_process.wait_count(("access_granted", "access_denied"), before + n)
     assert agent_process.proc is not None
     agent_process.proc.send_signal(signal.SIGTERM)
     assert agent_process.proc.wait(timeout=10) == 0

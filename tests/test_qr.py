@@ -239,7 +239,7 @@ _text = st.text(st.characters(blacklist_categories=("Cc", "Cs")), min_size=1,
                 max_size=60).filter(lambda t: t.strip() != "")
 
 
-@settings(deadline=None, max_examples=300)
+@settings(deadline=None)
 @given(texts=st.lists(_text, max_size=6),
        ending=st.sampled_from([b"\r", b"\n", b"\r\n"]),
        cuts=st.lists(st.integers(min_value=0), max_size=8))

@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 import select
 import sys
-import time
 from typing import TYPE_CHECKING, Any
 
 import gpiod
@@ -27,6 +26,8 @@ from drivers.registry import DriverError, Kind, check_options, create
 from drivers.relay_board import RelayBoardOptions, SerialRelayBoard, relay_frame
 from drivers.wiegand import WiegandReader
 from protocol.chain import Event
+from tests.conftest import wait_for
+from tests.test_door import START, StepClock
 
 if TYPE_CHECKING:
     from tests.conftest import PtyPeer
@@ -35,24 +36,24 @@ WAIT_S = 5.0
 """Generous bound for bytes already written to reach the board's end."""
 
 
-def board_bytes(pty: PtyPeer, count: int, timeout: float = WAIT_S) -> bytes:
-    """Read ``count`` bytes from the board's end of the pty, or fail after ``timeout``."""
-    deadline = time.monotonic() + timeout
-    data = b""
-    while len(data) < count:
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            pytest.fail(f"only {data.hex(' ')} arrived, wanted {count} bytes")
-        ready, _, _ = select.select([pty.master], [], [], remaining)
-        if ready:
-            data += os.read(pty.master, count - len(data))
-    return data
+def board_bytes(pty: PtyPeer, count: int) -> bytes:
+    """The next ``count`` bytes at the board's end of the pty, once they have arrived."""
+    data = bytearray()
+
+    def arrived() -> bool:
+        while len(data) < count and select.select([pty.master], [], [], 0)[0]:
+            data.extend(os.read(pty.master, count - len(data)))
+        return len(data) >= count
+
+    wait_for(arrived, lambda: f"{count} bytes at the board; only {data.hex(' ')} arrived",
+             WAIT_S, interval=0.005)
+    return bytes(data)
 
 
 def nothing_more(pty: PtyPeer) -> bool:
-    """Whether no further byte is waiting at the board's end (after a short grace)."""
-    ready, _, _ = select.select([pty.master], [], [], 0.1)
-    return not ready
+    """Whether no further byte has reached the board's end (shown by a marker sent after
+    whatever the driver wrote: no waiting on a clock)."""
+    return pty.unread() == b""
 
 
 def board(pty: PtyPeer, **options: Any) -> SerialRelayBoard:
@@ -204,7 +205,8 @@ def test_registry_creates_a_relay_board() -> None:
 
 def test_door_worker_grant_switches_the_board_on_then_off(pty_peer: PtyPeer) -> None:
     """A real DoorWorker owning the board: start locks (off), a grant unlocks (on), the
-    relock comes unlock_s later (off), and stopping leaves a fail-secure door locked."""
+    relock (off) comes when unlock_s has passed on the worker's clock and not before, and
+    stopping leaves a fail-secure door locked."""
     unlock_s = 0.3
     relay = SerialRelayBoard("front.relay", {"port": pty_peer.path, "channel": 3})
     events: list[tuple[str, str | None]] = []
@@ -212,18 +214,23 @@ def test_door_worker_grant_switches_the_board_on_then_off(pty_peer: PtyPeer) -> 
     def emit(event: Event, state: str) -> None:
         events.append((event.kind, event.reason))
 
+    clock = StepClock()
     worker = DoorWorker(DoorConfig(id="front", unlock_s=unlock_s, fail_mode="secure"),
-                        relay, emit)
+                        relay, emit, clock=clock)
     off, on = bytes.fromhex("A0 03 00 A3"), bytes.fromhex("A0 03 01 A4")
     worker.start()
     try:
         assert board_bytes(pty_peer, 4) == off
-        granted_at = time.monotonic()
         worker.grant()
         assert board_bytes(pty_peer, 4) == on
+        clock.set(START + unlock_s - 0.01)
+        # The worker reads its clock once a tick: three more reads, and a whole tick has
+        # run at this time.
+        ticked = clock.reads + 3
+        wait_for(lambda: clock.reads >= ticked, "the worker to tick")
+        assert nothing_more(pty_peer)
+        clock.set(START + unlock_s)
         assert board_bytes(pty_peer, 4) == off
-        # A lower bound only: the relock cannot come before unlock_s after the grant.
-        assert time.monotonic() - granted_at >= unlock_s
         assert nothing_more(pty_peer)
     finally:
         worker.stop()

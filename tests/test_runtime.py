@@ -1,72 +1,88 @@
-"""The agent in-process: the card path, store failures, reader recovery, modes, clock."""
+"""The agent in-process: the card path, store failures, reader recovery, modes, clock.
+
+The readers are simulated readers whose reads carry a time the test sets (``ReadClock``):
+the agent's debounce compares those times, so a test moves time on instead of sleeping.
+"""
 
 from __future__ import annotations
 
 import json
+import queue
 import sqlite3
 import threading
-import time
 from collections.abc import Iterator
-from datetime import date, datetime
 from pathlib import Path
 from typing import Any
-from zoneinfo import ZoneInfo
 
 import pytest
 
-from agent.config import parse_config
 from agent.decision import Decision, Mode, Reason
-from agent.runtime import Agent, ReadTiming, clock_state
+from agent.runtime import Agent, ReadTiming
 from agent.store import CredentialEntry, Store
 from common.sqlite import StoreError
 from drivers.base import CardRead, DeviceError
 from drivers.simulated import SimBus, SimulatedReader, SimulatedRelay
 from protocol.chain import Event
 from protocol.hashing import CredentialHasher, log_prefix
+from tests.agentconf import KEY, DoorSpec, ReaderSpec, agent_config
 from tests.conftest import wait_for
 
-KEY = bytes(range(32))
 CARD = "em4100:67003B51C6"
-
-CONFIG = """
-[site]
-site_id = "t"
-gateway_id = "t-gw"
-[store]
-path = "{folder}/pg.db"
-[keys]
-site_key = "{folder}/site.key"
-[policy]
-anti_passback = "hard"
-[[doors]]
-id = "front"
-unlock_s = 0.3
-relay = {{ driver = "simulated" }}
-[[readers]]
-id = "front-in"
-door = "front"
-direction = "entry"
-driver = "simulated"
-debounce_s = 0.5
-[[readers]]
-id = "front-out"
-door = "front"
-direction = "exit"
-driver = "simulated"
-debounce_s = 0.5
-"""
+UNKNOWN = "em4100:0000000000"
+DEBOUNCE_S = 0.5
+GRANTED = Decision(True, Reason.GRANTED)
 
 
+class ReadClock:
+    """The time the test's readers stamp on each card read; it moves only when told."""
+
+    def __init__(self, start: float = 1000.0) -> None:
+        self.now = start
+
+    def advance(self, seconds: float) -> None:
+        """Move the clock on by ``seconds``."""
+        self.now += seconds
+
+
+class ClockedReader(SimulatedReader):
+    """A simulated reader whose reads carry the ``ReadClock``'s time when presented."""
+
+    def __init__(self, name: str, bus: SimBus, clock: ReadClock) -> None:
+        super().__init__(name, {}, bus)
+        self.clock = clock
+        self._reads: queue.Queue[CardRead] = queue.Queue()
+
+    def present(self, card_id: str) -> None:
+        """Present ``card_id`` now, by the test's clock."""
+        self._reads.put(CardRead(card_id, self.clock.now))
+
+    def read(self, timeout: float) -> CardRead | None:
+        """The next card presented, or None after ``timeout``."""
+        if not self._open:
+            raise DeviceError(f"clocked reader {self.name}: not open")
+        try:
+            return self._reads.get(timeout=timeout)
+        except queue.Empty:
+            return None
 
 
 class Harness:
-    """An agent on a private SimBus with decisions collected."""
+    """An agent on a private SimBus, its readers clocked by the test, decisions collected."""
 
-    def __init__(self, folder: Path, devices: dict[str, Any] | None = None) -> None:
-        (folder / "site.key").write_text(KEY.hex())
-        self.bus = SimBus()
-        self.config = parse_config(CONFIG.format(folder=folder), "<test>")
-        self.agent = Agent(self.config, bus=self.bus, devices=devices)
+    def __init__(self, folder: Path, devices: dict[str, Any] | None = None, *,
+                 bus: SimBus | None = None, clock: ReadClock | None = None) -> None:
+        self.bus = bus or SimBus()
+        self.clock = clock or ReadClock()
+        self.config = agent_config(
+            folder, site_id="t", gateway_id="t-gw", policy={"anti_passback": "hard"},
+            doors=(DoorSpec(unlock_s=0.3),),
+            readers=(ReaderSpec("front-in", debounce_s=DEBOUNCE_S),
+                     ReaderSpec("front-out", direction="exit", debounce_s=DEBOUNCE_S)))
+        chosen: dict[str, Any] = {
+            **{r: ClockedReader(r, self.bus, self.clock) for r in ("front-in", "front-out")},
+            **(devices or {})}
+        self.readers = {k: v for k, v in chosen.items() if isinstance(v, ClockedReader)}
+        self.agent = Agent(self.config, bus=self.bus, devices=chosen)
         self.decisions: list[tuple[str, Decision]] = []
         self.agent.on_decision = self._collect
 
@@ -83,7 +99,7 @@ class Harness:
 
     def tap(self, reader: str, card: str, count: int) -> Decision:
         """Present ``card`` and wait until the agent has made ``count`` decisions."""
-        self.bus.tap(reader, card)
+        self.readers[reader].present(card)
         wait_for(lambda: len(self.decisions) >= count, f"decision {count}")
         return self.decisions[count - 1][1]
 
@@ -92,6 +108,11 @@ class Harness:
         """The agent's store."""
         assert self.agent.store is not None
         return self.agent.store
+
+    def door_events(self) -> list[tuple[str, str | None]]:
+        """(kind, reason) of the lock events the door worker recorded, oldest first."""
+        return [(e.kind, e.reason) for e in self.store.events(door="front")
+                if e.kind in ("door_locked", "door_unlocked")]
 
 
 @pytest.fixture
@@ -106,32 +127,50 @@ def harness(tmp_path: Path) -> Iterator[Harness]:
 
 
 def test_grant_commits_the_event_before_the_relay_unlocks(harness: Harness) -> None:
-    """A valid card is granted, its event is stored with the hash prefix only, and the
-    relay unlocks and relocks."""
-    assert harness.tap("front-in", CARD, 1) == Decision(True, Reason.GRANTED)
-    wait_for(lambda: harness.bus.relays.get("front.relay") is True, "the unlock")
+    """A valid card is granted, its event is stored with the hash prefix only before the
+    relay unlocks, and the relay unlocks and relocks."""
+    assert harness.tap("front-in", CARD, 1) == GRANTED
+    wait_for(lambda: harness.door_events() == [
+        ("door_locked", "startup"), ("door_unlocked", None), ("door_locked", None)],
+        "the unlock, then the relock")
+    assert harness.bus.relays.get("front.relay") is False
+    kinds = [e.kind for e in harness.store.events()]
+    assert kinds.index("access_granted") < kinds.index("door_unlocked")
     event = next(e for e in harness.store.events() if e.kind == "access_granted")
     assert event.cred == log_prefix(CredentialHasher(KEY).credential(CARD))
     assert event.reader == "front-in" and event.direction == "entry"
-    wait_for(lambda: harness.bus.relays.get("front.relay") is False, "the relock")
 
 
 def test_repeated_frames_of_one_presentation_are_one_decision(harness: Harness) -> None:
-    """Repeats of the same card within the debounce time give one decision; after it,
-    the card counts again (here: anti-passback denies the second entry)."""
-    harness.tap("front-in", CARD, 1)
+    """Repeats of the same card less than the debounce time apart give one decision; a
+    presentation after it counts again (here: anti-passback denies the second entry)."""
+    assert harness.tap("front-in", CARD, 1) == GRANTED
     for _ in range(3):
-        harness.bus.tap("front-in", CARD)
-    time.sleep(0.3)
-    assert len(harness.decisions) == 1
-    time.sleep(0.6)
+        harness.clock.advance(0.1)  # an RDM6300 repeats a card in its field every ~100 ms
+        harness.readers["front-in"].present(CARD)
+    harness.clock.advance(DEBOUNCE_S + 0.1)
     assert harness.tap("front-in", CARD, 2) == Decision(False, Reason.ANTI_PASSBACK)
-    assert harness.tap("front-out", CARD, 3) == Decision(True, Reason.GRANTED)
+    # The reader hands reads on in order: once this card is decided, so was every repeat.
+    assert harness.tap("front-in", UNKNOWN, 3).reason is Reason.UNKNOWN_CARD
+    assert [d for r, d in harness.decisions if r == "front-in"] == [
+        GRANTED, Decision(False, Reason.ANTI_PASSBACK), Decision(False, Reason.UNKNOWN_CARD)]
+    assert harness.tap("front-out", CARD, 4) == GRANTED
 
 
-def test_unwritable_event_denies_and_keeps_the_door_shut(harness: Harness) -> None:
+def test_unwritable_event_denies_and_keeps_the_door_shut(
+        harness: Harness, monkeypatch: pytest.MonkeyPatch) -> None:
     """When the event cannot be committed (database full), the card is denied with
-    store_error, the relay stays locked, and the agent goes on once space returns."""
+    store_error, the door is never asked to open, and the agent goes on once space
+    returns."""
+    door = harness.agent.doors["front"]
+    grant = door.grant
+    grants: list[None] = []
+
+    def counted_grant() -> None:
+        grants.append(None)
+        grant()
+
+    monkeypatch.setattr(door, "grant", counted_grant)
     writer: sqlite3.Connection = harness.store._writer  # noqa: SLF001 - fault injection
     pages = writer.execute("PRAGMA page_count").fetchone()[0]
     writer.execute(f"PRAGMA max_page_count={pages}")
@@ -140,11 +179,14 @@ def test_unwritable_event_denies_and_keeps_the_door_shut(harness: Harness) -> No
             harness.store.append(Event("filler", data={"pad": "x" * 500}))
     decision = harness.tap("front-in", CARD, 1)
     assert decision == Decision(False, Reason.STORE_ERROR)
-    time.sleep(0.2)
+    # The card path asks the door to open before it reports a decision, and only for a
+    # grant: with no request made, the relay stays as the start left it.
+    assert grants == []
     assert harness.bus.relays.get("front.relay") is False
     writer.execute("PRAGMA max_page_count=1073741823")
-    time.sleep(0.6)
-    assert harness.tap("front-in", CARD, 2) == Decision(True, Reason.GRANTED)
+    harness.clock.advance(DEBOUNCE_S + 0.1)  # the same card, presented anew
+    assert harness.tap("front-in", CARD, 2) == GRANTED
+    assert len(grants) == 1
     assert harness.store.verify_chain().ok
 
 
@@ -154,17 +196,16 @@ def test_lockdown_denies_and_free_passage_opens(harness: Harness) -> None:
     assert harness.tap("front-in", CARD, 1).reason is Reason.LOCKDOWN
     harness.agent.set_mode(Mode.FREE_PASSAGE, source="test")
     wait_for(lambda: harness.bus.relays.get("front.relay") is True, "free passage unlock")
-    assert harness.tap("front-in", "em4100:0000000000", 2).reason is \
-        Reason.GRANTED_FREE_PASSAGE
+    assert harness.tap("front-in", UNKNOWN, 2).reason is Reason.GRANTED_FREE_PASSAGE
     kinds = [e.reason for e in harness.store.events() if e.kind == "mode_changed"]
     assert kinds == ["lockdown", "free_passage"]
 
 
-class FlakyReader(SimulatedReader):
-    """A simulated reader that fails to open a set number of times, then dies once."""
+class FlakyReader(ClockedReader):
+    """A clocked reader that fails to open a set number of times, then dies once."""
 
-    def __init__(self, name: str, bus: SimBus, failures: int) -> None:
-        super().__init__(name, {}, bus)
+    def __init__(self, name: str, bus: SimBus, clock: ReadClock, failures: int) -> None:
+        super().__init__(name, bus, clock)
         self.failures = failures
         self.opens = 0
 
@@ -186,16 +227,14 @@ class FlakyReader(SimulatedReader):
 def test_reader_failure_is_reported_and_reopened(tmp_path: Path) -> None:
     """A reader that fails to open and later vanishes gives reader_offline events and
     comes back online by itself, and its next card is decided."""
-    bus = SimBus()
-    flaky = FlakyReader("front-in", bus, failures=2)
-    h = Harness(tmp_path, devices={"front-in": flaky})
-    h.bus = bus
-    h.agent.bus = bus
+    bus, clock = SimBus(), ReadClock()
+    flaky = FlakyReader("front-in", bus, clock, failures=2)
+    h = Harness(tmp_path, devices={"front-in": flaky}, bus=bus, clock=clock)
     h.start()
     try:
         wait_for(lambda: any(e.kind == "reader_online" and e.reader == "front-in"
                              for e in h.store.events()), "the reader to come online")
-        bus.tap("front-in", "unplug")
+        flaky.present("unplug")
         wait_for(lambda: [e.kind for e in h.store.events() if e.reader == "front-in"]
                  [-2:] == ["reader_offline", "reader_online"], "offline then online again",
                  timeout=15)
@@ -233,47 +272,46 @@ def test_relay_that_cannot_be_claimed_does_not_stop_the_agent(tmp_path: Path) ->
     store.close()
 
 
-@pytest.mark.parametrize(("now", "last", "expected"), [
-    (datetime(2026, 5, 1, tzinfo=ZoneInfo("UTC")), None, "ok"),
-    (datetime(1970, 1, 2, tzinfo=ZoneInfo("UTC")), None, "unset"),
-    (datetime(2026, 5, 1, tzinfo=ZoneInfo("UTC")),
-     int(datetime(2026, 6, 1, tzinfo=ZoneInfo("UTC")).timestamp() * 1000), "behind"),
-    (datetime(2026, 5, 1, 12, 0, tzinfo=ZoneInfo("UTC")),
-     int(datetime(2026, 5, 1, 12, 3, tzinfo=ZoneInfo("UTC")).timestamp() * 1000), "ok"),
-], ids=["ok", "unset", "behind", "small-skew"])
-def test_clock_state(now: datetime, last: int | None, expected: str) -> None:
-    """A clock before the floor is unset, one well behind recorded events is behind,
-    and a few minutes of skew are tolerated."""
-    floor = datetime(2026, 1, 1, tzinfo=ZoneInfo("UTC"))
-    assert clock_state(int(now.timestamp() * 1000), last, floor) == expected
-    assert date(2026, 1, 1) == floor.date()
-
-
 def test_taps_are_decided_and_recorded_while_a_whole_list_is_applied(
         harness: Harness) -> None:
-    """A long whole-list apply does not hold up the card path: a tap made while the apply
-    is still running is decided (on the old list) and its event committed before the
-    apply finishes."""
-    hasher = CredentialHasher(KEY)
-    started = threading.Event()
+    """A whole-list apply does not hold up the card path: a tap made while the apply is
+    in progress is decided on the old list and its event committed before the apply
+    finishes; after it, the new list decides."""
+    total = 2_000
+    half_consumed = threading.Event()
+    tap_recorded = threading.Event()
+    applied = threading.Event()
 
-    def big_list() -> Iterator[CredentialEntry]:
-        yield CredentialEntry(hasher.credential(CARD))
-        started.set()
-        for i in range(400_000):
-            yield CredentialEntry(i.to_bytes(32, "big"))
+    def new_list() -> Iterator[CredentialEntry]:
+        # The store consumes this inside its apply transaction; at the halfway entry the
+        # apply is certainly in progress, and it stays so until the tap is recorded.
+        for i in range(total):
+            if i == total // 2:
+                half_consumed.set()
+                if not tap_recorded.wait(60):
+                    raise RuntimeError("the test never released the apply")
+            yield CredentialEntry((i + 1).to_bytes(32, "big"))
 
-    applier = threading.Thread(target=harness.store.replace_allowlist, args=(big_list(), 2))
+    def apply() -> None:
+        try:
+            harness.store.replace_allowlist(new_list(), 2)
+        finally:
+            applied.set()
+
+    applier = threading.Thread(target=apply)
     applier.start()
     try:
-        assert started.wait(10)
-        decision = harness.tap("front-in", CARD, 1)
-        assert applier.is_alive(), "the apply finished first: make the list longer"
-        assert decision == Decision(True, Reason.GRANTED)
-        assert any(e.kind == "access_granted" for e in harness.store.events())
+        wait_for(half_consumed.is_set, "the apply to be half way")
+        assert harness.tap("front-in", CARD, 1) == GRANTED  # CARD is only on the old list
+        assert [e.kind for e in harness.store.events(kind="access_granted")] == [
+            "access_granted"]
+        assert not applied.is_set()
     finally:
+        tap_recorded.set()
         applier.join()
-    assert harness.store.counts()["credentials"] == 400_001
+    assert harness.store.counts()["credentials"] == total
+    harness.clock.advance(DEBOUNCE_S + 0.1)
+    assert harness.tap("front-in", CARD, 2).reason is Reason.UNKNOWN_CARD
 
 
 def test_event_store_high_water_alarm(tmp_path: Path) -> None:

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 import rdm6300
+import serial
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
@@ -33,6 +34,7 @@ from drivers.serial_reader import (
     SerialReaderOptions,
     em4100_frame,
 )
+from tests.conftest import wait_for
 
 if TYPE_CHECKING:
     from tests.conftest import PtyPeer
@@ -43,7 +45,7 @@ BAD_CHECKSUM = "68003B51C6CB"
 """rdm6300's vector that fails the checksum."""
 READ_TIMEOUT = 5.0
 """Generous: bytes already written arrive in milliseconds; this only bounds a failure."""
-PROPERTY = settings(deadline=None, max_examples=300)
+PROPERTY = settings(deadline=None)
 """No per-example deadline: hypothesis must not turn a slow CI machine into a failure."""
 
 
@@ -53,6 +55,43 @@ def frame(body: str) -> bytes:
 
 
 OpenReader = Callable[..., SerialReader]
+
+
+class ReadProbe:
+    """Watches the driver's calls into pyserial's ``Serial.read``: a call made once ``n``
+    bytes have been handed back is the driver waiting for more after them, the hook a
+    test acts on instead of a delay."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.handed = 0
+        self._calls: list[int] = []
+        self._lock = threading.Lock()
+        real = serial.Serial.read
+
+        def read(port: serial.Serial, size: int = 1) -> bytes:
+            with self._lock:
+                self._calls.append(self.handed)
+            data = real(port, size)
+            with self._lock:
+                self.handed += len(data)
+            return data
+
+        monkeypatch.setattr(serial.Serial, "read", read)
+
+    def then(self, after: int, action: Callable[[], object]) -> threading.Thread:
+        """A started thread that runs ``action`` once the driver reads again after
+        ``after`` bytes (join it when done)."""
+        def waiting() -> bool:
+            with self._lock:
+                return any(handed >= after for handed in self._calls)
+
+        def run() -> None:
+            wait_for(waiting, f"the driver to read again after {after} bytes")
+            action()
+
+        thread = threading.Thread(target=run, name="read-probe")
+        thread.start()
+        return thread
 
 
 @pytest.fixture
@@ -170,13 +209,13 @@ def test_frame_split_across_writes(open_reader: OpenReader, pty_peer: PtyPeer) -
     assert reader.rejected == 0
 
 
-def test_read_waits_past_a_partial_frame(open_reader: OpenReader, pty_peer: PtyPeer) -> None:
+def test_read_waits_past_a_partial_frame(open_reader: OpenReader, pty_peer: PtyPeer,
+                                         monkeypatch: pytest.MonkeyPatch) -> None:
     """read() does not give up when a partial frame arrives; it waits for the rest."""
     reader = open_reader()
     whole = frame(VALID[0])
     pty_peer.write(whole[:6])
-    rest = threading.Timer(0.2, pty_peer.write, args=(whole[6:],))
-    rest.start()
+    rest = ReadProbe(monkeypatch).then(6, lambda: pty_peer.write(whole[6:]))
     try:
         assert read_ids(reader, 1) == ["em4100:67003B51C6"]
     finally:
@@ -375,11 +414,10 @@ def test_peer_hang_up_raises_device_error(open_reader: OpenReader, pty_peer: Pty
 
 
 def test_hang_up_during_a_blocked_read_raises_device_error(
-        open_reader: OpenReader, pty_peer: PtyPeer) -> None:
+        open_reader: OpenReader, pty_peer: PtyPeer, monkeypatch: pytest.MonkeyPatch) -> None:
     """A read already waiting for bytes raises DeviceError when the device end goes away."""
     reader = open_reader()
-    hang_up = threading.Timer(0.2, pty_peer.hang_up)
-    hang_up.start()
+    hang_up = ReadProbe(monkeypatch).then(0, pty_peer.hang_up)
     try:
         with pytest.raises(DeviceError, match=pty_peer.path):
             reader.read(60.0)

@@ -23,7 +23,6 @@ from paho.mqtt.enums import CallbackAPIVersion
 from pydantic import BaseModel
 
 from agent.cli import status_report
-from agent.config import parse_config
 from agent.decision import Decision, Mode, Reason
 from agent.runtime import Agent, ReadTiming
 from drivers.simulated import SimBus
@@ -42,10 +41,10 @@ from protocol.messages import (
 )
 from protocol.signing import b64, sign
 from protocol.topics import Topics
+from tests.agentconf import KEY, DoorSpec, ReaderSpec, agent_config
 from tests.broker import Broker
 from tests.conftest import wait_for
 
-KEY = bytes(range(32))
 GW = "gw-1"
 CARD_A = "em4100:67003B51C6"
 CARD_B = "em4100:67003BA86C"
@@ -134,45 +133,22 @@ class Office:
     def wait(self, kind: str, match: Callable[[dict[str, Any]], bool], what: str,
              timeout: float = 15.0) -> dict[str, Any]:
         """Wait for a message of ``kind`` from the gateway that ``match`` accepts."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            for body in list(self.received.get(kind, [])):
-                if match(body):
-                    return body
-            time.sleep(0.02)
-        raise AssertionError(f"timed out waiting for {what}; got {self.received}")
+        def found() -> dict[str, Any] | None:
+            return next((b for b in list(self.received.get(kind, [])) if match(b)), None)
+
+        return wait_for(found, lambda: f"{what}; got {self.received}", timeout)
 
 
 class Gateway:
     """An in-process agent with sync enabled, a simulated reader and relay."""
 
     def __init__(self, folder: Path, broker: Broker, trusted: Path, **sync: Any) -> None:
-        (folder / "site.key").write_text(KEY.hex())
-        options = {"enabled": True, "host": broker.host, "port": broker.port, "tls": False,
-                   "trusted_keys": str(trusted), "status_interval_s": 1,
-                   "ack_timeout_s": 2.0, "resync_interval_s": 1, **sync}
-        sync_toml = "\n".join(f"{k} = {json.dumps(v)}" for k, v in options.items())
-        self.config = parse_config(f"""
-[site]
-site_id = "b-1"
-gateway_id = "{GW}"
-[store]
-path = "{folder}/pg.db"
-[keys]
-site_key = "{folder}/site.key"
-[sync]
-{sync_toml}
-[[doors]]
-id = "front"
-unlock_s = 0.2
-relay = {{ driver = "simulated" }}
-[[readers]]
-id = "front-in"
-door = "front"
-direction = "entry"
-driver = "simulated"
-debounce_s = 0
-""", "<test>")
+        self.config = agent_config(
+            folder, site_id="b-1", gateway_id=GW,
+            sync={"enabled": True, "host": broker.host, "port": broker.port, "tls": False,
+                  "trusted_keys": str(trusted), "status_interval_s": 1,
+                  "ack_timeout_s": 2.0, "resync_interval_s": 1, **sync},
+            doors=(DoorSpec(unlock_s=0.2),), readers=(ReaderSpec(debounce_s=0),))
         self.bus = SimBus()
         self.decisions: list[Decision] = []
         self.agent = Agent(self.config, bus=self.bus)
@@ -282,10 +258,14 @@ def refusal_cases(office: Office) -> list[tuple[str, Callable[[], None]]]:
             **rev, **office.header("rev", seq=50)), key=other)),
         ("unknown_key", lambda: office.send("rev", Revocation(
             **rev, **office.header("rev", seq=51)), key=other, kid="stranger")),
-        ("expired", lambda: office.send("rev", Revocation(
-            **rev, **office.header("rev", seq=52, issued=old, ttl=60)))),
-        ("from_future", lambda: office.send("rev", Revocation(
-            **rev, **office.header("rev", seq=53, issued=int(time.time()) + 3600)))),
+        # Revocations are applied whatever their times (they only take access away):
+        # the time checks are shown on commands.
+        ("expired", lambda: office.send("cmd", Command(
+            type="command", action="lockdown",
+            **office.header("cmd", seq=52, issued=old, ttl=60)))),
+        ("from_future", lambda: office.send("cmd", Command(
+            type="command", action="lockdown",
+            **office.header("cmd", seq=53, issued=int(time.time()) + 3600)))),
         ("wrong_target", lambda: office.send("rev", Revocation(
             **rev, **office.header("rev", seq=54, gateway="gw-2")))),
         ("wrong_stream", lambda: office.send("cmd", Revocation(

@@ -76,6 +76,8 @@ class Host:
         self.mode = Mode.NORMAL
         self.cutoff: int | None = None
         self.decided: list[Decided] = []
+        self.observed: list[tuple[int, str]] = []
+        self.clock_right = True
 
     def current_mode(self) -> Mode:
         """The mode in force."""
@@ -93,6 +95,14 @@ class Host:
     def record_event(self, event: Event) -> None:
         """Append to the real event chain."""
         self.store.append(event)
+
+    def clock_observed(self, trusted_ms: int, source: str) -> None:
+        """Remember the office's signed times."""
+        self.observed.append((trusted_ms, source))
+
+    def clock_ok(self) -> bool:
+        """Whether the test says the clock is right."""
+        return self.clock_right
 
     def enrollment_decided(self, decided: Decided) -> None:
         """Remember the office's answers."""
@@ -270,14 +280,53 @@ def test_a_forged_signature_is_refused_and_counted(rig: Rig) -> None:
 
 
 def test_an_expired_message_is_refused(rig: Rig) -> None:
-    """A revocation whose expiry has passed on the gateway's clock is refused as expired
+    """A command whose expiry has passed on the gateway's clock is refused as expired
     and changes nothing."""
-    message = revocation(rig, 1, CARD_A)
+    message = Command(type="command", action="lockdown", **rig.header(1))
     rig.clock.now = message.expires_at
-    rig.send("rev", message)
+    rig.send("cmd", message)
     assert (rig.last().reason, rig.last().seq) == ("expired", 1)
-    assert not rig.store.lookup(cred(CARD_A)).revoked
+    assert rig.host.mode is Mode.NORMAL
     assert rig.applier.counters.refused["expired"] == 1
+
+
+@pytest.mark.parametrize("shift", [10**7, -(10**7)], ids=["clock-ahead", "clock-behind"])
+def test_revocations_apply_whatever_the_clock_says(rig: Rig, shift: int) -> None:
+    """A revocation is applied even when the gateway's clock makes it look expired or
+    from the future (it only takes access away); a replay is still refused."""
+    message = revocation(rig, 1, CARD_A)
+    rig.clock.now += shift
+    rig.send("rev", message)
+    assert rig.last().status == "applied"
+    assert rig.store.lookup(cred(CARD_A)).revoked
+    rig.send("rev", message)
+    assert rig.last().reason == "replay"
+
+
+def test_a_signed_message_from_the_future_reports_the_office_time(rig: Rig) -> None:
+    """A validly signed message issued ahead of the gateway's clock tells the clock judge
+    the office's time (the gateway's clock is behind), and is refused as from_future."""
+    rig.clock.now -= 3600
+    message = Command(type="command", action="lockdown", **rig.header(1))
+    rig.clock.now -= 3600
+    rig.send("cmd", message)
+    assert rig.last().reason == "from_future"
+    assert rig.host.observed == [(message.issued_at * 1000, "office")]
+
+
+def test_a_clock_judged_wrong_makes_the_lists_stale(rig: Rig) -> None:
+    """While the clock is judged wrong the lists count as stale (sync_stale recorded),
+    and they are fresh again once it is right."""
+    rig.send("hb", Heartbeat(type="heartbeat", list_version=0, rev_seq=0, all_seq=0,
+                             **rig.header(1)))
+    rig.applier.check_stale()
+    assert rig.applier.stale is False
+    rig.host.clock_right = False
+    rig.applier.check_stale()
+    assert rig.applier.stale is True and "sync_stale" in rig.kinds()
+    rig.host.clock_right = True
+    rig.applier.check_stale()
+    assert rig.applier.stale is False and "sync_fresh" in rig.kinds()
 
 
 def test_a_chunk_refusal_carries_the_snapshots_seq(rig: Rig) -> None:

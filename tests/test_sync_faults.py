@@ -27,7 +27,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from agent.store import lists_path
 from protocol.topics import Topics
 from tests.broker import Broker, BrokerPool
-from tests.conftest import PtyPeer
+from tests.conftest import PtyPeer, wait_for
 from tests.harness import (
     GATEWAY,
     SITE_KEY,
@@ -40,7 +40,6 @@ from tests.harness import (
     assert_delivered_exactly_once,
     card_id,
     wait_drained,
-    wait_for,
 )
 
 pytestmark = pytest.mark.timeout(180)

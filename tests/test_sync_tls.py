@@ -15,6 +15,7 @@ import pytest
 from agent.store import Store
 from provisioning import pki
 from provisioning.central import Central, keygen
+from tests.agentconf import DoorSpec, ReaderSpec, write_agent
 from tests.broker import BrokerPool, TlsFiles
 from tests.conftest import wait_for
 
@@ -23,8 +24,6 @@ TEMPLATE = REPO / "config" / "mosquitto" / "permitgate.conf"
 ACL = REPO / "config" / "mosquitto" / "acl"
 SITE_KEY = bytes(range(32))
 CARD = "em4100:67003B51C6"
-
-
 
 
 @pytest.fixture
@@ -50,37 +49,17 @@ def site(tmp_path: Path, brokers: BrokerPool
 
     gw = tmp_path / "gw"
     gw.mkdir()
-    (gw / "site.key").write_text(SITE_KEY.hex())
-    (gw / "permitgate.toml").write_text(f"""
-[site]
-site_id = "bldg-0001"
-gateway_id = "gw-0001"
-[store]
-path = "pg.db"
-[keys]
-site_key = "./site.key"
-[sync]
-enabled = true
-host = "localhost"
-port = {broker.port}
-tls = true
-ca_file = "{certs / 'ca.crt'}"
-cert_file = "{certs / 'gw-0001.crt'}"
-key_file = "{certs / 'gw-0001.key'}"
-trusted_keys = "{office / 'trusted-keys.txt'}"
-status_interval_s = 1
-[[doors]]
-id = "front"
-relay = {{ driver = "simulated" }}
-[[readers]]
-id = "front-in"
-door = "front"
-direction = "entry"
-driver = "simulated"
-""")
+    config = write_agent(
+        gw, key=SITE_KEY, site_id="bldg-0001", gateway_id="gw-0001", store={"path": "pg.db"},
+        site_key="./site.key",
+        sync={"enabled": True, "host": "localhost", "port": broker.port, "tls": True,
+              "ca_file": certs / "ca.crt", "cert_file": certs / "gw-0001.crt",
+              "key_file": certs / "gw-0001.key", "trusted_keys": office / "trusted-keys.txt",
+              "status_interval_s": 1},
+        doors=(DoorSpec(unlock_s=None),), readers=(ReaderSpec(debounce_s=None),))
     log = (gw / "agent.log").open("wb")
     proc = subprocess.Popen([sys.executable, "-m", "agent.cli", "run", "--config",
-                             str(gw / "permitgate.toml"), "--log-format", "json"],
+                             str(config), "--log-format", "json"],
                             cwd=gw, stdout=log, stderr=subprocess.STDOUT)
     try:
         yield central, gw, proc

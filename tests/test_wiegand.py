@@ -48,8 +48,9 @@ from drivers.wiegand import (
     encode,
     judge,
 )
+from tests.conftest import wait_for
 
-PROPERTY = settings(deadline=None, max_examples=200)
+PROPERTY = settings(deadline=None)
 """No per-example deadline: hypothesis must not turn a slow CI machine into a failure."""
 MS = 1_000_000
 US = 1_000
@@ -475,6 +476,8 @@ class RecordedLines:
         self.cond = threading.Condition()
         self.released = 0
         self.fail: OSError | None = None
+        self.idle_waits = 0
+        """Calls of ``wait_edge_events`` that found nothing queued: the reader waiting."""
         self.seqno = 0
         self.last_ts = 0
 
@@ -498,6 +501,8 @@ class RecordedLines:
         with self.cond:
             if self.fail is not None:
                 raise self.fail
+            if not self.events:
+                self.idle_waits += 1
             return self.cond.wait_for(lambda: bool(self.events), timeout.total_seconds())
 
     def read_edge_events(self, max_events: int | None = None) -> list[Any]:
@@ -556,12 +561,16 @@ def test_reader_reads_cards_in_order(reader: WiegandReader, lines: RecordedLines
 def test_reader_waits_for_the_frame_gap_within_one_read(
         reader: WiegandReader, lines: RecordedLines) -> None:
     """A frame whose edges arrive during read() completes inside that same call."""
-    timer = threading.Timer(0.1, lines.present, args=(W26,))
-    timer.start()
+    def present_once_waiting() -> None:
+        wait_for(lambda: lines.idle_waits > 0, "read() to wait for edges")
+        lines.present(W26)
+
+    presenter = threading.Thread(target=present_once_waiting)
+    presenter.start()
     try:
         got = reader.read(READ_TIMEOUT)
     finally:
-        timer.join()
+        presenter.join()
     assert got is not None
     assert got.card_id == "wiegand26:118:1603"
 

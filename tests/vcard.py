@@ -40,6 +40,8 @@ from typing import IO
 
 from smartcard import scard  # type: ignore[import-untyped]  # pyscard ships no stubs
 
+from tests.waiting import wait_for
+
 VPCD_LIBRARY = Path("/usr/lib/pcsc/drivers/serial/libifdvpcd.so")
 READER_NAMES = ("Virtual PCD 00 00", "Virtual PCD 00 01")
 """The two slots vpcd exposes: ``"<FRIENDLYNAME> <reader> <slot>"`` as pcscd names them."""
@@ -72,6 +74,9 @@ class VirtualCard:
         """Command APDUs received, in order."""
         self.answered = threading.Event()
         """Set once GET DATA (UID) has been answered."""
+        self.presence_checks = 0
+        """How often vpcd asked for the ATR: once on every pcscd poll while the card is
+        on the reader, so the count is pcscd's clock."""
         self._sock: socket.socket | None = None
         self._thread: threading.Thread | None = None
 
@@ -117,7 +122,10 @@ class VirtualCard:
 
     def _answer(self, message: bytes) -> bytes | None:
         if len(message) == 1:
-            return self.atr if message[0] == _CTRL_ATR else None  # off, on, reset: silent
+            if message[0] != _CTRL_ATR:
+                return None  # off, on, reset: silent
+            self.presence_checks += 1
+            return self.atr
         self.apdus.append(message)
         if message == GET_UID:
             return self.uid + self.uid_sw if self.uid_sw == SW_OK else self.uid_sw
@@ -262,18 +270,21 @@ class PcscDaemon:
 
     def _wait_for_readers(self) -> None:
         expected = set(READER_NAMES) if self.vpcd else set()
-        deadline = time.monotonic() + START_TIMEOUT_S
-        seen: list[str] | None = None
-        while time.monotonic() < deadline:
+        seen: list[list[str] | None] = [None]
+
+        def listed() -> bool:
             if not self.running:
                 raise RuntimeError(f"pcscd exited: {self.log_tail()}")
-            seen = list_readers()
-            if seen is not None and expected <= set(seen):
-                return
-            time.sleep(0.02)
-        raise RuntimeError(f"pcscd listed {seen} after {START_TIMEOUT_S} s, expected "
-                           f"{sorted(expected)} (PCSCLITE_CSOCK_NAME="
-                           f"{os.environ.get('PCSCLITE_CSOCK_NAME')}): {self.log_tail()}")
+            seen[0] = list_readers()
+            return seen[0] is not None and expected <= set(seen[0])
+
+        try:
+            wait_for(listed, lambda: f"pcscd to list {sorted(expected)}; it listed {seen[0]} "
+                                     f"(PCSCLITE_CSOCK_NAME="
+                                     f"{os.environ.get('PCSCLITE_CSOCK_NAME')})",
+                     START_TIMEOUT_S)
+        except AssertionError as exc:
+            raise RuntimeError(f"{exc}: {self.log_tail()}") from exc
 
     def stop(self) -> None:
         """Stop pcscd (SIGTERM, then SIGKILL after 5 s); safe when not running."""
@@ -296,16 +307,6 @@ class PcscDaemon:
         except OSError:
             return "<no log>"
         return "\n".join(text.splitlines()[-lines:])
-
-    def wait_empty(self, timeout: float = 5.0) -> None:
-        """Wait (bounded) until pcscd reports both readers without a card."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            states = reader_states()
-            if states and all(s & scard.SCARD_STATE_EMPTY for s in states.values()):
-                return
-            time.sleep(0.02)
-        raise RuntimeError(f"readers not empty after {timeout} s: {reader_states()}")
 
 
 def list_readers() -> list[str] | None:

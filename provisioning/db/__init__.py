@@ -19,7 +19,7 @@ What every implementation keeps:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -51,6 +51,11 @@ class GatewayRecord:
     resync_answered_ms: int | None
     malformed: int
     created_ms: int
+    enr_seq: int = 0
+    """The ``enr`` stream: enrollment decisions sent."""
+    tenant_upto: int = 0
+    """The seq of the last tenant event acted on (at most ``acked_upto``: tenant events
+    are acted on in seq order, once every event before them is stored)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,6 +123,9 @@ class EventRecord:
     """JSON text, keys sorted, compact, UTF-8 unescaped."""
     prev_hash: str
     hash: str
+    attachment: str | None = None
+    """What travelled with the event outside its hash (a ``tenant_enrolled`` event's
+    ``EnrollmentAttachment`` JSON); its SHA-256 is in ``data``."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -195,6 +203,69 @@ class GatewayCounts:
     """Its own, not the global ones."""
     events: int
     highest_seq: int | None
+
+
+TENANT_KINDS = ("tenant_enrolled", "tenant_moved_out", "tenant_lease_ended")
+"""The events the office acts on for enrollments made at gateways."""
+ENROLLMENT_STATUSES = ("received", "held", "confirmed", "rejected", "ended")
+"""Where an enrollment made at a gateway stands at the office: ``received`` (checked, the
+policy not yet applied), ``held`` (for an officer), ``confirmed``, ``rejected``, ``ended``
+(moved out or lease ended at the gateway)."""
+
+
+@dataclass(frozen=True, slots=True)
+class EnrollmentRecord:
+    """An enrollment a landlord made at a gateway, as the office keeps it."""
+
+    gateway: str
+    id: str
+    """The gateway's enrollment id (unique per gateway)."""
+    seq: int
+    """The seq of its ``tenant_enrolled`` event."""
+    unit: str | None
+    cred: bytes | None
+    """The card's credential hash, from the attachment (None: it did not check out)."""
+    permit: str | None
+    """The permit number, unsealed and validated (None: it did not open or validate)."""
+    permit_hash: bytes | None
+    """Under the office permit key."""
+    lease_end: int | None
+    provisional_until: int | None
+    account: str | None
+    received_ms: int
+    status: str
+    """One of ``ENROLLMENT_STATUSES``."""
+    reason: str | None
+    decided_ms: int | None = None
+    list_version: int | None = None
+    """The list version that added its card (or, after a rejection or the end of a
+    confirmed enrollment, removed it)."""
+    decision_seq: int | None = None
+    """The ``enr`` seq of the decision sent; None while a decision is due."""
+    elsewhere: tuple[str, ...] = ()
+    """Other gateways whose list held the same permit when it was received (a finding for
+    the registry comparison, not a rejection)."""
+    ended_ms: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class TenantEvent:
+    """A stored event about a tenant, due to be acted on."""
+
+    event: EventRecord
+    chain_problem: bool
+    """A chain problem is recorded at its seq (its contents, its link, a second copy)."""
+
+
+@dataclass(frozen=True, slots=True)
+class ListChange:
+    """A list version allocated for enrollments, and what it changes."""
+
+    version: int
+    upsert: list[EntryRecord]
+    remove: list[bytes]
+    enrollments: list[str]
+    """The enrollment ids it concerns."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -328,6 +399,77 @@ class OfficeDatabase(Protocol):
     def events(self, gateway: str, *, after_seq: int, limit: int | None) -> list[StoredEvent]:
         """Stored events with seq above ``after_seq`` in seq order; with ``limit``, the
         newest ``limit`` of them."""
+
+    def enrollment_counts(self, gateway: str) -> dict[str, int]:
+        """How many of the gateway's enrollments are in each status (those with any)."""
+
+    # -- enrollments made at gateways --------------------------------------------------
+
+    def meta(self, key: str) -> str | None:
+        """A value of the office's settings (``enrollment_policy``), None when unset."""
+
+    def set_meta(self, key: str, value: str) -> None:
+        """Set one of the office's settings."""
+
+    def tenant_events(self, gateway: str, limit: int) -> list[TenantEvent]:
+        """The first ``limit`` stored tenant events (``TENANT_KINDS``) above the
+        gateway's ``tenant_upto`` and up to its ``acked_upto`` (so without holes), in seq
+        order, with their attachments; at a cost that does not grow with the other
+        events stored."""
+
+    def advance_tenant_cursor(self, gateway: str, upto: int) -> None:
+        """Raise ``tenant_upto`` to ``upto`` (never lower it): a tenant event passed over."""
+
+    def revoked(self, gateway: str, kind: str, digest: bytes) -> bool:
+        """Whether ``digest`` is revoked (as ``kind``) at ``gateway`` or everywhere."""
+
+    def permit_elsewhere(self, gateway: str, permit_hash: bytes, now_s: int) -> list[str]:
+        """Other gateways whose list holds an entry of this permit valid at ``now_s``, or
+        that hold a received, held or confirmed enrollment of it; sorted."""
+
+    def record_enrollment(self, record: EnrollmentRecord) -> bool:
+        """Store a new enrollment and raise the gateway's ``tenant_upto`` to its
+        ``seq``, together; False (only the cursor moves) when the gateway's enrollment id
+        is known already."""
+
+    def end_enrollment(self, gateway: str, enrollment_id: str, seq: int, reason: str,
+                       ended_ms: int) -> ListChange | None:
+        """Mark an enrollment ended (moved out, lease ended) and raise ``tenant_upto`` to
+        ``seq``, together; a confirmed one's card leaves the list under a new list
+        version, returned. None when nothing was listed (an unknown enrollment, one
+        ended already, one never confirmed)."""
+
+    def enrollment(self, gateway: str, enrollment_id: str) -> EnrollmentRecord | None:
+        """One enrollment."""
+
+    def enrollments(self, gateway: str | None = None, status: str | None = None
+                    ) -> list[EnrollmentRecord]:
+        """Enrollments of one gateway or all, of one status or all, by gateway and
+        event seq."""
+
+    def hold_enrollments(self, gateway: str, ids: Sequence[str], reason: str) -> None:
+        """Received enrollments to ``held`` (others are left as they are)."""
+
+    def confirm_enrollments(self, gateway: str, entries: Mapping[str, EntryRecord],
+                            decided_ms: int) -> ListChange | None:
+        """For each enrollment id still received or held: its entry into the list and
+        the enrollment confirmed, all under one new list version (returned, with the
+        enrollments it confirmed); None (no version spent) when none was."""
+
+    def reject_enrollment(self, gateway: str, enrollment_id: str, reason: str,
+                          decided_ms: int) -> tuple[EnrollmentRecord, ListChange | None] | None:
+        """Reject a received, held or confirmed enrollment (a confirmed one's card leaves
+        the list under a new list version); the decision becomes due. None when it is in
+        no such state."""
+
+    def resend_decision(self, gateway: str, enrollment_id: str) -> bool:
+        """Make a confirmed or rejected enrollment's decision due again."""
+
+    def allocate_decisions(self, gateway: str, limit: int
+                           ) -> tuple[int, list[EnrollmentRecord]] | None:
+        """The next ``enr`` seq and up to ``limit`` enrollments whose decision is due
+        (confirmed or rejected, none sent), now marked as sent under it; None (no seq
+        spent) when none is due."""
 
     # -- requests from one-shot commands to the running serve --------------------------
 

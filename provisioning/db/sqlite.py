@@ -8,10 +8,11 @@ leaves; the numbered migrations of ``provisioning/db/sqlite_schema.py``.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import sqlite3
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -24,17 +25,20 @@ from provisioning.db import (
     ChainCheck,
     ChainProblem,
     ChainProblemFound,
+    EnrollmentRecord,
     EntryRecord,
     EventRecord,
     GatewayCounts,
     GatewayRecord,
     HeartbeatState,
+    ListChange,
     PendingRequest,
     RequestOutcome,
     RevokedHash,
     SnapshotContents,
     StoredBatch,
     StoredEvent,
+    TenantEvent,
 )
 from provisioning.db.sqlite_schema import MIGRATIONS
 from provisioning.errors import CentralError
@@ -52,6 +56,39 @@ def _entry_row(gateway: str, entry: EntryRecord) -> tuple[Any, ...]:
     doors = None if entry.doors is None else json.dumps(list(entry.doors))
     return (gateway, entry.cred, entry.permit, entry.valid_from, entry.valid_until, doors,
             entry.schedule, entry.confirmed_at, entry.updated_ms)
+
+
+_ENROLLMENT_COLUMNS = ("gateway", "id", "seq", "unit", "cred", "permit", "permit_hash",
+                       "lease_end", "provisional_until", "account", "received_ms", "status",
+                       "reason", "decided_ms", "list_version", "decision_seq", "elsewhere",
+                       "ended_ms")
+_INSERT_ENROLLMENT = (
+    "INSERT OR IGNORE INTO enrollments (gateway, id, seq, unit, cred, permit, permit_hash, "
+    "lease_end, provisional_until, account, received_ms, status, reason, decided_ms, "
+    "list_version, decision_seq, elsewhere, ended_ms) "
+    "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)")
+_INSERT_EVENT = (
+    "INSERT OR IGNORE INTO events (gateway, seq, event_id, ts_ms, kind, door, reader, "
+    "direction, reason, cred, data, prev_hash, hash, received_ms, attachment) "
+    "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)")
+
+
+def _enrollment(row: dict[str, Any]) -> EnrollmentRecord:
+    fields = {k: row[k] for k in _ENROLLMENT_COLUMNS}
+    fields["elsewhere"] = tuple(json.loads(row["elsewhere"] or "[]"))
+    return EnrollmentRecord(**fields)
+
+
+def _enrollment_row(record: EnrollmentRecord) -> tuple[Any, ...]:
+    values = {k: getattr(record, k) for k in _ENROLLMENT_COLUMNS}
+    values["elsewhere"] = json.dumps(list(record.elsewhere)) if record.elsewhere else None
+    return tuple(values[k] for k in _ENROLLMENT_COLUMNS)
+
+
+def _event_record(r: dict[str, Any]) -> EventRecord:
+    return EventRecord(r["seq"], r["event_id"], r["ts_ms"], r["kind"], r["door"], r["reader"],
+                       r["direction"], r["reason"], r["cred"], r["data"], r["prev_hash"],
+                       r["hash"], r["attachment"])
 
 
 def _returned(row: Any, gateway: str) -> Any:
@@ -251,10 +288,10 @@ class SqliteOfficeDatabase(SqliteFile):
         with self._tx() as conn:
             for index, ev in enumerate(events):
                 inserted = conn.execute(
-                    "INSERT OR IGNORE INTO events VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                    _INSERT_EVENT,
                     (gateway, ev.seq, ev.event_id, ev.ts_ms, ev.kind, ev.door, ev.reader,
                      ev.direction, ev.reason, ev.cred, ev.data, ev.prev_hash, ev.hash,
-                     received_ms)).rowcount
+                     received_ms, ev.attachment)).rowcount
                 if not inserted:
                     stored = conn.execute("SELECT hash FROM events WHERE gateway = ? AND "
                                           "seq = ?", (gateway, ev.seq)).fetchone()[0]
@@ -376,10 +413,193 @@ class SqliteOfficeDatabase(SqliteFile):
                 "SELECT * FROM events WHERE gateway = ? AND seq > ? ORDER BY seq DESC "
                 "LIMIT ?", [gateway, after_seq, -1 if limit is None else limit]))
         rows.reverse()
-        return [StoredEvent(EventRecord(
-            r["seq"], r["event_id"], r["ts_ms"], r["kind"], r["door"], r["reader"],
-            r["direction"], r["reason"], r["cred"], r["data"], r["prev_hash"], r["hash"]),
-            r["received_ms"]) for r in rows]
+        return [StoredEvent(_event_record(r), r["received_ms"]) for r in rows]
+
+    def enrollment_counts(self, gateway: str) -> dict[str, int]:
+        """How many of the gateway's enrollments are in each status (those with any)."""
+        with self._read() as db:
+            return {r["status"]: r["n"] for r in db.query(
+                "SELECT status, count(*) AS n FROM enrollments WHERE gateway = ? "
+                "GROUP BY status ORDER BY status", [gateway])}
+
+    # -- enrollments made at gateways --------------------------------------------------
+
+    def meta(self, key: str) -> str | None:
+        """A value of the office's settings, None when unset."""
+        try:
+            return super().meta(key)
+        except sqlite3.Error as exc:
+            raise CentralError(f"{self.path}: {exc}") from exc
+
+    def set_meta(self, key: str, value: str) -> None:
+        """Set one of the office's settings."""
+        with self._tx() as conn:
+            conn.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, value))
+
+    def tenant_events(self, gateway: str, limit: int) -> list[TenantEvent]:
+        """Tenant events above ``tenant_upto`` up to ``acked_upto``, with attachments."""
+        # The kinds are spelled out as in the partial index events_tenant, so that SQLite
+        # uses it: the cost is that of the tenant events, whatever else was stored.
+        with self._read() as db:
+            return [TenantEvent(_event_record(r), bool(r["problem"])) for r in db.query(
+                "SELECT e.*, EXISTS (SELECT 1 FROM chain_problems p WHERE p.gateway = "
+                "e.gateway AND p.seq = e.seq) AS problem FROM gateways g JOIN events e "
+                "ON e.gateway = g.id WHERE g.id = ? AND e.kind IN ('tenant_enrolled', "
+                "'tenant_moved_out', 'tenant_lease_ended') AND e.seq > g.tenant_upto "
+                "AND e.seq <= g.acked_upto ORDER BY e.seq LIMIT ?", [gateway, limit])]
+
+    @staticmethod
+    def _advance(conn: sqlite3.Connection, gateway: str, upto: int) -> None:
+        conn.execute("UPDATE gateways SET tenant_upto = max(tenant_upto, ?) WHERE id = ?",
+                     (upto, gateway))
+
+    def advance_tenant_cursor(self, gateway: str, upto: int) -> None:
+        """Raise ``tenant_upto`` to ``upto`` (never lower it)."""
+        with self._tx() as conn:
+            self._advance(conn, gateway, upto)
+
+    def revoked(self, gateway: str, kind: str, digest: bytes) -> bool:
+        """Whether ``digest`` is revoked (as ``kind``) at ``gateway`` or everywhere."""
+        with self._read() as db:
+            return db.execute("SELECT 1 FROM revocations WHERE gateway IN (?, '*') AND "
+                              "kind = ? AND hash = ?", [gateway, kind, digest]
+                              ).fetchone() is not None
+
+    def permit_elsewhere(self, gateway: str, permit_hash: bytes, now_s: int) -> list[str]:
+        """Other gateways that list this permit, or hold an open enrollment of it."""
+        with self._read() as db:
+            return [r[0] for r in db.execute(
+                "SELECT gateway FROM entries WHERE permit = ? AND gateway != ? AND "
+                "(valid_until IS NULL OR valid_until > ?) "
+                "UNION SELECT gateway FROM enrollments WHERE permit_hash = ? AND "
+                "gateway != ? AND status IN ('received', 'held', 'confirmed') ORDER BY 1",
+                [permit_hash, gateway, now_s, permit_hash, gateway]).fetchall()]
+
+    def record_enrollment(self, record: EnrollmentRecord) -> bool:
+        """Store a new enrollment and move the cursor to its seq, together."""
+        with self._tx() as conn:
+            inserted = conn.execute(_INSERT_ENROLLMENT, _enrollment_row(record)).rowcount
+            self._advance(conn, record.gateway, record.seq)
+        return bool(inserted)
+
+    @staticmethod
+    def _enrollment_in(conn: sqlite3.Connection, gateway: str, enrollment_id: str
+                       ) -> EnrollmentRecord | None:
+        rows = list(sqlite_utils.Database(conn).query(
+            "SELECT * FROM enrollments WHERE gateway = ? AND id = ?", [gateway, enrollment_id]))
+        return _enrollment(rows[0]) if rows else None
+
+    @staticmethod
+    def _next_version(conn: sqlite3.Connection, gateway: str, published_ms: int) -> int:
+        return int(_returned(conn.execute(
+            "UPDATE gateways SET list_version = list_version + 1, list_published_ms = ? "
+            "WHERE id = ? RETURNING list_version", (published_ms, gateway)).fetchone(),
+            gateway)[0])
+
+    def _unlist(self, conn: sqlite3.Connection, record: EnrollmentRecord, now_ms: int
+                ) -> ListChange | None:
+        """A confirmed enrollment's card out of the list under a new version."""
+        if record.status != "confirmed" or record.cred is None:
+            return None
+        if not conn.execute("DELETE FROM entries WHERE gateway = ? AND cred = ?",
+                            (record.gateway, record.cred)).rowcount:
+            return None  # removed meanwhile ('remove --card'): nothing to send
+        version = self._next_version(conn, record.gateway, now_ms)
+        return ListChange(version, [], [record.cred], [record.id])
+
+    def end_enrollment(self, gateway: str, enrollment_id: str, seq: int, reason: str,
+                       ended_ms: int) -> ListChange | None:
+        """Mark an enrollment ended (its card out of the list) and move the cursor."""
+        with self._tx() as conn:
+            self._advance(conn, gateway, seq)
+            record = self._enrollment_in(conn, gateway, enrollment_id)
+            if record is None or record.status == "ended":
+                return None
+            change = self._unlist(conn, record, ended_ms)
+            conn.execute("UPDATE enrollments SET status = 'ended', reason = ?, ended_ms = ?, "
+                         "list_version = coalesce(?, list_version) WHERE gateway = ? AND id = ?",
+                         (reason, ended_ms, None if change is None else change.version,
+                          gateway, enrollment_id))
+        return change
+
+    def enrollment(self, gateway: str, enrollment_id: str) -> EnrollmentRecord | None:
+        """One enrollment."""
+        with self._read() as db:
+            return self._enrollment_in(db.conn, gateway, enrollment_id)
+
+    def enrollments(self, gateway: str | None = None, status: str | None = None
+                    ) -> list[EnrollmentRecord]:
+        """Enrollments of one gateway or all, of one status or all."""
+        with self._read() as db:
+            return [_enrollment(r) for r in db.query(
+                "SELECT * FROM enrollments WHERE (? IS NULL OR gateway = ?) AND "
+                "(? IS NULL OR status = ?) ORDER BY gateway, seq",
+                [gateway, gateway, status, status])]
+
+    def hold_enrollments(self, gateway: str, ids: Sequence[str], reason: str) -> None:
+        """Received enrollments to ``held``."""
+        with self._tx() as conn:
+            conn.executemany("UPDATE enrollments SET status = 'held', reason = ? "
+                             "WHERE gateway = ? AND id = ? AND status = 'received'",
+                             [(reason, gateway, i) for i in ids])
+
+    def confirm_enrollments(self, gateway: str, entries: Mapping[str, EntryRecord],
+                            decided_ms: int) -> ListChange | None:
+        """Entries in, enrollments confirmed, one new list version; None if none was."""
+        with self._tx() as conn:
+            confirmed = [i for i in entries if conn.execute(
+                "UPDATE enrollments SET status = 'confirmed', reason = NULL, decided_ms = ?, "
+                "decision_seq = NULL WHERE gateway = ? AND id = ? AND "
+                "status IN ('received', 'held')", (decided_ms, gateway, i)).rowcount]
+            if not confirmed:
+                return None  # nothing written: the version stays unspent
+            upsert = [entries[i] for i in confirmed]
+            conn.executemany("INSERT OR REPLACE INTO entries VALUES (?,?,?,?,?,?,?,?,?)",
+                             [_entry_row(gateway, e) for e in upsert])
+            version = self._next_version(conn, gateway, decided_ms)
+            conn.executemany("UPDATE enrollments SET list_version = ? WHERE gateway = ? AND "
+                             "id = ?", [(version, gateway, i) for i in confirmed])
+        return ListChange(version, upsert, [], confirmed)
+
+    def reject_enrollment(self, gateway: str, enrollment_id: str, reason: str,
+                          decided_ms: int) -> tuple[EnrollmentRecord, ListChange | None] | None:
+        """Reject an open or confirmed enrollment; its decision becomes due."""
+        with self._tx() as conn:
+            record = self._enrollment_in(conn, gateway, enrollment_id)
+            if record is None or record.status not in ("received", "held", "confirmed"):
+                return None
+            change = self._unlist(conn, record, decided_ms)
+            conn.execute("UPDATE enrollments SET status = 'rejected', reason = ?, "
+                         "decided_ms = ?, decision_seq = NULL, "
+                         "list_version = coalesce(?, list_version) WHERE gateway = ? AND id = ?",
+                         (reason, decided_ms, None if change is None else change.version,
+                          gateway, enrollment_id))
+            after = self._enrollment_in(conn, gateway, enrollment_id)
+        assert after is not None
+        return after, change
+
+    def resend_decision(self, gateway: str, enrollment_id: str) -> bool:
+        """Make a confirmed or rejected enrollment's decision due again."""
+        with self._tx() as conn:
+            return bool(conn.execute(
+                "UPDATE enrollments SET decision_seq = NULL WHERE gateway = ? AND id = ? AND "
+                "status IN ('confirmed', 'rejected')", (gateway, enrollment_id)).rowcount)
+
+    def allocate_decisions(self, gateway: str, limit: int
+                           ) -> tuple[int, list[EnrollmentRecord]] | None:
+        """The next ``enr`` seq and the due decisions it carries (marked sent)."""
+        with self._tx() as conn:
+            rows = [_enrollment(r) for r in sqlite_utils.Database(conn).query(
+                "SELECT * FROM enrollments WHERE gateway = ? AND status IN ('confirmed', "
+                "'rejected') AND decision_seq IS NULL ORDER BY seq LIMIT ?", [gateway, limit])]
+            if not rows:
+                return None
+            seq = int(_returned(conn.execute(
+                "UPDATE gateways SET enr_seq = enr_seq + 1 WHERE id = ? RETURNING enr_seq",
+                (gateway,)).fetchone(), gateway)[0])
+            conn.executemany("UPDATE enrollments SET decision_seq = ? WHERE gateway = ? AND "
+                             "id = ?", [(seq, gateway, r.id) for r in rows])
+        return seq, [dataclasses.replace(r, decision_seq=seq) for r in rows]
 
     # -- requests from one-shot commands to the running serve --------------------------
 

@@ -1,9 +1,9 @@
 """The schema of ``central.db``: numbered migrations, applied in order by
 ``common.sqlite.SqliteFile``.
 
-``MIGRATIONS`` only ever grows: every ``central.db`` made so far was made by its first
-entry, so a change to the schema is a new entry, never an edit (tests/test_office_rooms.py
-pins the first one).
+``MIGRATIONS`` only ever grows: a ``central.db`` made by an earlier version is upgraded by
+the entries after the ones it has, so a change to the schema is a new entry, never an
+edit (tests/test_office_rooms.py pins each one).
 """
 
 from __future__ import annotations
@@ -102,5 +102,42 @@ MIGRATIONS: tuple[str, ...] = (
         found_ms INTEGER NOT NULL,
         PRIMARY KEY (gateway, seq, problem)
     ) WITHOUT ROWID;
+    """,
+    # 2: enrollments made at gateways (docs/protocol.md, "Enrollments"). Additive only.
+    """
+    CREATE TABLE enrollments (
+        gateway TEXT NOT NULL REFERENCES gateways(id),
+        id TEXT NOT NULL,                -- the gateway's enrollment id (a UUID)
+        seq INTEGER NOT NULL,            -- the seq of its tenant_enrolled event
+        unit TEXT,
+        cred BLOB,                       -- HMAC-SHA256(site key, card id), from the attachment
+        permit TEXT,                     -- the permit number, unsealed and validated
+        permit_hash BLOB,                -- HMAC-SHA256(permit key, "permit\\0" + number)
+        lease_end INTEGER,               -- Unix s, exclusive
+        provisional_until INTEGER,       -- Unix s
+        account TEXT,                    -- who enrolled it at the gateway
+        received_ms INTEGER NOT NULL,
+        status TEXT NOT NULL CHECK (status IN
+            ('received', 'held', 'confirmed', 'rejected', 'ended')),
+        reason TEXT,                     -- held / rejected / ended: why
+        decided_ms INTEGER,              -- confirmed or rejected at
+        list_version INTEGER,            -- the list version that added or removed its card
+        decision_seq INTEGER,            -- the enr seq that carried the decision; NULL: unsent
+        elsewhere TEXT,                  -- JSON list: gateways that list the same permit
+        ended_ms INTEGER,
+        PRIMARY KEY (gateway, id)
+    ) WITHOUT ROWID;
+    CREATE INDEX enrollments_status ON enrollments(status, gateway);
+    CREATE INDEX enrollments_permit ON enrollments(permit_hash);
+    CREATE INDEX entries_permit ON entries(permit);
+    ALTER TABLE gateways ADD COLUMN enr_seq INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE gateways ADD COLUMN tenant_upto INTEGER NOT NULL DEFAULT 0;
+    -- Events stored before this migration are not acted on: a schema-1 office refused
+    -- every batch that carried an attachment, so none of them holds an enrollment.
+    UPDATE gateways SET tenant_upto = acked_upto;
+    ALTER TABLE events ADD COLUMN attachment TEXT;
+    -- Only tenant events enter it: finding the few due costs nothing per access event.
+    CREATE INDEX events_tenant ON events(gateway, seq)
+        WHERE kind IN ('tenant_enrolled', 'tenant_moved_out', 'tenant_lease_ended');
     """,
 )
