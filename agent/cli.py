@@ -26,6 +26,7 @@ from agent import __version__
 from agent.cli_tenants import TenantUsageError, add_tenant_commands
 from agent.config import DEFAULT_CONFIG_NAME, Config, ConfigError, load_config
 from agent.datalock import AlreadyRunningError
+from agent.diskspace import free_bytes, looks_full, usage
 from agent.resolve import resolve_store_path
 from agent.runtime import Agent, check_drivers
 from agent.store import Store, StoredEvent
@@ -45,6 +46,7 @@ KNOWN_EVENT_KINDS = (
     "relay_restored", "contact_restored", "rex_restored",
     "reader_online", "reader_offline", "reader_tamper", "reader_power",
     "agent_started", "agent_stopped", "clock_checked", "clock_changed", "prune_held",
+    "disk_full", "disk_space_restored",
     "mode_changed",
     "snapshot_applied", "delta_applied", "revocations_applied",
     "sync_refused", "sync_stale", "sync_fresh", "event_store_high_water",
@@ -92,7 +94,15 @@ def _existing_store(config: Config, path: Path | None) -> Store:
     if not db.exists():
         raise StoreError(f"{db}: no database yet (start the agent once with "
                          "'permitgate run')")
-    return Store(db)
+    try:
+        return Store(db)
+    except StoreError as exc:
+        if looks_full(exc, db.parent):
+            raise StoreError(f"{db}: cannot be opened: the disk is full "
+                             f"({free_bytes(db.parent)} bytes free). A running agent denies "
+                             "every card it cannot record and opens the store by itself "
+                             "once there is room: free space on this file system") from exc
+        raise
 
 
 def configure_run_logs(config: Config, fmt: str) -> None:
@@ -217,6 +227,8 @@ def status_report(config: Config, store: Store) -> dict[str, Any]:
         "agent": agent,
         "mode": devices.get("system", {}).get("mode", {"mode": config.policy.mode})["mode"],
         "clock": devices.get("system", {}).get("clock", {"state": "unknown"}),
+        "disk": {**devices.get("system", {}).get("disk", {"state": "ok"}),
+                 **usage(store.path.parent)},
         "doors": doors,
         "readers": {r.id: devices.get("reader", {}).get(r.id, {"state": "unknown"})
                     for r in config.readers},
@@ -250,6 +262,10 @@ def cmd_status(args: argparse.Namespace, out: TextIO) -> int:
               f", since {_ago(agent.get('since_ms'), zone)}\n"
               f"mode       {report['mode']}\n"
               f"clock      {report['clock']['state']}, time zone {config.site.timezone}\n")
+    disk = report["disk"]
+    free_mb = disk.get("free_bytes", 0) / (1 << 20)
+    full = "FULL: cards it cannot record are denied; " if disk["state"] == "full" else ""
+    out.write(f"disk       {full}{free_mb:.1f} MiB free\n")
     for door_id, door in report["doors"].items():
         alarm = f", ALARM {door['alarm']}" if door.get("alarm") else ""
         if door.get("faults"):

@@ -84,6 +84,9 @@ class StoreConfig(_Model):
     """Bounded so that it (and arithmetic on it) fits SQLite's 64-bit integers; TOML itself
     admits integers of any size."""
     prune_interval_s: float = Field(default=3600.0, gt=0)
+    reserve_mb: int = Field(default=8, ge=0, le=1024)
+    """Space kept in ``reserve.bin`` beside the database and given back when the disk
+    fills, so the alarm and the next start still have room (agent/diskspace.py); 0 = none."""
 
 
 class KeysConfig(_Model):

@@ -41,6 +41,7 @@ from agent.decision import (
     Request,
     decide,
 )
+from agent.diskspace import Reserve, free_bytes, looks_full
 from agent.door import DoorWorker
 from agent.enroll import Captures, Enroller, EnrollError, EnrollmentPolicy, card_status
 from agent.resolve import Secrets, load_secrets, resolve_paths
@@ -124,6 +125,11 @@ class Agent:
         self.config_dir = self.paths.config_dir
         self.store: Store | None = None
         self._lock: DataLock | None = None
+        self.reserve = Reserve(self.paths.data_dir, 0)
+        self._disk_full: str | None = None
+        """Why the disk is known full ("at_start", "running"), until it has room again."""
+        self._disk_lock = threading.Lock()
+        self._secrets: Secrets | None = None
         self.clock: ClockJudge | None = None
         self._prune_held = False
         self._decide_lock = threading.Lock()
@@ -157,12 +163,10 @@ class Agent:
         check_drivers(self.config)
         secrets = load_secrets(self.config, self.paths)
         lock = self._lock = DataLock.acquire(self.paths.lock)
+        self.reserve = Reserve(self.paths.data_dir, self.config.store.reserve_mb << 20)
         try:
             self.hasher = CredentialHasher(secrets.site_key)
-            self.store = Store(self.store_path, background_checkpoint=True)
-            check = self.store.quick_check()
-            if check != "ok":
-                raise StoreError(f"{self.store_path}: integrity check failed: {check}")
+            self.store = self._open_store()
         except BaseException:
             if self.store is not None:
                 self.store.close()
@@ -170,31 +174,139 @@ class Agent:
             lock.release()
             self._lock = None
             raise
+        self._secrets = secrets
+        if self.store is not None:
+            self._record_start()
+        for door in self.config.doors:
+            self._start_door(door.id)
+        for reader in self.config.readers:
+            self._spawn(f"reader-{reader.id}", self._reader_loop, reader)
+        if self.store is not None:
+            self._store_ready()
+        else:
+            # The disk is full and no reserve was left to open the store: decide anyway
+            # (every card is denied: nothing can be recorded; egress works), and open it
+            # as soon as there is room (housekeeping).
+            log.error("store_unavailable", reason="disk_full",
+                      free_bytes=free_bytes(self.paths.data_dir),
+                      hint="free space on the data folder's file system; the agent opens "
+                      "the store and records everything from then on by itself")
+        self._spawn("housekeeping", self._housekeeping)
+        if self._uses_simulation() or self.config.enrollment.enabled:
+            self._start_sim_socket()
+        log.info("agent_started", site=self.config.site.site_id,
+                 gateway=self.config.site.gateway_id, doors=len(self.doors),
+                 readers=len(self.config.readers), store=str(self.store_path),
+                 degraded=self.store is None)
+
+    def _open_store(self) -> Store | None:
+        """The store, opened and checked; on a full disk the reserve is given back first,
+        and None means there is no room even then."""
+        try:
+            return self._open_checked()
+        except StoreError as exc:
+            if not looks_full(exc, self.paths.data_dir):
+                raise
+            first = exc
+        self._disk_full = "at_start"
+        if not self.reserve.release():
+            log.error("disk_full", error=str(first), reserve="none left")
+            return None
+        log.error("disk_full", error=str(first), reserve="released")
+        try:
+            return self._open_checked()
+        except StoreError as exc:
+            if not looks_full(exc, self.paths.data_dir):
+                raise
+            return None
+
+    def _open_checked(self) -> Store:
+        store = Store(self.store_path, background_checkpoint=True)
+        try:
+            check = store.quick_check()
+        except BaseException:
+            store.close()
+            raise
+        if check != "ok":
+            store.close()
+            raise StoreError(f"{self.store_path}: integrity check failed: {check}")
+        return store
+
+    def _record_start(self) -> None:
         self._record(Event("agent_started", data={
             "version": __version__, "pid": os.getpid(),
             "config": str(self.config_path or "<embedded defaults>")}),
             device=("system", "agent", json.dumps({"state": "running", "pid": os.getpid()})))
         self._check_clock()
-        for door in self.config.doors:
-            self._start_door(door.id)
+        if self._disk_full:
+            self._record_disk_full()
+
+    def _store_ready(self) -> None:
+        """What needs the store, once it is open (at start, or later after a full disk)."""
+        assert self.store is not None and self._secrets is not None
         # A mode the office commanded outlives a restart; otherwise the configured mode.
         commanded = (self.store.stream_detail("mode") or {}).get("mode")
         if commanded in {m.value for m in Mode}:
             self.set_mode(Mode(commanded), source="central command (restored)")
         elif self.policy.mode is not Mode.NORMAL:
             self.set_mode(self.policy.mode, source="config")
-        for reader in self.config.readers:
-            self._spawn(f"reader-{reader.id}", self._reader_loop, reader)
-        self._spawn("housekeeping", self._housekeeping)
         if self.config.enrollment.enabled:
-            self._start_enrollment(secrets)
-        if self._uses_simulation() or self.config.enrollment.enabled:
-            self._start_sim_socket()
+            self._start_enrollment(self._secrets)
         if self.config.sync.enabled:
-            self._start_sync(secrets)
-        log.info("agent_started", site=self.config.site.site_id,
-                 gateway=self.config.site.gateway_id, doors=len(self.doors),
-                 readers=len(self.config.readers), store=str(self.store_path))
+            self._start_sync(self._secrets)
+
+    # -- a full disk (agent/diskspace.py) ------------------------------------------------
+
+    def _record_disk_full(self) -> None:
+        assert self.store is not None
+        data = {"free_bytes": free_bytes(self.paths.data_dir), "when": self._disk_full}
+        self.store.append(Event("disk_full", data=data),
+                          device=("system", "disk", json.dumps({"state": "full", **data})))
+        log.error("disk_full", **data)
+
+    def _space_hit(self, exc: StoreError) -> bool:
+        """A write failed: if the disk is full, give back the reserve (once) and record
+        the alarm. True when there is room again to retry the write."""
+        if self.store is None or not looks_full(exc, self.paths.data_dir):
+            return False
+        with self._disk_lock:
+            first = not self._disk_full
+            self._disk_full = self._disk_full or "running"
+            released = self.reserve.release()
+            if first or released:
+                try:
+                    self._record_disk_full()
+                except StoreError as again:
+                    log.error("disk_full", error=str(again), recorded=False)
+                    return False
+            return released
+
+    def _check_disk(self) -> None:
+        """In housekeeping: open a store that could not be opened, and once the disk has
+        room again take the reserve back and record it."""
+        if self.store is None:
+            try:
+                store = self._open_store()
+            except StoreError as exc:
+                log.error("store_unavailable", error=str(exc))
+                return
+            if store is None:
+                return
+            self.store = store
+            self._record_start()
+            self._store_ready()
+            return
+        if (self._disk_full and self.reserve.ensure()) or (
+                self._disk_full and self.reserve.size == 0
+                and free_bytes(self.paths.data_dir) > (1 << 20)):
+            self._disk_full = None
+            free = free_bytes(self.paths.data_dir)
+            self._record(Event("disk_space_restored", data={"free_bytes": free}),
+                         device=("system", "disk", json.dumps({"state": "ok",
+                                                               "free_bytes": free})))
+            log.warning("disk_space_restored", free_bytes=free)
+        elif not self._disk_full:
+            self.reserve.ensure()
 
     def _device(self, kind: registry.Kind, key: str, driver: str, options: dict[str, Any]
                 ) -> Any:
@@ -245,8 +357,15 @@ class Agent:
             self.policy = replace(self.policy, stale_cutoff=cutoff)
 
     def _record(self, event: Event, *, device: tuple[str, str, str] | None = None) -> None:
-        assert self.store is not None
-        self.store.append(event, device=device)
+        store = self.store
+        if store is None:
+            raise StoreError(f"{self.store_path}: not open (the disk is full)")
+        try:
+            store.append(event, device=device)
+        except StoreError as exc:
+            if not self._space_hit(exc):
+                raise
+            store.append(event, device=device)
 
     def _door_emit(self, event: Event, state: str) -> None:
         assert event.door is not None
@@ -259,8 +378,17 @@ class Agent:
 
     def handle_read(self, reader: ReaderConfig, read: CardRead) -> Decision:
         """Decide on one card read, commit the event, then drive the door."""
-        assert self.store is not None and self.hasher is not None
+        assert self.hasher is not None
         timing = ReadTiming(received=time.perf_counter())
+        store = self.store
+        if store is None:
+            # No store (a full disk at start): nothing can be recorded, so nothing opens.
+            decision = Decision(False, Reason.STORE_ERROR)
+            log.error("access_denied", reader=reader.id, reason=decision.reason.value,
+                      detail="store unavailable (disk full)")
+            if self.on_decision is not None:
+                self.on_decision(reader, decision, timing)
+            return decision
         cred = self.hasher.credential(read.card_id)
         direction = Direction(reader.direction)
         request = Request(reader.door, direction, datetime.now(self.config.zone),
@@ -280,13 +408,18 @@ class Agent:
         # simultaneous pairs did before this lock). A decision takes about 1 ms, so taps
         # at different readers wait at most that for each other.
         with self._decide_lock:
-            decision = decide(request, self.store.lookup(cred), self.policy)
+            decision = decide(request, store.lookup(cred), self.policy)
             event = Event("access_granted" if decision.granted else "access_denied",
                           door=reader.door, reader=reader.id, direction=direction.value,
                           reason=decision.reason.value, cred=prefix)
+            presence = (cred, direction) if decision.granted else None
             try:
-                seq = self.store.append(
-                    event, presence=(cred, direction) if decision.granted else None).seq
+                try:
+                    seq = store.append(event, presence=presence).seq
+                except StoreError as exc:
+                    if not self._space_hit(exc):
+                        raise
+                    seq = store.append(event, presence=presence).seq
             except StoreError as exc:
                 log.error("event_not_recorded", reader=reader.id, cred=prefix,
                           error=str(exc))
@@ -443,11 +576,13 @@ class Agent:
         return self.clock is None or self.clock.state is ClockState.OK
 
     def _housekeeping(self) -> None:
-        assert self.store is not None
         next_prune = time.monotonic() + self.config.store.prune_interval_s
         next_leases = 0.0
         while not self._stopping.wait(CHECKPOINT_S):
             try:
+                self._check_disk()
+                if self.store is None:
+                    continue
                 self.store.checkpoint()
                 self.rejudge_clock()
                 if self._enroller is not None and time.monotonic() >= next_leases:
