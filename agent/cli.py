@@ -46,7 +46,7 @@ KNOWN_EVENT_KINDS = (
     "relay_restored", "contact_restored", "rex_restored",
     "reader_online", "reader_offline", "reader_tamper", "reader_power",
     "agent_started", "agent_stopped", "clock_checked", "clock_changed", "prune_held",
-    "disk_full", "disk_space_restored",
+    "disk_full", "disk_space_restored", "events_dropped",
     "mode_changed",
     "snapshot_applied", "delta_applied", "revocations_applied",
     "sync_refused", "sync_stale", "sync_fresh", "event_store_high_water",

@@ -619,8 +619,34 @@ class Agent:
             return 0
         if deleted:
             log.info("events_pruned", count=deleted)
+        if self.keep_unacked:
+            deleted += self._drop_overflow()
         self._check_high_water()
         return deleted
+
+    def _drop_overflow(self) -> int:
+        """The cap (docs/events.md, "The cap"): past ``max_events`` with every delivered
+        event gone, the oldest undelivered ones are dropped, and ``events_dropped``
+        records which, so the office sees an explained gap rather than a full disk that
+        would stop every decision."""
+        assert self.store is not None
+        cap = self.config.store.max_events
+        over = self.store.overflow(cap)
+        if over is None:
+            return 0
+        first, last = over
+        dropped = self.store.prune(retention_days=self.config.store.event_retention_days,
+                                   max_events=cap, keep_unacked=False, by_age=False)
+        anchor = self.store.meta("chain_anchor_hash")
+        self._record(Event("events_dropped", reason="outbox_full", data={
+            "first_seq": first, "last_seq": last, "count": dropped, "anchor_hash": anchor}),
+            device=("system", "outbox", json.dumps({"state": "overflow", "dropped": dropped,
+                                                    "last_seq": last})))
+        log.error("events_dropped", first_seq=first, last_seq=last, count=dropped,
+                  hint="the office has not acknowledged events for a long time: check the "
+                  "uplink; the oldest undelivered events were dropped to stay under "
+                  "[store] max_events")
+        return dropped
 
     def _check_high_water(self) -> None:
         """Alarm once when the stored events pass 80 % of ``max_events`` (with sync on,

@@ -763,6 +763,18 @@ class Store:
                 rollback(conn)
                 raise
 
+    def overflow(self, max_events: int) -> tuple[int, int] | None:
+        """(first, last) seq of the undelivered events that must go for the store to hold
+        no more than ``max_events`` once every delivered one is gone; None if none must."""
+        conn = self._ev.conn()
+        total = int(conn.execute("SELECT count(*) FROM events").fetchone()[0])
+        if total <= max_events:
+            return None
+        row = conn.execute("SELECT seq FROM events ORDER BY seq LIMIT 1 OFFSET ?",
+                           (total - max_events - 1,)).fetchone()
+        first = conn.execute("SELECT min(seq) FROM events").fetchone()[0]
+        return int(first), int(row[0])
+
     def first_unacked(self) -> int | None:
         """The oldest event the central office has not acknowledged, or None."""
         row = self._ev.conn().execute(

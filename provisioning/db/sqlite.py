@@ -309,9 +309,17 @@ class SqliteOfficeDatabase(SqliteFile):
                              [(gateway, s, p, received_ms) for s, p in problems])
             upto = _returned(conn.execute("SELECT acked_upto FROM gateways WHERE id = ?",
                                           (gateway,)).fetchone(), gateway)[0]
+            # A gap the gateway declared (``events_dropped``: its outbox passed its cap and
+            # the oldest undelivered events were dropped) is acknowledged across, or the
+            # gateway could never deliver anything after it.
+            dropped = [(int(f), int(la)) for f, la in conn.execute(
+                "SELECT json_extract(data, '$.first_seq'), json_extract(data, '$.last_seq') "
+                "FROM events WHERE gateway = ? AND seq > ? AND kind = 'events_dropped'",
+                (gateway, upto)) if f is not None and la is not None]
             for (seq,) in conn.execute("SELECT seq FROM events WHERE gateway = ? AND seq > ? "
                                        "ORDER BY seq", (gateway, upto)):
-                if seq != upto + 1:
+                if seq != upto + 1 and not any(f <= upto + 1 and la >= seq - 1
+                                                for f, la in dropped):
                     break
                 upto = seq
             conn.execute("UPDATE gateways SET acked_upto = ? WHERE id = ?", (upto, gateway))
