@@ -33,6 +33,7 @@ from agent.store import Store, StoredEvent
 from agent.sync_status import sync_report
 from common import logs
 from common.sqlite import StoreError
+from common.timefmt import age
 from drivers.registry import DriverError
 from protocol.hashing import SITE_KEY_BYTES, SecretError
 
@@ -174,19 +175,10 @@ def local_time(ms: int, zone: tzinfo, timespec: str = "milliseconds") -> str:
     return datetime.fromtimestamp(ms / 1000, zone).isoformat(sep=" ", timespec=timespec)
 
 
-def _age(seconds: float) -> str:
-    if seconds < 0:
-        return f"{-seconds:.0f} s in the future"
-    for limit, unit, size in ((120, "s", 1), (7200, "min", 60), (172_800, "h", 3600)):
-        if seconds < limit:
-            return f"{seconds / size:.0f} {unit} ago"
-    return f"{seconds / 86_400:.0f} d ago"
-
-
 def _ago(ms: int | None, zone: tzinfo) -> str:
     if ms is None:
         return "never"
-    return f"{local_time(ms, zone, 'seconds')} ({_age(time.time() - ms / 1000)})"
+    return f"{local_time(ms, zone, 'seconds')} ({age(time.time() - ms / 1000)})"
 
 
 def _pid_alive(pid: object) -> bool:

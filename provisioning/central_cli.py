@@ -20,6 +20,7 @@ from types import FrameType
 from typing import Any, TextIO
 
 from common import logs
+from common.timefmt import age
 from protocol.hashing import SecretError, log_prefix
 from provisioning.central import (
     COMMAND_ACTIONS,
@@ -250,15 +251,6 @@ def local_time(ms: int, timespec: str = "seconds") -> str:
         sep=" ", timespec=timespec)
 
 
-def _age(seconds: float) -> str:
-    if seconds < 0:
-        return f"{-seconds:.0f} s in the future"
-    for limit, unit, size in ((120, "s", 1), (7200, "min", 60), (172_800, "h", 3600)):
-        if seconds < limit:
-            return f"{seconds / size:.0f} {unit} ago"
-    return f"{seconds / 86_400:.0f} d ago"
-
-
 def cmd_enrollments(args: argparse.Namespace, out: TextIO) -> int:
     """Enrollments made at gateways (``--status held``: those waiting for an officer)."""
     with _central(args) as central:
@@ -315,7 +307,7 @@ def cmd_policy(args: argparse.Namespace, out: TextIO) -> int:
 def _ago(ms: int | None) -> str:
     if ms is None:
         return "never"
-    return f"{local_time(ms)} ({_age(time.time() - ms / 1000)})"
+    return f"{local_time(ms)} ({age(time.time() - ms / 1000)})"
 
 
 def _print_gateway(gw: dict[str, Any], out: TextIO) -> None:
