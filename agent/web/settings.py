@@ -19,8 +19,6 @@ if TYPE_CHECKING:
     from agent.config import Config
 
 ENV_VAR = "PERMITGATE_WEB_SETTINGS"
-SOCKET_NAME = "web.sock"
-"""The agent's socket for the page, in the agent's data folder."""
 DB_NAME = "web.db"
 
 
@@ -100,13 +98,16 @@ def from_config(config: Config, config_path: Path | None) -> Settings:
     state_dir = web.state_dir if web.state_dir.is_absolute() else cfg_dir / web.state_dir
 
     def secret(name: str | None) -> str | None:
-        return None if name is None else str(resolve_secret_path(name, state_dir, cfg_dir))
+        # TOML has no null: "" or "none" switches HTTPS off (plain HTTP on localhost only).
+        if name is None or name.strip().lower() in ("", "none"):
+            return None
+        return str(resolve_secret_path(name, state_dir, cfg_dir))
 
     settings = Settings(
         listen=web.listen, port=web.port, tls_cert=secret(web.tls_cert),
         tls_key=secret(web.tls_key), allowed_hosts=tuple(h.lower() for h in web.allowed_hosts),
         state_dir=str(state_dir),
-        agent_socket=str(resolve_paths(config, config_path).data_dir / SOCKET_NAME),
+        agent_socket=str(resolve_paths(config, config_path).web_socket),
         timezone=config.site.timezone, session_idle_s=web.session_idle_min * 60.0,
         session_max_s=web.session_max_h * 3600.0, language=web.language,
         log_level=config.logging.level, log_format=config.logging.format)
