@@ -290,6 +290,11 @@ class SyncConfig(_Model):
     enabled: bool = False
     host: str = "localhost"
     port: int = Field(default=8883, ge=1, le=65535)
+    brokers: tuple[Annotated[str, Field(max_length=261)], ...] = Field(
+        default=(), strict=False, max_length=16)
+    """The nodes of a clustered broker, ``"host:port"`` each (``"[v6 address]:port"``),
+    tried in this order, the next one after a failed connect or a lost link. Empty: the
+    one broker ``host``:``port``; set, it replaces them (giving both is refused)."""
     protocol: Literal["5", "3.1.1"] = "5"
     tls: bool = True
     ca_file: str = "ca.crt"
@@ -320,6 +325,42 @@ class SyncConfig(_Model):
     resync_interval_s: float = Field(default=30.0, ge=1)
     """At most one resync request per this many seconds."""
 
+    @model_validator(mode="after")
+    def _brokers_or_host(self) -> SyncConfig:
+        if self.brokers:
+            given = sorted({"host", "port"} & self.model_fields_set)
+            if given:
+                raise ValueError(f"sync.brokers replaces sync.{' and sync.'.join(given)}: "
+                                 "give the list, or host and port, not both")
+            seen = set()
+            for item in self.brokers:
+                endpoint = parse_broker(item)
+                if endpoint in seen:
+                    raise ValueError(f"sync.brokers: {item!r} is listed twice")
+                seen.add(endpoint)
+        return self
+
+    @property
+    def endpoints(self) -> tuple[tuple[str, int], ...]:
+        """The brokers to connect to, in order: ``brokers``, or ``host``:``port``."""
+        if self.brokers:
+            return tuple(parse_broker(item) for item in self.brokers)
+        return ((self.host, self.port),)
+
+
+_BROKER = re.compile(r"(?:\[([0-9A-Fa-f:.]+)\]|([A-Za-z0-9_.-]+)):([0-9]{1,5})")
+
+
+def parse_broker(item: str) -> tuple[str, int]:
+    """``"host:port"`` (or ``"[v6 address]:port"``) as ``(host, port)``; ``ValueError``
+    naming the item otherwise."""
+    match = _BROKER.fullmatch(item)
+    port = int(match.group(3)) if match else 0
+    if match is None or not 1 <= port <= 65535:
+        raise ValueError(f"sync.brokers: {item!r} is not \"host:port\" (a host name or "
+                         "address, \"[v6 address]\" for IPv6, and a port 1 to 65535)")
+    return match.group(1) or match.group(2), port
+
 
 class LoggingConfig(_Model):
     """Log format and level."""
@@ -344,6 +385,10 @@ class EnrollmentConfig(_Model):
     seal_key: str = "office-seal.pub"
     """The office's X25519 public key permit numbers are sealed to (a file, looked up like
     the other keys)."""
+    web_socket: str | None = None
+    """Where the landlord page's control socket is made (default: ``web.sock`` in the data
+    folder). An installed gateway puts it in ``/run/permitgate/`` (the agent's runtime
+    folder, group-traversable), since the data folder is private to the agent."""
     web_group: str | None = Field(default=None, pattern=r"^[a-z_][a-z0-9_-]{0,31}$")
     """The group of the landlord page's service user: the page's control socket
     (``web.sock``) is made writable for it."""

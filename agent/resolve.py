@@ -93,7 +93,9 @@ def resolve_paths(config: Config, config_path: Path | None) -> Paths:
                  site_key=secret(config.keys.site_key), trusted_keys=trusted, tls=tls,
                  password_file=password,
                  seal_key=secret(config.enrollment.seal_key) if config.enrollment.enabled
-                 else None, web_socket=data_dir / WEB_SOCKET_NAME)
+                 else None,
+                 web_socket=(cfg_dir / config.enrollment.web_socket
+                             if config.enrollment.web_socket else data_dir / WEB_SOCKET_NAME))
 
 
 @dataclass(frozen=True, slots=True)
