@@ -16,6 +16,7 @@ from pydantic import (
     ConfigDict,
     Field,
     GetJsonSchemaHandler,
+    SerializerFunctionWrapHandler,
     TypeAdapter,
     ValidationError,
     ValidationInfo,
@@ -47,6 +48,14 @@ MAX_CHUNKS = 10_000
 office's 10,000 entries hold 100 million entries."""
 
 
+MAX_INT = 2**53
+"""The largest integer any field may carry: exact in JSON everywhere (IEEE doubles) and
+far inside SQLite's 64-bit integers (a value of 2**63 made SQLite raise OverflowError;
+found by fuzzing, tests/fuzz_corpus)."""
+Num = Annotated[int, Field(ge=0, le=MAX_INT)]
+"""A count, sequence number, version or Unix time."""
+
+
 class RefusedError(Exception):
     """A message was refused; ``reason`` is a short code (docs/protocol.md, "Refusals")."""
 
@@ -72,15 +81,15 @@ class Header(_Body):
 
     gateway: Ident | Literal["*"]
     """The target gateway, or ``*`` on the broadcast topic."""
-    seq: int = Field(ge=1, le=2**53)
+    seq: int = Field(ge=1, le=MAX_INT)
     """Monotonic per stream; for ``snapshot`` and ``delta`` it is the list version."""
-    issued_at: int = Field(ge=0)
-    expires_at: int = Field(ge=0)
+    issued_at: int = Field(ge=0, le=MAX_INT)
+    expires_at: int = Field(ge=0, le=MAX_INT)
     """Unix seconds; a message is refused once ``expires_at`` has passed."""
 
 
-EntryArray = tuple[B64Hash, B64Hash | None, int | None, int | None, list[Ident] | None,
-                   Ident | None, int | None]
+EntryArray = tuple[B64Hash, B64Hash | None, Num | None, Num | None, list[Ident] | None,
+                   Ident | None, Num | None]
 """How an ``Entry`` travels: a 7-element JSON array, in the order of ``ENTRY_FIELDS``
 (an array, not an object, keeps a million-entry snapshot about half the size)."""
 ENTRY_FIELDS = ("cred", "permit", "valid_from", "valid_until", "doors", "schedule",
@@ -95,15 +104,15 @@ class Entry(_Body):
     """The card's keyed hash under the site key."""
     permit: B64Hash | None = None
     """The permit's keyed hash under the office's permit key."""
-    valid_from: int | None = None
+    valid_from: Num | None = None
     """Unix s, inclusive; None = unbounded."""
-    valid_until: int | None = None
+    valid_until: Num | None = None
     """Unix s, exclusive; None = unbounded."""
     doors: tuple[Ident, ...] | None = None
     """None = every door."""
     schedule: Ident | None = None
     """None = ``always``."""
-    confirmed_at: int | None = None
+    confirmed_at: Num | None = None
     """When the office last confirmed the permit with the registry, Unix s."""
 
     @model_validator(mode="before")
@@ -149,13 +158,13 @@ class Snapshot(Header):
     the same topic, in order."""
 
     type: Literal["snapshot"]
-    entries: int = Field(ge=0)
-    revoked: int = Field(ge=0)
+    entries: int = Field(ge=0, le=MAX_INT)
+    revoked: int = Field(ge=0, le=MAX_INT)
     chunk_sha256: list[Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]] = Field(
         min_length=1, max_length=MAX_CHUNKS)
-    rev_seq: int = Field(ge=0)
+    rev_seq: Num = Field(ge=0, le=MAX_INT)
     """The gateway revocation stream's seq this snapshot includes."""
-    all_seq: int = Field(ge=0)
+    all_seq: Num = Field(ge=0, le=MAX_INT)
     """The broadcast revocation stream's seq this snapshot includes."""
 
 
@@ -163,8 +172,8 @@ class Chunk(_Body):
     """Part of a snapshot (not signed: verified by its hash in the manifest)."""
 
     type: Literal["chunk"]
-    version: int = Field(ge=1)
-    index: int = Field(ge=0)
+    version: int = Field(ge=1, le=MAX_INT)
+    index: int = Field(ge=0, le=MAX_INT)
     entries: list[Entry]
     revoked: list[Revoked] = Field(default_factory=list)
 
@@ -173,7 +182,7 @@ class Delta(Header):
     """Changes on top of list version ``base``; ``seq`` is the new version."""
 
     type: Literal["delta"]
-    base: int = Field(ge=0)
+    base: int = Field(ge=0, le=MAX_INT)
     upsert: list[Entry] = Field(default_factory=list, max_length=MAX_ITEMS)
     remove: list[B64Hash] = Field(default_factory=list, max_length=MAX_ITEMS)
 
@@ -196,16 +205,35 @@ class Heartbeat(Header):
     """'Your lists are current as of these versions', with an expiry."""
 
     type: Literal["heartbeat"]
-    list_version: int = Field(ge=0)
-    rev_seq: int = Field(ge=0)
-    all_seq: int = Field(ge=0)
+    list_version: Num = Field(ge=0, le=MAX_INT)
+    rev_seq: Num = Field(ge=0, le=MAX_INT)
+    all_seq: Num = Field(ge=0, le=MAX_INT)
+    cmd_seq: int | None = Field(default=None, ge=0, le=MAX_INT)
+    """The seq of the latest command the office sent this gateway; absent (not null on
+    the wire) when it sent none, or does not say. A gateway whose ``cmd`` stream is below
+    it asks for the command again (``BEHIND_COMMAND``)."""
+
+    @model_serializer(mode="wrap")
+    def _omit_unsaid(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        # Absent rather than null: a gateway older than this field refuses any unknown
+        # field, null or not (docs/protocol.md, "Compatibility").
+        data: dict[str, Any] = handler(self)
+        if self.cmd_seq is None:
+            data.pop("cmd_seq", None)
+        return data
+
+
+BEHIND_COMMAND = "behind_command"
+"""The ``resync`` reason of a gateway whose ``cmd`` stream is below a heartbeat's
+``cmd_seq``: the office answers it by sending its latest commands again (same seqs, signed
+anew), not with a snapshot."""
 
 
 class EventAck(Header):
     """The central office has stored every event of this gateway up to ``upto``."""
 
     type: Literal["event_ack"]
-    upto: int = Field(ge=0)
+    upto: int = Field(ge=0, le=MAX_INT)
 
 
 class Decided(_Body):
@@ -213,7 +241,7 @@ class Decided(_Body):
 
     enrollment: Annotated[str, Field(pattern=r"^[0-9a-f-]{36}$")]
     status: Literal["confirmed", "rejected"]
-    list_version: int | None = Field(default=None, ge=1)
+    list_version: Num | None = Field(default=None, ge=1, le=MAX_INT)
     """Confirmed: the list version that holds the card; until the gateway's list reaches
     it, the gateway's own record keeps granting (up to the lease end)."""
     reason: Annotated[str, Field(max_length=64, pattern=r"^[a-z0-9_]+$")] | None = None
@@ -260,9 +288,9 @@ Short = Annotated[str, Field(max_length=128)]
 class WireEvent(_Body):
     """One event as the gateway sends it (the stored event, hash chain included)."""
 
-    seq: int = Field(ge=1)
+    seq: int = Field(ge=1, le=MAX_INT - 1)
     event_id: Annotated[str, Field(pattern=r"^[0-9a-f-]{36}$")]
-    ts_ms: int
+    ts_ms: Num
     kind: Short
     door: Short | None
     reader: Short | None
@@ -283,6 +311,30 @@ class EventBatch(_Body):
     type: Literal["events"]
     gateway: Ident
     events: list[WireEvent] = Field(min_length=1)
+    anchor_seq: int | None = Field(default=None, ge=1, le=MAX_INT)
+    anchor_hash: Hex64 | None = None
+    """The gateway's chain anchor (the seq and hash of its newest pruned event) when that
+    is the first event's predecessor: an office that holds nothing before the first event
+    checks its ``prev_hash`` against it. Both or neither; absent (not null) without."""
+
+    @model_validator(mode="after")
+    def _anchor_precedes_first(self) -> EventBatch:
+        if (self.anchor_seq is None) != (self.anchor_hash is None):
+            raise ValueError("anchor_seq and anchor_hash go together")
+        if self.anchor_seq is not None and self.anchor_seq != self.events[0].seq - 1:
+            raise ValueError(f"anchor_seq {self.anchor_seq} is not the predecessor of the "
+                             f"first event (seq {self.events[0].seq})")
+        return self
+
+    @model_serializer(mode="wrap")
+    def _omit_no_anchor(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        # Absent rather than null: an office older than these fields refuses a batch that
+        # carries them (docs/protocol.md, "Compatibility").
+        data: dict[str, Any] = handler(self)
+        if self.anchor_seq is None:
+            data.pop("anchor_seq", None)
+            data.pop("anchor_hash", None)
+        return data
 
 
 class Applied(_Body):
@@ -291,11 +343,11 @@ class Applied(_Body):
     type: Literal["applied"]
     gateway: Ident
     stream: str
-    seq: int | None
+    seq: Num | None
     status: Literal["applied", "refused"]
     reason: str | None = None
-    list_version: int
-    ts_ms: int
+    list_version: Num
+    ts_ms: Num
 
 
 class ResyncRequest(_Body):
@@ -304,21 +356,21 @@ class ResyncRequest(_Body):
     type: Literal["resync"]
     gateway: Ident
     reason: str
-    list_version: int
-    rev_seq: int
-    all_seq: int
-    ts_ms: int
+    list_version: Num
+    rev_seq: Num
+    all_seq: Num
+    ts_ms: Num
 
 
 class StatusSettings(_Body):
     """The gateway's settings that the office must respect (docs/protocol.md, "Status")."""
 
-    heartbeat_max_age_s: int
+    heartbeat_max_age_s: Num
     """Past this age of the newest heartbeat the gateway's lists are stale: send
     heartbeats well within it."""
-    max_message_bytes: int
+    max_message_bytes: Num
     """The largest payload the gateway accepts (and sends)."""
-    batch_size: int
+    batch_size: Num
     """The most events in one ``events`` message."""
 
 
@@ -328,16 +380,16 @@ class Status(_Body):
     type: Literal["status"]
     gateway: Ident
     state: Literal["online", "offline"]
-    ts_ms: int | None = None
+    ts_ms: Num | None = None
     site: str | None = None
-    versions: dict[str, int] = Field(default_factory=dict)
-    outbox: int | None = None
+    versions: dict[str, Num] = Field(default_factory=dict)
+    outbox: Num | None = None
     mode: str | None = None
     clock: str | None = None
     stale: bool | None = None
     doors: dict[str, Any] = Field(default_factory=dict)
     readers: dict[str, Any] = Field(default_factory=dict)
-    refused: dict[str, int] = Field(default_factory=dict)
+    refused: dict[str, Num] = Field(default_factory=dict)
     """Refusals by reason, counted since the agent started (they restart from zero)."""
     settings: StatusSettings | None = None
     """None in the will."""

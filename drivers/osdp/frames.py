@@ -113,7 +113,9 @@ def parse_frame(packet: bytes) -> Frame | None:
     body = packet[:-2] if packet[4] & 0x04 else packet[:-1]
     pos, scb_type, scb_data = 5, None, b""
     if packet[4] & 0x08:
-        scb_len = body[5]
+        # An SCB flagged without a byte for its length (found by fuzzing) is as invalid
+        # as one whose length runs past the body.
+        scb_len = body[5] if len(body) > 5 else 0
         if scb_len < 2 or 5 + scb_len >= len(body):
             return None
         scb_type, scb_data = body[6], bytes(body[7:5 + scb_len])

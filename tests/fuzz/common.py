@@ -78,19 +78,6 @@ _OVERFLOW = ("provisioning/receive.py Receiver.handle: an integer of a gateway m
              "OverflowError from SQLite out of handle: the serve loop acks the message "
              "unstored and backs off up to 30 s")
 KNOWN_BUGS: list[KnownBug] = [
-    KnownBug("osdp", ("crash-scb-short-packet",), _SCB, "IndexError", ("parse_frame",)),
-    KnownBug("osdp_parse", ("crash-scb-short-packet",), _SCB, "IndexError", ("parse_frame",)),
-    KnownBug("osdp_assembler", ("crash-scb-short-packet",), _SCB, "IndexError",
-             ("parse_frame",)),
-    KnownBug("office_receive", ("crash-event-ts-2p63", "crash-event-seq-2p63-1",
-                                "crash-applied-version-2p63", "crash-status-version-2p63"),
-             _OVERFLOW, "OverflowError", ("store_events", "record_applied", "record_status"),
-             "too large to convert to SQLite INTEGER"),
-    KnownBug("sync_apply", ("crash-delta-time-2p63", "crash-chunk-time-2p63"),
-             "protocol/messages.py Entry: valid_from/valid_until/confirmed_at are unbounded "
-             "ints; a signed delta or chunk with one at or above 2**63 fails in SQLite and "
-             "is reported as store_error (a local failure), not refused as malformed",
-             "AssertionError", ("sync_apply",), "reason='store_error'"),
 ]
 """Findings not fixed yet. The lead fixes one, deletes its entry here, and its corpus
 cases (xfail(strict=True) until then) become ordinary regression tests."""
