@@ -115,7 +115,7 @@ def run_hypothesis(target: Target, seconds: int, root: Path) -> int:
             data = failing[-1]
             path = found / f"crash-{hashlib.sha1(data).hexdigest()}"  # noqa: S324 - a name
             path.write_bytes(data)
-            print(f"fuzz: {target.name}: finding after {examples} examples, saved as {path}",
+            print(f"fuzz: {target.name}: finding in round {rounds + 1}, saved as {path}",
                   flush=True)
             try:
                 target.fn(data)
@@ -124,8 +124,8 @@ def run_hypothesis(target: Target, seconds: int, root: Path) -> int:
             return 1
         rounds += 1
         examples += ROUND
-    print(f"fuzz: {target.name}: nothing found in {rounds} rounds ({examples} examples)",
-          flush=True)
+    print(f"fuzz: {target.name}: nothing found in {rounds} rounds (up to {examples} "
+          "examples)", flush=True)
     return 0
 
 

@@ -239,7 +239,8 @@ def _envelope_seeds() -> list[bytes]:
             bytes([0]) + _signed(1, BODIES[2])]
 
 
-def _chunk_seed() -> bytes:
+def chunk_seed() -> bytes:
+    """A valid chunk (one entry, one permit revocation) as the office sends it."""
     return Chunk(type="chunk", version=1, index=0,
                  entries=[Entry(cred=HASH, doors=("front",))],
                  revoked=[Revoked(kind="permit", hash=HASH)]).model_dump_json().encode()
@@ -293,7 +294,7 @@ def _envelopes(draw: st.DrawFn) -> bytes:
 
 
 def _chunk_structured() -> st.SearchStrategy[bytes]:
-    template = json.loads(_chunk_seed())
+    template = json.loads(chunk_seed())
     return mutate_json(template).map(lambda d: json.dumps(d).encode())
 
 
@@ -339,7 +340,7 @@ TARGETS: list[Target] = [
     Target("central", central, 8192, "messages.parse_central",
            lambda: [json.dumps(b).encode() for b in BODIES],
            lambda: bodies().map(lambda b: json.dumps(b).encode())),
-    Target("chunk", chunk, 8192, "messages.parse_chunk", lambda: [_chunk_seed()],
+    Target("chunk", chunk, 8192, "messages.parse_chunk", lambda: [chunk_seed()],
            _chunk_structured),
     Target("gateway_message", gateway_message, 8192, "messages.GATEWAY_MESSAGES models",
            _gateway_seeds, _gateway_structured),

@@ -34,8 +34,8 @@ from tests.fuzz.protocol import (
     OTHER_KEY,
     TOPIC_CHOICES,
     TRUSTED,
-    _chunk_seed,
     bodies,
+    chunk_seed,
     entries,
     header,
     sign_text,
@@ -228,7 +228,7 @@ def _seeds() -> list[bytes]:
 
     rev, cmd, ack, hb, enr = 1, 2, 3, 4, 5
     by_type = {b["type"]: b for b in BODIES}
-    snapshot = pack_blob(bytes([SNAPSHOT << 3]) + bytes([1, 1]) + _chunk_seed())
+    snapshot = pack_blob(bytes([SNAPSHOT << 3]) + bytes([1, 1]) + chunk_seed())
     delta = dict(by_type["delta"])
     return [
         snapshot + signed(0, delta) + signed(rev, by_type["revocation"]),
@@ -256,7 +256,7 @@ def _message(draw: st.DrawFn) -> bytes:
         return pack_blob(bytes([step | SIGNED << 3]) + json.dumps(delta).encode())
     if kind == "snapshot":
         chunk = draw(st.one_of(
-            mutate_json(json.loads(_chunk_seed())),
+            mutate_json(json.loads(chunk_seed())),
             st.lists(entries(), max_size=3).map(lambda e: {
                 "type": "chunk", "version": 1, "index": 0, "entries": e, "revoked": []})))
         counts = bytes([draw(st.integers(0, 2)), draw(st.integers(0, 2))])
