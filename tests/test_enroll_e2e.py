@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 
 from agent.control import request
+from agent.store import Store
 from drivers.serial_reader import em4100_frame
 from tests.agentconf import ReaderSpec, write_agent
 from tests.broker import Broker
@@ -68,6 +69,14 @@ class Site:
                               capture_output=True, text=True, timeout=60, check=False)
         return [json.loads(line) for line in done.stdout.splitlines() if line.strip()]
 
+    def versions(self) -> dict[str, int]:
+        """The gateway's stream versions, read beside the running agent."""
+        store = Store(self.gateway / "pg.db")
+        try:
+            return store.versions()
+        finally:
+            store.close()
+
     def tenants(self) -> list[dict[str, Any]]:
         """The gateway's tenants (``permitgate tenants --json``)."""
         done = subprocess.run([sys.executable, "-m", "agent.cli", "tenants", "--json", "-c",
@@ -98,7 +107,8 @@ class Site:
 
 @pytest.fixture
 def site(tmp_path: Path, broker: Broker, pty_peer: PtyPeer) -> Iterator[Site]:
-    """An office serving and a gateway running, enrollment and sync on."""
+    """An office serving and a gateway running, enrollment and sync on, the gateway's
+    reader online and the link up both ways (their logs in the test folder)."""
     office, gateway = tmp_path / "office", tmp_path / "gateway"
     assert central(office, broker, "keygen").returncode == 0
     gateway.mkdir()
@@ -107,32 +117,44 @@ def site(tmp_path: Path, broker: Broker, pty_peer: PtyPeer) -> Iterator[Site]:
     write_agent(gateway, gateway_id=GW, readers=(ReaderSpec(
         "front-in", driver="serial", debounce_s=0, options={"port": pty_peer.path}),),
         sync={"enabled": True, "tls": False, "host": broker.host, "port": broker.port,
-              "protocol": "5", "trusted_keys": "./trusted-keys.txt"},
+              "protocol": "5", "trusted_keys": "./trusted-keys.txt",
+              "resync_interval_s": 2.0},
         extra='[enrollment]\nenabled = true\nunits = ["101", "102"]\n'
               'seal_key = "./office-seal.pub"\n')
     added = central(office, broker, "add-gateway", GW, "--site", "test-site", "--site-key",
                     str(gateway / "site.key"))
     assert added.returncode == 0, added.stderr
-    procs = [
-        subprocess.Popen([sys.executable, "-m", "provisioning.central_cli", "--dir",
-                          str(office), "--host", broker.host, "--port", str(broker.port),
-                          "serve", "--heartbeat-every", "5"],
-                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL),
-        subprocess.Popen([sys.executable, "-m", "agent.cli", "run", "-c",
-                          str(gateway / "permitgate.toml")],
-                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)]
+    procs: list[subprocess.Popen[bytes]] = []
     made = Site(office, gateway, broker, pty_peer, procs)
-    wait_for(lambda: (gateway / "sim.sock").exists() and made.events("snapshot_applied"),
-             "the gateway to start and take the office's first list", timeout=120)
-    yield made
-    for proc in procs:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-    for proc in procs:
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+    try:
+        with (tmp_path / "office.log").open("wb") as log:
+            procs.append(subprocess.Popen(
+                [sys.executable, "-m", "provisioning.central_cli", "--dir", str(office),
+                 "--host", broker.host, "--port", str(broker.port), "serve",
+                 "--heartbeat-every", "5"], stdout=log, stderr=subprocess.STDOUT))
+        with (tmp_path / "agent.log").open("wb") as log:
+            procs.append(subprocess.Popen(
+                [sys.executable, "-m", "agent.cli", "run", "-c",
+                 str(gateway / "permitgate.toml"), "--log-format", "json"],
+                stdout=log, stderr=subprocess.STDOUT))
+        wait_for(lambda: (gateway / "sim.sock").exists() and made.events("reader_online"),
+                 "the gateway to start with its reader online", timeout=120)
+        # The link works both ways once a heartbeat of the office's has been applied
+        # (a first list is not a sign: an office with no entries for the gateway may
+        # answer nothing if the gateway asked before the office subscribed).
+        wait_for(lambda: made.versions().get("hb", 0) >= 1,
+                 "the gateway to apply the office's heartbeat", timeout=120)
+        yield made
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for proc in procs:
+            try:
+                proc.wait(20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(10)
 
 
 def test_enrollment_is_confirmed_by_the_office(site: Site) -> None:
