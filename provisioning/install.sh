@@ -9,6 +9,10 @@
 # /etc/permitgate/credentials (root only; systemd hands it to the agent as a credential),
 # validates the configuration, and installs the hardened unit. Safe to run again to upgrade.
 set -euo pipefail
+# What is installed for the service must be readable by its user whatever the caller's
+# umask (077 left /opt/permitgate at 0700: the unit failed with 203/EXEC); secrets get
+# explicit modes below.
+umask 022
 src="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 prefix=/opt/permitgate
 etc=/etc/permitgate
@@ -30,6 +34,8 @@ if [ "$src" != "$prefix" ]; then
     tar -C "$src" --exclude=.venv --exclude=.git --exclude=permitgate-data -cf - . | tar -C "$prefix" -xf -
 fi
 "$prefix/scripts/bootstrap.sh" runtime
+# A checkout made under a strict umask has private files; the service user reads them.
+chmod -R u+rwX,go+rX,go-w "$prefix"
 
 getent passwd permitgate >/dev/null || adduser --system --group --no-create-home --home /var/lib/permitgate permitgate
 for group in dialout gpio; do
