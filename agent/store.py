@@ -28,6 +28,7 @@ import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime, tzinfo
+from itertools import islice
 from pathlib import Path
 from typing import Any
 
@@ -118,6 +119,10 @@ SCHEMA_VERSION = len(EVENT_MIGRATIONS)
 PRUNE_BATCH = 5000
 """Events deleted per transaction when pruning: short enough that a tap waiting for the
 write lock is not held up for long."""
+LIST_BATCH = 5000
+"""Rows per ``executemany`` when a list is written (whole lists, snapshot chunks, deltas,
+revocations): rows are pulled from the caller's iterator a batch at a time, so a list
+operation holds at most this many rows in memory whatever its size (bench/load.py)."""
 
 _CREDENTIALS_TABLE = """CREATE TABLE {name} (
     cred BLOB PRIMARY KEY, permit BLOB, valid_from INTEGER, valid_until INTEGER, doors TEXT,
@@ -595,7 +600,7 @@ class Store:
         """Replace the whole allowlist with ``entries`` in one transaction.
 
         Either every entry is applied and the version recorded, or nothing changes.
-        Entries are streamed, never held in memory together.
+        Entries are streamed in batches of ``LIST_BATCH``, never held in memory together.
         """
         rows = (_credential_row(e) for e in entries)
         with self._ls.write_lock:
@@ -607,8 +612,8 @@ class Store:
                 # docs/performance.md). Readers keep seeing the old list until COMMIT.
                 conn.execute("DROP TABLE IF EXISTS credentials_new")
                 conn.execute(_CREDENTIALS_TABLE.format(name="credentials_new"))
-                cur = conn.executemany("INSERT INTO credentials_new VALUES (?,?,?,?,?,?,?)", rows)
-                count = int(cur.rowcount)
+                count = _write_rows(conn, "INSERT INTO credentials_new VALUES (?,?,?,?,?,?,?)",
+                                    rows)
                 conn.execute("DROP TABLE credentials")
                 conn.execute("ALTER TABLE credentials_new RENAME TO credentials")
                 conn.execute("CREATE INDEX credentials_permit ON credentials(permit)")
@@ -627,24 +632,39 @@ class Store:
                 raise
             return count
 
-    def revoke(self, keys: Sequence[tuple[bytes, str]], version: int | None = None,
+    def revoke(self, keys: Iterable[tuple[bytes, str]], version: int | None = None,
                *, stream: str = "revocations") -> int:
-        """Record revocations ``(hash, 'credential'|'permit')`` in one transaction."""
+        """Record revocations ``(hash, 'credential'|'permit')``; returns how many.
+
+        ``keys`` is streamed (never held whole) and written ``LIST_BATCH`` at a time, each
+        batch in a transaction of its own, so the list write lock is free between batches
+        (a tenant moving out need not wait for 40,000 revocations). The design allows it
+        for revocations alone: each only takes access away, so batches committed before a
+        failure may stay in force. The stream's ``version`` is recorded with the last
+        batch: a revocation cut short is not recorded as applied, and applying it again
+        (it comes back with the next resync) replaces the same rows.
+        """
         now_s = self._clock_ms() // 1000
-        with self._ls.write_lock:
-            conn = self._ls.writer
-            try:
-                conn.execute("BEGIN IMMEDIATE")
-                conn.executemany("INSERT OR REPLACE INTO revocations VALUES (?,?,?,?,?)",
-                                 ((k, kind, now_s, stream, version) for k, kind in keys))
-                if version is not None:
-                    conn.execute("INSERT OR REPLACE INTO sync_state VALUES (?,?,?,NULL)",
-                                 (stream, version, self._clock_ms()))
-                conn.execute("COMMIT")
-            except sqlite3.Error as exc:
-                rollback(conn)
-                raise StoreError(f"{self.lists_path}: revocations not applied: {exc}") from exc
-        return len(keys)
+        rows = ((k, kind, now_s, stream, version) for k, kind in keys)
+        count = 0
+        try:
+            for batch, last in _batches(rows):
+                def run(conn: sqlite3.Connection, batch: list[Any] = batch,
+                        last: bool = last) -> None:
+                    conn.executemany("INSERT OR REPLACE INTO revocations VALUES (?,?,?,?,?)",
+                                     batch)
+                    if last and version is not None:
+                        conn.execute("INSERT OR REPLACE INTO sync_state VALUES (?,?,?,NULL)",
+                                     (stream, version, self._clock_ms()))
+                self._list_write(f"record revocations (the first {count} are recorded)", run)
+                count += len(batch)
+        except StoreError:
+            raise
+        except Exception as exc:
+            # The source of the keys failed between batches: what was committed stays.
+            raise StoreError(f"{self.lists_path}: cannot record revocations (the first "
+                             f"{count} are recorded): {type(exc).__name__}: {exc}") from exc
+        return count
 
     # -- sync ----------------------------------------------------------------------
 
@@ -678,13 +698,14 @@ class Store:
 
     def add_snapshot_chunk(self, entries: Iterable[CredentialEntry],
                            revoked: Iterable[tuple[bytes, str]]) -> None:
-        """Stage one chunk. The live list is untouched until ``commit_snapshot``."""
+        """Stage one chunk in one transaction, streaming ``entries`` and ``revoked`` in
+        batches. The live list is untouched until ``commit_snapshot``."""
         now_s = self._clock_ms() // 1000
         def run(conn: sqlite3.Connection) -> None:
-            conn.executemany("INSERT INTO credentials_new VALUES (?,?,?,?,?,?,?)",
-                             (_credential_row(e) for e in entries))
-            conn.executemany("INSERT OR REPLACE INTO revocations_new VALUES (?,?,?,?,NULL)",
-                             ((k, kind, now_s, "snapshot") for k, kind in revoked))
+            _write_rows(conn, "INSERT INTO credentials_new VALUES (?,?,?,?,?,?,?)",
+                        (_credential_row(e) for e in entries))
+            _write_rows(conn, "INSERT OR REPLACE INTO revocations_new VALUES (?,?,?,?,NULL)",
+                        ((k, kind, now_s, "snapshot") for k, kind in revoked))
         self._list_write("stage snapshot chunk", run)
 
     def commit_snapshot(self, version: int, streams: Mapping[str, int],
@@ -734,16 +755,17 @@ class Store:
     def apply_delta(self, base: int, version: int, upsert: Iterable[CredentialEntry],
                     remove: Iterable[bytes]) -> None:
         """Apply changes on top of list version ``base`` as version ``version``, in one
-        transaction; refused (StoreError) unless the current version is ``base``."""
+        transaction (``upsert`` and ``remove`` streamed in batches); refused (StoreError)
+        unless the current version is ``base``."""
         def run(conn: sqlite3.Connection) -> None:
             row = conn.execute("SELECT version FROM sync_state WHERE stream='list'").fetchone()
             current = int(row[0]) if row else 0
             if current != base:
                 raise ValueError(f"delta is based on version {base}, the list is at "
                                  f"{current}")
-            conn.executemany("INSERT OR REPLACE INTO credentials VALUES (?,?,?,?,?,?,?)",
-                             (_credential_row(e) for e in upsert))
-            conn.executemany("DELETE FROM credentials WHERE cred=?", ((c,) for c in remove))
+            _write_rows(conn, "INSERT OR REPLACE INTO credentials VALUES (?,?,?,?,?,?,?)",
+                        (_credential_row(e) for e in upsert))
+            _write_rows(conn, "DELETE FROM credentials WHERE cred=?", ((c,) for c in remove))
             conn.execute("INSERT OR REPLACE INTO sync_state VALUES ('list',?,?,NULL)",
                          (version, self._clock_ms()))
         self._list_write(f"apply delta to version {version}", run)
@@ -814,6 +836,35 @@ class Store:
             "events": one(ev, "SELECT count(*) FROM events"),
             "outbox": one(ev, "SELECT count(*) FROM events WHERE acked = 0"),
         }
+
+
+def _batches(rows: Iterable[Any]) -> Iterator[tuple[list[Any], bool]]:
+    """``rows`` in lists of ``LIST_BATCH``, each with whether it is the last (an empty
+    ``rows`` gives one empty, last batch)."""
+    source = iter(rows)
+    batch = list(islice(source, LIST_BATCH))
+    while True:
+        following = list(islice(source, LIST_BATCH))
+        yield batch, not following
+        if not following:
+            return
+        batch = following
+
+
+def _write_rows(conn: sqlite3.Connection, sql: str, rows: Iterable[Sequence[Any]]) -> int:
+    """Run ``sql`` for every row inside the caller's transaction, ``LIST_BATCH`` rows per
+    ``executemany``; returns how many rows.
+
+    Between batches the thread sleeps for no time at all: that hands the interpreter lock
+    to a reader thread waiting for it, so a long list write never keeps a decision waiting
+    for more than one batch's Python work (sqlite3 itself releases it inside each step).
+    """
+    count = 0
+    for batch, _last in _batches(rows):
+        conn.executemany(sql, batch)
+        count += len(batch)
+        time.sleep(0)
+    return count
 
 
 def _stored(row: Sequence[Any]) -> StoredEvent:

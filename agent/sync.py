@@ -14,6 +14,13 @@ Delivery does not rest on paho or the broker: an event leaves the outbox only wh
 central office acknowledges it with a signed ``event_ack``; unacknowledged events are sent
 again after ``ack_timeout_s`` or a reconnect. A dead link is detected by traffic (the
 gateway's own retained status echoes back to it), not by ``is_connected()``.
+
+Reconnecting is the worker's too, not paho's: the client is made with
+``reconnect_on_failure=False``, so paho's network thread ends after a failed connect or a
+lost link, and the worker, after a back-off (1 s doubling to 60 s, reset by a successful
+connect), points the client at the next broker of ``sync.brokers`` (``connect_async``) and
+starts a new network thread. Only the worker changes where the client connects, and only
+while no network thread runs, so a failover cannot race paho's own reconnect.
 """
 
 from __future__ import annotations
@@ -44,6 +51,7 @@ from agent.sync_apply import STAGING, Applier, Counters, SyncHost, entry_of
 from common.sqlite import StoreError
 from protocol.hashing import SecretError
 from protocol.messages import (
+    BEHIND_COMMAND,
     Applied,
     EventBatch,
     Status,
@@ -69,6 +77,11 @@ SYNC_STATE = ("system", "sync")
 counts, for ``permitgate status`` (another process)."""
 RECORD_EVERY_S = 1.0
 """That row is rewritten at most this often (a flood of refusals is one write a second)."""
+RECONNECT_MIN_S = 1.0
+RECONNECT_MAX_S = 60.0
+"""The back-off between connect attempts: 1 s after a lost link or a failed attempt,
+doubling with each failure (whichever broker it was), at most 60 s (B6: paho's own cap of
+120 s is too long for revocations), back to 1 s once a broker accepts the connection."""
 
 
 @dataclass(slots=True)
@@ -112,6 +125,19 @@ class SyncWorker:
         self._inflight: InFlight | None = None
         self._resync_reason: str | None = None
         self._last_resync = -math.inf
+        self._command_request = False
+        """A ``behind_command`` request is due (kept apart from the snapshot request: the
+        office answers it with the latest commands, not a list)."""
+        self._last_command_request = -math.inf
+        self._endpoints = config.endpoints
+        self._endpoint = 0
+        """The index in ``_endpoints`` of the broker being tried or in use."""
+        self._generation = 0
+        """Which network thread a connection event comes from: events of an earlier one
+        (read after the worker moved on) are ignored."""
+        self._retry_at: float | None = None
+        """When to try the next broker (monotonic), after the current attempt failed."""
+        self._backoff = RECONNECT_MIN_S
         self._last_stale_check = -math.inf
         self._last_connect_warning = -60.0
         self._recorded: tuple[str, int] | None = None
@@ -125,10 +151,12 @@ class SyncWorker:
 
     def _make_client(self, tls: TlsFiles | None, password: str | None) -> mqtt.Client:
         v5 = self.config.protocol == "5"
+        # reconnect_on_failure=False: the network thread ends when a connect fails or the
+        # link drops, and the worker reconnects (to the next broker): see the module doc.
         client = mqtt.Client(
             callback_api_version=CallbackAPIVersion.VERSION2, client_id=self.gateway,
             protocol=mqtt.MQTTv5 if v5 else mqtt.MQTTv311,
-            clean_session=None if v5 else False)
+            clean_session=None if v5 else False, reconnect_on_failure=False)
         if tls is not None:
             try:
                 client.tls_set(ca_certs=str(tls.ca), certfile=str(tls.cert),
@@ -142,7 +170,9 @@ class SyncWorker:
         client.will_set(self.topics.outbound("status"), Status(
             type="status", gateway=self.gateway, state="offline").model_dump_json(),
             qos=1, retain=True)
-        client.reconnect_delay_set(1, 60)
+        # No wait inside paho's thread (its first-connect retry would otherwise sleep there
+        # before ending); the worker keeps the back-off.
+        client.reconnect_delay_set(0, 0)
         client.max_inflight_messages_set(20)
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
@@ -151,19 +181,63 @@ class SyncWorker:
         return client
 
     def start(self) -> None:
-        """Connect in the background and start the worker thread."""
+        """Connect in the background (to the first broker) and start the worker thread."""
         self._record_state(force=True)  # the counters of the previous run are gone
+        self._connect_async()
+        self._client.loop_start()
+        self._thread = threading.Thread(target=self._run, name="sync", daemon=True)
+        self._thread.start()
+
+    @property
+    def broker(self) -> tuple[str, int]:
+        """``(host, port)`` of the broker being tried or in use."""
+        return self._endpoints[self._endpoint]
+
+    def _where(self) -> dict[str, Any]:
+        """The broker being tried or in use, as log fields."""
+        host, port = self.broker
+        return {"host": host, "port": port}
+
+    def _connect_async(self) -> None:
+        """Point the client at the current broker (no network thread may run)."""
+        host, port = self._endpoints[self._endpoint]
         properties = None
         if self.config.protocol == "5":
             properties = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
             properties.SessionExpiryInterval = SESSION_EXPIRY_S
         self._client.connect_async(
-            self.config.host, self.config.port, keepalive=self.config.keepalive_s,
+            host, port, keepalive=self.config.keepalive_s,
             clean_start=False if self.config.protocol == "5" else
             mqtt.MQTT_CLEAN_START_FIRST_ONLY, properties=properties)
-        self._client.loop_start()
-        self._thread = threading.Thread(target=self._run, name="sync", daemon=True)
-        self._thread.start()
+
+    def _attempt_failed(self) -> None:
+        """The current attempt failed, or its link dropped: the next broker, after the
+        back-off (once per attempt, however many events say so)."""
+        if self._retry_at is not None:
+            return
+        self._retry_at = time.monotonic() + self._backoff
+        self._backoff = min(self._backoff * 2, RECONNECT_MAX_S)
+        self._endpoint = (self._endpoint + 1) % len(self._endpoints)
+
+    def _reconnect(self) -> None:
+        """Start the next attempt: the last network thread has ended (or is about to: it
+        reported its failure as its last act), so it is joined before the client is
+        pointed elsewhere."""
+        self._retry_at = None
+        try:
+            self._client.loop_stop()
+            # loop_start makes a new socket pair (the network thread's wake-up channel)
+            # every time and nothing closes the last one: close it, or each reconnect
+            # leaks two sockets (paho 2.2; they would go, with a ResourceWarning, at exit).
+            with contextlib.suppress(AttributeError):  # without it: only that leak
+                self._client._reset_sockets(sockpair_only=True)  # noqa: SLF001 - see above
+            self._generation += 1
+            log.debug("mqtt_connecting", **self._where())
+            self._connect_async()
+            self._client.loop_start()
+        except (OSError, RuntimeError, ValueError) as exc:
+            log.error("mqtt_reconnect_failed", **self._where(), error=str(exc))
+            self._attempt_failed()
 
     def stop(self, timeout: float = 3.0) -> None:
         """Say offline, disconnect, and stop both threads."""
@@ -191,15 +265,15 @@ class SyncWorker:
     # -- paho callbacks: hand off only ------------------------------------------------
 
     def _on_connect(self, _c: Any, _u: Any, flags: Any, reason: Any, _p: Any) -> None:
-        self._inbox.put(("connected", str(reason), bool(getattr(flags, "session_present",
-                                                                False)),
+        self._inbox.put(("connected", self._generation, str(reason),
+                         bool(getattr(flags, "session_present", False)),
                          not getattr(reason, "is_failure", False)))
 
     def _on_connect_fail(self, _c: Any, _u: Any) -> None:
-        self._inbox.put(("connect_failed",))
+        self._inbox.put(("connect_failed", self._generation))
 
     def _on_disconnect(self, _c: Any, _u: Any, _f: Any, reason: Any, _p: Any) -> None:
-        self._inbox.put(("disconnected", str(reason)))
+        self._inbox.put(("disconnected", self._generation, str(reason)))
 
     def _on_message(self, _c: Any, _u: Any, message: mqtt.MQTTMessage) -> None:
         self._inbox.put(("message", message.topic, bytes(message.payload)))
@@ -222,16 +296,20 @@ class SyncWorker:
 
     def _dispatch(self, item: tuple[Any, ...]) -> None:
         kind = item[0]
+        if kind != "message" and item[1] != self._generation:
+            return  # from a network thread the worker has already replaced
         if kind == "connected":
-            _, reason, session_present, ok = item
+            _, _, reason, session_present, ok = item
             if not ok:
-                log.warning("mqtt_connect_refused", reason=reason)
+                log.warning("mqtt_connect_refused", **self._where(), reason=reason)
+                self._attempt_failed()
                 return
             self._connected = True
+            self._backoff = RECONNECT_MIN_S
             self._last_rx = time.monotonic()
             self.counters.reconnects += 1
             self._no_delay()
-            log.info("mqtt_connected", host=self.config.host, session_present=session_present)
+            log.info("mqtt_connected", **self._where(), session_present=session_present)
             for topic in self.topics.subscriptions():
                 self._client.subscribe(topic, qos=1)
             self._inflight = None  # resend from the first unacknowledged event
@@ -241,13 +319,17 @@ class SyncWorker:
             now = time.monotonic()
             if now - self._last_connect_warning >= 60.0:
                 self._last_connect_warning = now
-                log.warning("mqtt_connect_failed", host=self.config.host,
-                            port=self.config.port, hint="broker unreachable, TLS handshake "
-                            "refused, or certificate not accepted; retrying with back-off")
+                log.warning("mqtt_connect_failed", **self._where(),
+                            hint="broker unreachable, TLS handshake refused, or certificate "
+                            "not accepted; retrying with back-off"
+                            + (", the next broker of sync.brokers each time"
+                               if len(self._endpoints) > 1 else ""))
+            self._attempt_failed()
         elif kind == "disconnected":
             if self._connected:
-                log.warning("mqtt_disconnected", reason=item[1])
+                log.warning("mqtt_disconnected", **self._where(), reason=item[2])
             self._connected = False
+            self._attempt_failed()
         elif kind == "message":
             self._last_rx = time.monotonic()
             topic, payload = item[1], item[2]
@@ -261,12 +343,17 @@ class SyncWorker:
             self._last_stale_check = now
             self.applier.check_stale()
         self._record_state()
+        if self._retry_at is not None and now >= self._retry_at:
+            self._reconnect()
         if not self._connected:
             return
         if now - self._last_status >= self.config.status_interval_s:
             self._publish_status()
         if self._resync_reason and now - self._last_resync >= self.config.resync_interval_s:
             self._send_resync()
+        if (self._command_request
+                and now - self._last_command_request >= self.config.resync_interval_s):
+            self._send_command_request()
         self._pump_outbox(now)
         silent = now - self._last_rx
         if silent > 3 * self.config.status_interval_s + self.config.keepalive_s:
@@ -329,10 +416,19 @@ class SyncWorker:
             return
         attachments = self.store.attachments(events[0].seq, events[-1].seq)
         payload, count = fit_batch(self.gateway, events, self.config.max_message_bytes,
-                                   attachments)
+                                   attachments, anchor=self._anchor_before(events[0].seq))
         if self._publish("events", payload):
             self._inflight = InFlight(events[0].seq, events[count - 1].seq, now)
             self.counters.batches_sent += 1
+
+    def _anchor_before(self, first: int) -> tuple[int, str] | None:
+        """The chain anchor (seq and hash of the newest pruned event) when it is the
+        predecessor of event ``first``: an office holding nothing before ``first`` checks
+        the first link against it."""
+        seq, digest = self.store.meta("chain_anchor_seq"), self.store.meta("chain_anchor_hash")
+        if seq is None or digest is None or int(seq) != first - 1:
+            return None
+        return int(seq), digest
 
     def _publish_status(self) -> None:
         self._last_status = time.monotonic()
@@ -359,6 +455,13 @@ class SyncWorker:
             self._last_resync = time.monotonic()
             self._resync_reason = None
 
+    def _send_command_request(self) -> None:
+        request = self.applier.resync_request(BEHIND_COMMAND)
+        if self._publish("request", request.model_dump_json()):
+            log.info("resync_requested", reason=BEHIND_COMMAND)
+            self._last_command_request = time.monotonic()
+            self._command_request = False
+
     # -- Outbound (for the applier) ------------------------------------------------------
 
     def send_applied(self, message: Applied) -> None:
@@ -369,7 +472,12 @@ class SyncWorker:
 
     def request_resync(self, reason: str, *, at_once: bool = False) -> None:
         """Keep one pending resync request (the first reason wins); sent when connected
-        and ``resync_interval_s`` after the last one, or at the next tick ``at_once``."""
+        and ``resync_interval_s`` after the last one, or at the next tick ``at_once``.
+        ``behind_command`` is kept apart, paced alike: the office answers it with its
+        latest commands, not with a snapshot, so neither may stand in for the other."""
+        if reason == BEHIND_COMMAND:
+            self._command_request = True
+            return
         if self._resync_reason is None:
             self._resync_reason = reason
         if at_once:
@@ -387,9 +495,11 @@ class SyncWorker:
 
 
 def fit_batch(gateway: str, events: Sequence[StoredEvent], max_bytes: int,
-              attachments: Mapping[int, str] | None = None) -> tuple[str, int]:
+              attachments: Mapping[int, str] | None = None, *,
+              anchor: tuple[int, str] | None = None) -> tuple[str, int]:
     """The ``events`` message of the first events that fit in ``max_bytes`` (halving the
-    count until they do; one event always goes), and how many it holds.
+    count until they do; one event always goes), and how many it holds. ``anchor``, the
+    chain anchor ``(seq, hash)`` that precedes the first event, travels with the batch.
 
     ``batch_size`` bounds the count, but events vary in size: a batch over the broker's
     message size limit would never be forwarded (and, to an MQTT 5 client, answered with a
@@ -400,7 +510,9 @@ def fit_batch(gateway: str, events: Sequence[StoredEvent], max_bytes: int,
             for e in events]
     count = len(wire)
     while True:
-        payload = EventBatch(type="events", gateway=gateway, events=wire[:count]
+        payload = EventBatch(type="events", gateway=gateway, events=wire[:count],
+                             anchor_seq=None if anchor is None else anchor[0],
+                             anchor_hash=None if anchor is None else anchor[1]
                              ).model_dump_json()
         if count == 1 or len(payload.encode()) <= max_bytes:
             return payload, count

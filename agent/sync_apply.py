@@ -30,6 +30,7 @@ from agent.store import CredentialEntry
 from common.sqlite import StoreError
 from protocol.chain import Event
 from protocol.messages import (
+    BEHIND_COMMAND,
     MAX_CLOCK_SKEW_S,
     STREAM_TYPES,
     Applied,
@@ -274,6 +275,10 @@ class Applier:
         if (hb.list_version > versions.get("list", 0) or hb.rev_seq > versions.get("rev", 0)
                 or hb.all_seq > versions.get("all", 0)):
             self.outbound.request_resync("behind_heartbeat")
+        if hb.cmd_seq is not None and hb.cmd_seq > versions.get("cmd", 0):
+            # A command was lost (a broker queue dropped it) or refused (it expired on the
+            # way): the office sends its latest commands again, with their own seqs.
+            self.outbound.request_resync(BEHIND_COMMAND)
         self.check_stale()
 
     def _on_command(self, cmd: Command) -> None:
@@ -296,9 +301,11 @@ class Applier:
         self._applied("enr", decision.seq)
 
     def _on_revocation(self, stream: str, rev: Revocation, last: int) -> None:
-        items = [(unb64(item.hash), item.kind) for item in rev.items]
-        self.store.revoke(items, version=rev.seq, stream=stream)
-        self._list_event("revocations_applied", stream, rev.seq, {"count": len(items)})
+        # Streamed into the store (in batches): no second list of up to MAX_ITEMS keys is
+        # built beside the message (bench/load.py).
+        count = self.store.revoke(((unb64(item.hash), item.kind) for item in rev.items),
+                                  version=rev.seq, stream=stream)
+        self._list_event("revocations_applied", stream, rev.seq, {"count": count})
         if rev.seq > last + 1:
             self.outbound.request_resync("gap")
         self._applied(stream, rev.seq)
@@ -363,10 +370,10 @@ class Applier:
             raise RefusedError("bad_chunk", f"got chunk {chunk.index} of version "
                                f"{chunk.version}, expected {staging.next_index} of "
                                f"{manifest.seq}")
-        entries = [entry_of(e) for e in chunk.entries]
-        revoked = [(unb64(r.hash), r.kind) for r in chunk.revoked]
         try:
-            self.store.add_snapshot_chunk(entries, revoked)
+            # Streamed: the store pulls the rows in batches, no copy of the chunk is built.
+            self.store.add_snapshot_chunk((entry_of(e) for e in chunk.entries),
+                                          ((unb64(r.hash), r.kind) for r in chunk.revoked))
         except StoreError as exc:
             if isinstance(exc.__cause__, sqlite3.IntegrityError):
                 # The office's snapshot, not the database, is at fault: refused and counted
@@ -389,8 +396,8 @@ class Applier:
             self.outbound.request_resync("gap")
             raise RefusedError("gap", f"delta on version {delta.base}, the list is at "
                                f"{current}")
-        self.store.apply_delta(delta.base, delta.seq, [entry_of(e) for e in delta.upsert],
-                               [unb64(c) for c in delta.remove])
+        self.store.apply_delta(delta.base, delta.seq, (entry_of(e) for e in delta.upsert),
+                               (unb64(c) for c in delta.remove))
         self._list_event("delta_applied", "list", delta.seq,
                          {"upserted": len(delta.upsert), "removed": len(delta.remove)})
         self._applied("list", delta.seq)

@@ -9,11 +9,14 @@ state in one folder:
   hashes only), revocations, the events received and the chain problems found in them,
   what each gateway reported, enrollments made at gateways (with the permit numbers the
   office needs for the registry comparison), the enrollment policy, requests from
-  one-shot commands to ``serve``;
+  one-shot commands to ``serve``; or, when the folder's ``database.url`` names one, a
+  PostgreSQL database (``provisioning.db.backend``), which several ``serve`` instances
+  can share (``share_group``);
 - ``signing/<kid>.pem``, ``trusted-keys.txt``, ``permit.key``, ``seal.key`` and
   ``office-seal.pub``, ``site-keys/``: the keys (``provisioning.keys``, with the rotation
   of signing keys);
-- ``serve.lock``: one publisher per folder (``provisioning.handoff``).
+- ``serve.lock``: one publisher per folder (``provisioning.handoff``; with PostgreSQL,
+  advisory locks in the database instead).
 
 ``Central`` only wires the rooms together; each does one job:
 
@@ -25,6 +28,9 @@ state in one folder:
 - ``provisioning.tenants``: enrollments made at gateways: unsealed, checked, confirmed or
   rejected by the office's policy or an officer, answered;
 - ``provisioning.reports``: ``show``, ``events`` and ``enrollments``;
+- ``provisioning.reconcile``: the comparison with the police registry, and queries for
+  a case (``reconciler``, ``cases``); ``provisioning.retention``: old events folded into
+  daily counts (``retention``, applied by ``serve`` when configured);
 - ``provisioning.serve``: the worker thread of ``run()`` and its MQTT client;
 - ``provisioning.mqtt``: broker settings and the one-shot connection;
 - ``provisioning.handoff``: the folder lock and the request queue to a running ``serve``.
@@ -49,10 +55,10 @@ import structlog
 from protocol.messages import Entry, EventBatch, Revoked
 from protocol.signing import b64
 from provisioning.db import OfficeDatabase
-from provisioning.db.sqlite import SqliteOfficeDatabase
+from provisioning.db.backend import open_backend
 from provisioning.enrollment import Enrollment, normalise_card_id
 from provisioning.errors import CentralError, CentralUsageError, PublishError
-from provisioning.handoff import REQUEST_TIMEOUT_S, FolderLock, Request, RequestQueue
+from provisioning.handoff import REQUEST_TIMEOUT_S, Request, RequestQueue
 from provisioning.keys import (
     DEFAULT_KID,
     PERMIT_KEY_NAME,
@@ -64,7 +70,7 @@ from provisioning.keys import (
     keygen,
     permit_hash,
 )
-from provisioning.mqtt import DEFAULT_CLIENT_ID, SESSION_EXPIRY_S, BrokerSettings, OneShotLink
+from provisioning.mqtt import DEFAULT_CLIENT_ID, BrokerSettings, OneShotLink
 from provisioning.publish import (
     COMMAND_ACTIONS,
     DEFAULT_HEARTBEAT_TTL_S,
@@ -81,7 +87,10 @@ from provisioning.publish import (
     SendHeartbeat,
 )
 from provisioning.receive import RESYNC_INTERVAL_S, Receiver, StoreResult
+from provisioning.reconcile.cases import Cases
+from provisioning.reconcile.findings import Reconciler
 from provisioning.reports import Reports
+from provisioning.retention import Retention
 from provisioning.serve import DEFAULT_HEARTBEAT_EVERY_S, Duties, Worker
 from provisioning.tenants import POLICIES, ConfirmEnrollment, RejectEnrollment, Tenants
 
@@ -110,12 +119,14 @@ class Central:
                  resync_interval_s: float = RESYNC_INTERVAL_S,
                  clock: Callable[[], float] = time.time, connect_timeout_s: float = 10.0,
                  publish_timeout_s: float = 10.0,
-                 session_expiry_s: int = SESSION_EXPIRY_S,
-                 request_timeout_s: float = REQUEST_TIMEOUT_S) -> None:
+                 session_expiry_s: int | None = None,
+                 request_timeout_s: float = REQUEST_TIMEOUT_S,
+                 share_group: str | None = None) -> None:
         if ttl_s < 1 or heartbeat_ttl_s < 1:
             raise CentralUsageError("ttl: must be at least 1 s")
         broker = BrokerSettings(host, port, client_id, tls_ca, tls_cert, tls_key,
-                                connect_timeout_s, publish_timeout_s, session_expiry_s)
+                                connect_timeout_s, publish_timeout_s, session_expiry_s,
+                                share_group)
         self.folder = folder
         self.host, self.port = host, port
         self.client_id = client_id
@@ -124,11 +135,13 @@ class Central:
         except OSError as exc:
             raise CentralUsageError(f"--dir {folder}: cannot create it: {exc.strerror}"
                                     ) from None
-        self._db: OfficeDatabase = SqliteOfficeDatabase(folder / DB_NAME)
+        # central.db, or the PostgreSQL database the folder names (provisioning.db.backend).
+        self._backend = open_backend(folder, client_id=client_id, share_group=share_group)
+        self._db: OfficeDatabase = self._backend.db
         self._keys = OfficeKeys(folder, signing_kid)
-        self._lock = FolderLock(folder)
+        self._lock = self._backend.lock
         self._link = OneShotLink(broker)
-        self._worker = Worker(broker, request_timeout_s)
+        self._worker = Worker(broker, request_timeout_s, self._backend.order)
         self._requests = RequestQueue(self._db, request_timeout_s)
         self._publisher = Publisher(self._db, self._keys, self._send, clock=clock,
                                     ttl_s=ttl_s, heartbeat_ttl_s=heartbeat_ttl_s)
@@ -138,6 +151,10 @@ class Central:
         self._receiver = Receiver(self._db, self._publisher, clock=clock,
                                   resync_interval_s=resync_interval_s, tenants=self._tenants)
         self._reports = Reports(self._db)
+        # The registry comparison, cases and retention (docs/registry.md, docs/privacy.md).
+        self.reconciler = Reconciler(self._db, self._keys, clock=clock)
+        self.cases = Cases(self._db, self._keys, clock=clock)
+        self.retention = Retention(self._db, clock=clock)
         self._caught_up = False
         self.subscribed = self._worker.subscribed
         """Set once the serving client's subscription is acknowledged (tests wait on it)."""
@@ -339,8 +356,7 @@ class Central:
             raise CentralError("this Central is running or publishing already")
         self._keys.signing()  # a missing key is a usage error now, not a log line later
         if not self._lock.hold(exclusive=True):
-            raise CentralError(f"{self.folder}: another 'serve' (or a one-shot command) is "
-                               "using this folder; only one may publish for it")
+            raise CentralError(self._backend.refusal())
         try:
             self._requests.reset()
             self._caught_up = False
@@ -361,6 +377,7 @@ class Central:
                 log.error("tenant_events_not_processed", error=str(exc))
         self._receiver.answer_due_resyncs()
         self._requests.serve_pending(self._perform)
+        self.retention.chore()  # one batch at most, when the setting is on
 
     def store_events(self, gateway: str, batch: EventBatch) -> StoreResult:
         """Store a batch once (dedupe by seq), check its links, advance ``acked_upto``

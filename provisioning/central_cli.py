@@ -33,6 +33,10 @@ from provisioning.central import (
     CentralUsageError,
     keygen,
 )
+from provisioning.db.backend import DATABASE_SETTING, set_database
+from provisioning.db.backend import describe as describe_database
+from provisioning.reconcile.cases import redact
+from provisioning.reconcile.cli import add_commands as add_office_commands
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
 DIR_ENV = "PERMITGATE_CENTRAL_DIR"
@@ -101,7 +105,8 @@ def _central(args: argparse.Namespace) -> Central:
     return Central(_folder(args), args.host, port, tls_ca=tls_ca,
                    tls_cert=Path(args.tls_cert) if args.tls_cert else None,
                    tls_key=Path(args.tls_key) if args.tls_key else None,
-                   client_id=args.client_id, signing_kid=args.signing_kid)
+                   client_id=args.client_id, signing_kid=args.signing_kid,
+                   share_group=getattr(args, "share", None))
 
 
 # -- commands ------------------------------------------------------------------------
@@ -134,6 +139,18 @@ def cmd_keygen(args: argparse.Namespace, out: TextIO) -> int:
                   "that enrolls tenants, beside its trusted-keys.txt ([enrollment] "
                   "seal_key); back up the seal key: without it no sealed permit number "
                   "opens\n")
+    return EXIT_OK
+
+
+def cmd_database(args: argparse.Namespace, out: TextIO) -> int:
+    """Show the folder's database, or point the folder at a PostgreSQL database."""
+    folder = _folder(args)
+    if args.url is None:
+        out.write(f"{describe_database(folder)}\n")
+        return EXIT_OK
+    where = set_database(folder, args.url)
+    out.write(f"this office now keeps its data in {where} (schema ready; named in "
+              f"{folder / DATABASE_SETTING}, mode 0600)\n")
     return EXIT_OK
 
 
@@ -358,9 +375,15 @@ def cmd_show(args: argparse.Namespace, out: TextIO) -> int:
 
 
 def cmd_events(args: argparse.Namespace, out: TextIO) -> int:
-    """The newest events stored for a gateway."""
+    """The newest events stored for a gateway; card prefixes and the fields that point at
+    a person only with ``--case REASON``, which is recorded (docs/privacy.md)."""
     with _central(args) as central:
         events = central.events(args.gateway, limit=args.n)
+        if args.case is not None:
+            central.cases.gateway_events(args.gateway, events, reason=args.case,
+                                         officer=args.officer)
+    if args.case is None:
+        events = [redact(ev) for ev in events]
     if args.json:
         for ev in events:
             out.write(json.dumps(ev, sort_keys=True) + "\n")
@@ -368,15 +391,19 @@ def cmd_events(args: argparse.Namespace, out: TextIO) -> int:
     if not events:
         out.write(f"no events received from {args.gateway} yet\n")
         return EXIT_OK
-    rows = [["SEQ", "TIME", "KIND", "DOOR/READER", "DIR", "REASON", "CRED"]]
+    cred = ["CRED"] if args.case is not None else []
+    rows = [["SEQ", "TIME", "KIND", "DOOR/READER", "DIR", "REASON", *cred]]
     rows += [[str(ev["seq"]), local_time(ev["ts_ms"], "milliseconds"), ev["kind"],
               "/".join(x for x in (ev["door"], ev["reader"]) if x), ev["direction"] or "",
-              ev["reason"] or "", ev["cred"] or ""] for ev in events]
+              ev["reason"] or "", *([ev["cred"] or ""] if cred else [])] for ev in events]
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     for row in rows:
         cells = [cell.rjust(w) if i == 0 else cell.ljust(w)
                  for i, (cell, w) in enumerate(zip(row, widths, strict=True))]
         out.write("  ".join(cells).rstrip() + "\n")
+    if args.case is None:
+        out.write("(cards and tenants hidden: add --case REASON to show them; it is "
+                  "recorded)\n")
     return EXIT_OK
 
 
@@ -441,6 +468,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kid", default=DEFAULT_KID, help=f"key id (default {DEFAULT_KID})")
     p.set_defaults(func=cmd_keygen)
 
+    p = sub.add_parser("database", parents=[common], help="show or set the office's "
+                       "database (central.db, or PostgreSQL for a city)")
+    p.add_argument("url", metavar="URL", nargs="?",
+                   help="postgresql://user@host:port/dbname: make its schema and use it "
+                   f"from now on (written to DIR/{DATABASE_SETTING})")
+    p.set_defaults(func=cmd_database)
+
     p = sub.add_parser("add-gateway", parents=[common], help="register a gateway")
     p.add_argument("gateway", metavar="GW")
     p.add_argument("--site", required=True)
@@ -481,6 +515,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     _add_operation_commands(sub, common)
     _add_enrollment_commands(sub, common)
+    add_office_commands(sub, common, _central)  # reconcile, retention, case
     return parser
 
 
@@ -528,6 +563,9 @@ def _add_operation_commands(sub: Any, common: argparse.ArgumentParser) -> None:
 
     p = sub.add_parser("serve", parents=[common], help="receive, acknowledge, answer, "
                        "send heartbeats until SIGTERM/SIGINT")
+    p.add_argument("--share", metavar="GROUP", help="share the gateways' traffic with the "
+                   "other serves of this PostgreSQL database in MQTT 5 share group GROUP "
+                   "(each with its own --client-id)")
     p.add_argument("--heartbeat-every", type=_seconds, default=DEFAULT_HEARTBEAT_EVERY_S,
                    metavar="SECONDS", help=f"default {DEFAULT_HEARTBEAT_EVERY_S:g}; 0: never")
     p.add_argument("--log-format", choices=("auto", "json", "console"), default="auto")
@@ -543,6 +581,10 @@ def _add_operation_commands(sub: Any, common: argparse.ArgumentParser) -> None:
     p.add_argument("gateway", metavar="GW")
     p.add_argument("-n", type=_positive, default=20, help="the newest N (default 20)")
     p.add_argument("--json", action="store_true", help="one JSON object per line")
+    p.add_argument("--case", metavar="REASON", help="show card prefixes and tenant fields, "
+                   "for a case: the reason is recorded (permitgate-central case --log)")
+    p.add_argument("--officer", metavar="NAME", help="with --case: who asks (default: your "
+                   "user name)")
     p.set_defaults(func=cmd_events)
 
 

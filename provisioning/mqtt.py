@@ -3,11 +3,22 @@
 Both connections use the serving client's id and persistent session (MQTT 5, Clean
 Start 0, the same Session Expiry): ``serve`` keeps it (``provisioning.serve``); a one-shot
 command resumes it without consuming it (``OneShotLink``).
+
+With a share group (``--share GROUP``) several ``serve`` instances, each under its own
+client id, subscribe to ``$share/GROUP/pg/v1/gw/+/out/#`` and the broker hands each
+gateway message to one of them. Their sessions then end with their connections (Session
+Expiry 0 unless given): Mosquitto goes on sharing messages out to a disconnected
+member's persistent session (checked with Mosquitto 2.0.11: after one of two members was
+cut off, every second message queued for it), so a killed instance would swallow half of
+the traffic until it came back. With sessions that end, the messages it held unacked are
+dropped by the broker and the others get everything: a gateway sends unacknowledged
+events again after its ack timeout, so none is lost, and the database stores each once.
 """
 
 from __future__ import annotations
 
 import contextlib
+import re
 import socket
 import threading
 import time
@@ -21,12 +32,17 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
+from protocol.topics import office_subscription
 from provisioning.errors import CentralUsageError, PublishError
 
 DEFAULT_CLIENT_ID = "permitgate-central"
 SESSION_EXPIRY_S = 7 * 86_400
 """The broker keeps the serving client's subscription and queues gateway messages for a
 week while it is down (mosquitto queues at most 1000 per client by default: B5)."""
+SHARED_SESSION_EXPIRY_S = 0
+"""A member of a share group: its session ends with its connection (module docstring)."""
+SHARE_GROUP_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+"""An MQTT 5 share name may not hold '/', '+' or '#'; this keeps it plain."""
 
 
 def _no_delay(_client: Client, _userdata: Any, sock: Any) -> None:
@@ -54,9 +70,15 @@ class BrokerSettings:
     tls_key: Path | None = None
     connect_timeout_s: float = 10.0
     publish_timeout_s: float = 10.0
-    session_expiry_s: int = SESSION_EXPIRY_S
+    session_expiry_s: int | None = None
+    """None: ``SESSION_EXPIRY_S``, or ``SHARED_SESSION_EXPIRY_S`` in a share group."""
+    share_group: str | None = None
+    """Subscribe as a member of this MQTT 5 share group (several ``serve`` instances)."""
 
     def __post_init__(self) -> None:
+        if self.share_group is not None and not SHARE_GROUP_RE.match(self.share_group):
+            raise CentralUsageError(f"--share {self.share_group!r}: 1-64 letters, digits, "
+                                    "'_' and '-'")
         if (self.tls_cert is None) != (self.tls_key is None):
             raise CentralUsageError("--tls-cert and --tls-key go together")
         for option, path in (("--tls-ca", self.tls_ca), ("--tls-cert", self.tls_cert),
@@ -85,10 +107,23 @@ class BrokerSettings:
         client.on_socket_open = _no_delay
         return client
 
+    @property
+    def session_expiry(self) -> int:
+        """The Session Expiry Interval asked for (s)."""
+        if self.session_expiry_s is not None:
+            return self.session_expiry_s
+        return SESSION_EXPIRY_S if self.share_group is None else SHARED_SESSION_EXPIRY_S
+
+    def subscription(self) -> str:
+        """What ``serve`` subscribes to: every gateway's outbound topics, shared with the
+        other members of its share group if it has one."""
+        topic = office_subscription()
+        return topic if self.share_group is None else f"$share/{self.share_group}/{topic}"
+
     def connect_properties(self) -> Properties:
-        """CONNECT properties: the persistent session's expiry."""
+        """CONNECT properties: the session's expiry."""
         props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
-        props.SessionExpiryInterval = self.session_expiry_s
+        props.SessionExpiryInterval = self.session_expiry
         return props
 
 

@@ -5,7 +5,8 @@ Every operation is a typed value (``PublishSnapshot``, ``PublishDelta``, ``Revok
 it allocates the sequence number (or list version) in the database, which commits it
 before the message carrying it is handed to the broker, so a number is never used twice,
 even across a crash; a message lost on the way is recovered by the protocol (a gateway
-that sees a gap, or a heartbeat ahead of it, asks for a snapshot), not by paho's
+that sees a gap, or a heartbeat ahead of it, asks for a snapshot, or for the latest
+commands: ``resend_commands``), not by paho's
 in-memory queue, which a restart loses. Event acks are built here too (``Publisher.ack``)
 for the receiving side, and the deltas and decisions of enrollments made at gateways
 (``Publisher.send_delta``, ``Publisher.decisions``) for ``provisioning.tenants``, which
@@ -19,6 +20,7 @@ through the database (``provisioning.handoff``).
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, assert_never, cast, get_args
@@ -57,6 +59,22 @@ from the office keeps believing it."""
 MAX_CHUNK_ENTRIES = 10_000
 
 COMMAND_ACTIONS: tuple[str, ...] = get_args(Command.model_fields["action"].annotation)
+MODE_ACTIONS = frozenset({"lockdown", "free_passage", "normal"})
+"""The commands whose effect lasts (the gateway restores the latest across restarts)."""
+LAST_COMMAND_KEY = "last_command:{gateway}"
+LAST_MODE_COMMAND_KEY = "last_mode_command:{gateway}"
+"""Database meta keys: the seq and action of the latest command, and of the latest mode
+command, sent to a gateway (JSON), recorded before the command is handed to the broker.
+The heartbeat names the first one's seq (``cmd_seq``); ``resend_commands`` sends both
+again."""
+
+
+@dataclass(frozen=True, slots=True)
+class SentCommand:
+    """A command as recorded for sending again: its seq and action."""
+
+    seq: int
+    action: str
 
 
 # -- the operations -------------------------------------------------------------------
@@ -272,21 +290,66 @@ class Publisher:
     def command(self, gateway: str, action: str) -> int:
         """Send an operational command; returns its seq."""
         seq = self._db.allocate_command(gateway)
-        issued, expires = self._times(self.ttl_s)
-        self._signed(Topics(gateway).inbound("cmd"), Command(
-            type="command", gateway=gateway, seq=seq, issued_at=issued, expires_at=expires,
-            action=cast(Any, action)))
+        # Recorded before it is handed over: a heartbeat then names it, and a gateway that
+        # never got it (lost on the way, expired in a queue, or never sent because this
+        # process died here) asks for it again.
+        record = json.dumps({"seq": seq, "action": action})
+        if action in MODE_ACTIONS:
+            self._db.set_meta(LAST_MODE_COMMAND_KEY.format(gateway=gateway), record)
+        self._db.set_meta(LAST_COMMAND_KEY.format(gateway=gateway), record)
+        self._send_command(gateway, SentCommand(seq, action))
         log.info("command_published", gateway=gateway, seq=seq, action=action)
         return seq
+
+    def _send_command(self, gateway: str, command: SentCommand) -> None:
+        issued, expires = self._times(self.ttl_s)
+        self._signed(Topics(gateway).inbound("cmd"), Command(
+            type="command", gateway=gateway, seq=command.seq, issued_at=issued,
+            expires_at=expires, action=cast(Any, command.action)))
+
+    def sent_command(self, gateway: str, *, mode: bool = False) -> SentCommand | None:
+        """The latest command (``mode``: mode command) sent to ``gateway``, if recorded."""
+        key = LAST_MODE_COMMAND_KEY if mode else LAST_COMMAND_KEY
+        text = self._db.meta(key.format(gateway=gateway))
+        if text is None:
+            return None
+        record = json.loads(text)
+        return SentCommand(int(record["seq"]), str(record["action"]))
+
+    def resend_commands(self, gateway: str, reported: int | None = None) -> list[int]:
+        """Send the latest mode command and the latest command again, in that order, each
+        under its own seq and action, signed anew with a fresh expiry; skip what the
+        gateway reported applied (``reported``: its ``cmd`` version, when known). Returns
+        the seqs sent.
+
+        Replay protection holds: a seq is only ever sent with the action it was allocated
+        for, and the gateway applies a seq only above the one it stored, so however many
+        copies travel (these, the original, a replay of either) each command is applied at
+        most once, and none after a later one. The mode command goes first so that a
+        gateway that missed both gets the mode that lasts, not only a later ``status`` or
+        ``resync``."""
+        latest = self.sent_command(gateway)
+        if latest is None:
+            return []
+        mode = self.sent_command(gateway, mode=True)
+        due = [c for c in (mode, latest) if c is not None
+               and (reported is None or c.seq > reported)]
+        sent: list[int] = []
+        for command in sorted({c.seq: c for c in due}.values(), key=lambda c: c.seq):
+            self._send_command(gateway, command)
+            sent.append(command.seq)
+        log.info("commands_resent", gateway=gateway, seqs=sent, reported=reported)
+        return sent
 
     def heartbeat(self, gateway: str) -> int:
         """Send 'your lists are current as of these versions'; returns its seq."""
         state = self._db.allocate_heartbeat(gateway)
+        latest = self.sent_command(gateway)
         issued, expires = self._times(self.heartbeat_ttl_s)
         self._signed(Topics(gateway).inbound("hb"), Heartbeat(
             type="heartbeat", gateway=gateway, seq=state.seq, issued_at=issued,
             expires_at=expires, list_version=state.list_version, rev_seq=state.rev_seq,
-            all_seq=state.all_seq))
+            all_seq=state.all_seq, cmd_seq=None if latest is None else latest.seq))
         log.debug("heartbeat_published", gateway=gateway, seq=state.seq,
                   list_version=state.list_version)
         return state.seq

@@ -6,7 +6,8 @@ model (``protocol.messages.GATEWAY_MESSAGES``) and naming the topic's gateway; a
 else is counted as malformed and logged, and nothing of it is stored. Event batches are
 stored once per seq with their chain checked (``protocol.chain``) and acknowledged only
 after the commit; ``applied`` reports and statuses are kept per gateway; resync requests
-are answered with a snapshot, at most one per gateway per ``RESYNC_INTERVAL_S``.
+are answered with a snapshot, at most one per gateway per ``RESYNC_INTERVAL_S`` (those
+for ``behind_command`` with the latest commands sent again instead).
 
 After a batch is stored, its tenant events (enrollments made at the gateway, move-outs,
 lease ends) are acted on (``provisioning.tenants``) before the ack is published, but the
@@ -18,6 +19,7 @@ start of ``serve`` if not now.
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -27,6 +29,7 @@ from pydantic import ValidationError
 from protocol import ids
 from protocol.chain import GENESIS, contents_match
 from protocol.messages import (
+    BEHIND_COMMAND,
     GATEWAY_MESSAGES,
     Applied,
     EventBatch,
@@ -66,11 +69,13 @@ class StoreResult:
     problems: tuple[str, ...]
 
 
-def chain_problems(ev: WireEvent, arrival: Arrival) -> list[ChainProblemFound]:
+def chain_problems(ev: WireEvent, arrival: Arrival,
+                   anchor: tuple[int, str] | None = None) -> list[ChainProblemFound]:
     """The chain problems storing ``ev`` reveals: a seq received again with different
     contents; contents that do not match their hash; a first event that does not start
     the chain; a link that does not match a stored neighbour (each link is judged when
-    the second of its two events arrives)."""
+    the second of its two events arrives) or, with nothing stored before it, the chain
+    ``anchor`` ``(seq, hash)`` its batch carries (the gateway pruned its predecessor)."""
     if not arrival.new:
         stored = arrival.stored_hash or ""
         if stored != ev.hash:
@@ -84,6 +89,10 @@ def chain_problems(ev: WireEvent, arrival: Arrival) -> list[ChainProblemFound]:
         problems.append((1, "the first event does not start the chain"))
     if arrival.before_hash is not None and arrival.before_hash != ev.prev_hash:
         problems.append((ev.seq, f"prev_hash does not match the hash of seq {ev.seq - 1}"))
+    elif (arrival.before_hash is None and anchor is not None and anchor[0] == ev.seq - 1
+          and anchor[1] != ev.prev_hash):
+        problems.append((ev.seq, f"prev_hash does not match the chain anchor (seq "
+                                 f"{anchor[0]}) the gateway sent"))
     if arrival.after_prev_hash is not None and arrival.after_prev_hash != ev.hash:
         problems.append((ev.seq + 1, f"prev_hash does not match the hash of seq {ev.seq}"))
     return problems
@@ -109,6 +118,7 @@ class Receiver:
         self._clock = clock
         self.resync_interval_s = resync_interval_s
         self._resync_due: dict[str, float] = {}
+        self._commands_resent: dict[str, float] = {}
         self.malformed = 0
         """Malformed or unexpected gateway messages seen by this process."""
 
@@ -180,9 +190,12 @@ class Receiver:
         problem; the events are stored as received either way.
         """
         events = batch.events
+        anchor = (None if batch.anchor_seq is None or batch.anchor_hash is None
+                  else (batch.anchor_seq, batch.anchor_hash))
         stored = self._db.store_events(
             gateway, [_record(ev) for ev in events], self._now_ms(),
-            lambda arrival: chain_problems(events[arrival.index], arrival))
+            lambda arrival: chain_problems(events[arrival.index], arrival,
+                                           anchor if arrival.index == 0 else None))
         for seq, problem in stored.problems:
             log.warning("chain_problem", gateway=gateway, seq=seq, problem=problem)
         return StoreResult(len(events), stored.new, stored.acked_upto,
@@ -223,6 +236,9 @@ class Receiver:
         log.info("gateway_status", gateway=gateway, state=msg.state)
 
     def _on_resync(self, gateway: str, msg: ResyncRequest) -> None:
+        if msg.reason == BEHIND_COMMAND:
+            self._resend_commands(gateway)
+            return
         reason = msg.reason[:200]  # the gateway's words, kept short
         answered = self._db.record_resync_request(gateway, reason, self._now_ms())
         due = 0.0 if answered is None else answered / 1000 + self.resync_interval_s
@@ -235,6 +251,22 @@ class Receiver:
             self._resync_due[gateway] = due
             log.info("resync_deferred", gateway=gateway, reason=reason,
                      due_in_s=round(due - self._clock(), 1))
+
+    def _resend_commands(self, gateway: str) -> None:
+        """A gateway below a heartbeat's ``cmd_seq``: its latest commands again (at most
+        once per gateway per ``resync_interval_s``; the gateway asks again at the next
+        heartbeat that finds it behind), skipping what its last status says it applied."""
+        now = self._clock()
+        if now < self._commands_resent.get(gateway, -math.inf) + self.resync_interval_s:
+            log.info("command_resend_deferred", gateway=gateway)
+            return
+        self._commands_resent[gateway] = now
+        record = self._db.gateway(gateway)
+        reported = None
+        if record is not None and record.status is not None:
+            cmd = json.loads(record.status).get("versions", {}).get("cmd")
+            reported = cmd if isinstance(cmd, int) else None
+        self._publisher.resend_commands(gateway, reported)
 
     def answer_due_resyncs(self) -> None:
         """Answer the deferred resync requests whose interval has passed."""

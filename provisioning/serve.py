@@ -5,26 +5,44 @@ hands messages to its queue (an exception in a paho callback can kill paho's thr
 publishing from several threads could interleave a snapshot's chunks). While ``run()`` is
 active, work submitted from other threads (``Worker.submit``) is queued to the worker and
 waits for its answer. A gateway message is acknowledged to the broker only once handled.
+
+Several ``serve`` instances can share one (PostgreSQL) database and the gateways' traffic
+(``BrokerSettings.share_group``: an MQTT 5 shared subscription, ``$share/<group>/…``;
+the broker hands each message to one of them). Each gateway's messages must still reach
+it in the order their numbers were allocated, whichever instance sends them: every unit
+of the worker's work (one gateway message, one submitted job, the heartbeats, the
+chores) runs between ``PublishOrder.begin`` and ``end``; an allocation inside it takes
+its gateway's turn, which is given back only after the messages sent under it are with
+the broker (their PUBACKs). Acks take no turn, so storing and acknowledging events, the
+bulk of the work, never waits for another instance. Heartbeats go out from one instance
+(``PublishOrder.leads``).
+
+An ``events`` message identical to one handled since it arrived is not handled again: a
+gateway resends its batch when no ack came within its ack timeout, and while a city's
+backlog drains a batch can wait longer than that in the queue, so its copies pile up
+behind it; the ack of the first copy answers them (bench/office_ingest.py: with 1,000
+gateways draining at once, most resent copies were answered this way).
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import queue
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
-from typing import Any, TypeVar, cast
+from typing import Any, Protocol, TypeVar, cast
 
 import structlog
-from paho.mqtt.client import Client, ConnectFlags, DisconnectFlags, MQTTMessage
+from paho.mqtt.client import Client, ConnectFlags, DisconnectFlags, MQTTMessage, MQTTMessageInfo
 from paho.mqtt.enums import MQTTErrorCode
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
-from protocol.topics import office_subscription
 from provisioning.errors import CentralError, PublishError
 from provisioning.mqtt import BrokerSettings
 
@@ -36,6 +54,44 @@ DEFAULT_HEARTBEAT_EVERY_S = 900.0
 """``serve`` sends heartbeats every 15 min: four chances within one heartbeat's TTL."""
 MAX_QUEUED_MESSAGES = 10_000
 """paho's queue is memory only (B6): bound it; the protocol recovers anything lost."""
+MAX_COVERED = 100_000
+"""Events batches remembered for answering their queued copies (``Worker._covered``)."""
+EVENTS_TOPIC_END = "/out/events"
+CHORES_EVERY_S = 0.2
+"""While messages keep coming, the chores run at most this often (each costs database
+reads: the request queue, deferred resyncs); whenever the queue is empty, at once."""
+
+
+class PublishOrder(Protocol):
+    """How the ``serve`` instances of one database keep each gateway's messages in order
+    (see the module docstring)."""
+
+    def begin(self, flush: Callable[[], None]) -> None:
+        """A unit of work starts on the worker; ``flush`` returns once every message sent
+        so far is with the broker (or the publish timeout has passed)."""
+
+    def end(self) -> None:
+        """The unit ends: flush and give back the turn taken in it, if any."""
+
+    def leads(self) -> bool:
+        """Whether this instance sends the periodic heartbeats now."""
+
+
+class _OnePublisher:
+    """The publishing order of a lone ``serve`` (``central.db``): nothing to arrange."""
+
+    def begin(self, flush: Callable[[], None]) -> None:
+        """Nothing to do: one publisher is in order by itself."""
+
+    def end(self) -> None:
+        """Nothing to give back."""
+
+    def leads(self) -> bool:
+        """Always: there is no other."""
+        return True
+
+
+ONE_PUBLISHER: PublishOrder = _OnePublisher()
 
 
 @dataclass(slots=True)
@@ -46,6 +102,8 @@ class _Incoming:
     qos: int
     connection: int
     """Which connection delivered it: a packet id means nothing on the next one."""
+    arrival: int = 0
+    """Its place among the messages this worker received (``Worker._covered``)."""
 
 
 @dataclass(slots=True)
@@ -63,20 +121,29 @@ class Duties:
     heartbeat_all: Callable[[], Mapping[str, int]]
     """Send every gateway a heartbeat."""
     chores: Callable[[], None]
-    """Run once per turn of the loop (at least every 0.2 s): deferred resyncs, requests
-    from one-shot commands."""
+    """Run whenever the queue is empty, and at least every ``CHORES_EVERY_S`` while it
+    is not: deferred resyncs, requests from one-shot commands."""
 
 
 class Worker:
     """The worker of ``serve`` (see the module docstring)."""
 
-    def __init__(self, broker: BrokerSettings, request_timeout_s: float) -> None:
+    def __init__(self, broker: BrokerSettings, request_timeout_s: float,
+                 order: PublishOrder = ONE_PUBLISHER) -> None:
         self._broker = broker
         self._request_timeout_s = request_timeout_s
+        self._order = order
         self._queue: queue.Queue[_Incoming | _Job] = queue.Queue()
         self._thread: threading.Thread | None = None
         self._client: Client | None = None
         self._connection = 0
+        self._sent: list[MQTTMessageInfo] = []
+        """Messages handed to paho in the current unit of work (``_flush`` waits)."""
+        self._arrivals = 0
+        """Messages received so far (paho's thread counts, the worker reads)."""
+        self._covered: dict[tuple[str, bytes], int] = {}
+        """An events message handled, by topic and payload digest: the arrival count when
+        its ack had been published. A copy that arrived by then is answered by that ack."""
         self.subscribed = threading.Event()
         """Set once the serving client's subscription is acknowledged (tests wait on it)."""
 
@@ -108,6 +175,36 @@ class Worker:
             # NO_CONN: paho keeps it and sends it on reconnect; anything lost is recovered
             # by the protocol (gap → resync, missing ack → the gateway resends events).
             log.warning("publish_not_sent", topic=topic, rc=int(info.rc))
+            return
+        self._sent.append(info)
+
+    def _flush(self) -> None:
+        """Wait until the broker has acknowledged every message sent in this unit of work
+        (at most the publish timeout): then another instance's next message for the same
+        gateway cannot overtake them. A message not acknowledged in time is logged; the
+        protocol recovers it as it recovers a lost one."""
+        sent, self._sent = self._sent, []
+        deadline = time.monotonic() + self._broker.publish_timeout_s
+        for info in sent:
+            # Not queued (no connection): is_published() is False below.
+            with contextlib.suppress(RuntimeError, ValueError):
+                info.wait_for_publish(max(0.0, deadline - time.monotonic()))
+            if not info.is_published():
+                log.warning("publish_not_confirmed", mid=info.mid,
+                            timeout_s=self._broker.publish_timeout_s)
+                return
+
+    @contextlib.contextmanager
+    def _unit(self) -> Iterator[None]:
+        """One unit of the worker's work, in publishing order with other instances."""
+        self._order.begin(self._flush)
+        try:
+            yield
+        finally:
+            try:
+                self._order.end()
+            finally:
+                self._sent = []  # acknowledged or not, no longer waited for
 
     def run(self, stop: threading.Event, duties: Duties, *,
             heartbeat_every_s: float | None = None) -> None:
@@ -148,7 +245,7 @@ class Worker:
         broker = self._broker
         client = broker.new_client(manual_ack=True)
         client.max_queued_messages_set(MAX_QUEUED_MESSAGES)
-        topic = office_subscription()
+        topic = broker.subscription()
 
         def on_connect(c: Client, _u: Any, flags: ConnectFlags, rc: ReasonCode,
                        _p: Properties | None) -> None:
@@ -156,7 +253,8 @@ class Worker:
                 log.warning("central_connect_refused", reason=str(rc))
                 return
             self._connection += 1
-            log.info("central_connected", session_present=flags.session_present)
+            log.info("central_connected", session_present=flags.session_present,
+                     client_id=broker.client_id, share_group=broker.share_group)
             # Subscribing here (paho's network thread) makes it survive reconnects.
             c.subscribe(topic, qos=1)
             connected.set()
@@ -170,8 +268,9 @@ class Worker:
                 log.error("central_subscribe_refused", reasons=[str(c) for c in codes])
 
         def on_message(_c: Client, _u: Any, msg: MQTTMessage) -> None:
+            self._arrivals += 1
             self._queue.put(_Incoming(msg.topic, bytes(msg.payload), msg.mid, msg.qos,
-                                      self._connection))
+                                      self._connection, self._arrivals))
 
         def on_disconnect(_c: Client, _u: Any, _f: DisconnectFlags, rc: ReasonCode,
                           _p: Properties | None) -> None:
@@ -189,22 +288,34 @@ class Worker:
     def _loop(self, stop: threading.Event, connected: threading.Event, duties: Duties,
               heartbeat_every_s: float | None) -> None:
         next_hb = time.monotonic() if heartbeat_every_s else float("inf")
+        next_chores = time.monotonic()
         failures = 0
         while not stop.is_set():
             try:
-                item: _Incoming | _Job | None = self._queue.get(timeout=0.2)
+                item: _Incoming | _Job | None = self._queue.get(timeout=CHORES_EVERY_S)
             except queue.Empty:
                 item = None
             try:
                 if isinstance(item, _Job):
-                    self._run_job(item)
+                    with self._unit():
+                        self._run_job(item)
                 elif item is not None:
                     self._handle(item, duties.on_message)
                 if heartbeat_every_s and connected.is_set() and time.monotonic() >= next_hb:
                     next_hb = time.monotonic() + heartbeat_every_s
-                    sent = duties.heartbeat_all()
-                    log.info("heartbeats_published", gateways=len(sent))
-                duties.chores()
+                    # One instance sends them; another asks again an interval later (and
+                    # leads once the leader's database session is gone).
+                    if self._order.leads():
+                        with self._unit():
+                            sent = duties.heartbeat_all()
+                        log.info("heartbeats_published", gateways=len(sent))
+                    else:
+                        log.info("heartbeats_sent_by_another_instance",
+                                 next_check_s=heartbeat_every_s)
+                if self._queue.empty() or time.monotonic() >= next_chores:
+                    next_chores = time.monotonic() + CHORES_EVERY_S
+                    with self._unit():
+                        duties.chores()
                 failures = 0
             except Exception:
                 # The worker loop is the one broad boundary: log, back off (capped), go on.
@@ -222,8 +333,23 @@ class Worker:
             job.future.set_exception(exc)
 
     def _handle(self, msg: _Incoming, on_message: Callable[[str, bytes], None]) -> None:
+        key = None
+        if msg.topic.endswith(EVENTS_TOPIC_END):
+            key = (msg.topic, hashlib.sha256(msg.payload).digest())
         try:
-            on_message(msg.topic, msg.payload)
+            if key is not None and self._covered.get(key, 0) >= msg.arrival:
+                # A gateway sent this batch again (its ack timeout passed while the batch
+                # waited in a queue) before the ack of an earlier copy, handled meanwhile,
+                # was published: that ack answers this copy too. A copy that arrives after
+                # the ack is handled (and acked) again: that ack may have been lost.
+                log.debug("events_copy_answered_already", topic=msg.topic)
+                return
+            with self._unit():
+                on_message(msg.topic, msg.payload)
+            if key is not None:
+                if len(self._covered) >= MAX_COVERED:
+                    self._covered.clear()  # forgetting costs only a redundant store
+                self._covered[key] = self._arrivals
         finally:
             client = self._client
             if client is not None and msg.qos > 0 and msg.connection == self._connection:

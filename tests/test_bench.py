@@ -21,6 +21,10 @@ BENCH = Path(__file__).resolve().parent.parent / "bench"
     ("revocation.py", {"p50_ms", "p99_ms"}),
     ("backlog.py", {"events", "events_per_s", "max_decision_ms"}),
     ("snapshot.py", {"entries", "seconds"}),
+    ("office_ingest.py", {"gateways", "events", "events_per_s", "lost", "duplicates_stored"}),
+    ("load.py", {"taps", "p99_ms", "max_decision_ms", "rss_start_mb", "rss_peak_mb",
+                 "rss_end_mb"}),
+    ("reconcile.py", {"seconds", "rss_mb", "findings", "planted"}),
 ])
 def test_benchmark_prints_its_figures_as_json(script: str, keys: set[str]) -> None:
     """``python bench/<script> --quick`` exits 0 and its last line is a JSON object with

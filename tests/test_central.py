@@ -23,7 +23,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import pytest
 import structlog
@@ -66,6 +66,11 @@ from provisioning.central import (
 )
 from provisioning.central_cli import main
 from tests.broker import Broker
+
+if TYPE_CHECKING:
+    from tests.pg import OfficeDb
+
+pytest_plugins = ("tests.pg",)  # office_db: the office runs on SQLite and on PostgreSQL
 
 REPO = Path(__file__).resolve().parent.parent
 WAIT_S = 15.0
@@ -119,10 +124,11 @@ class Office:
 
 
 @pytest.fixture
-def office(tmp_path: Path, broker: Broker) -> Iterator[Office]:
-    """Keys made by ``keygen`` and gateways gw1 and gw2 registered."""
+def office(tmp_path: Path, broker: Broker, office_db: OfficeDb) -> Iterator[Office]:
+    """Keys made by ``keygen`` and gateways gw1 and gw2 registered, on each database."""
     folder = tmp_path / "central"
     keygen(folder)
+    office_db.use(folder)
     site_keys = {"gw1": os.urandom(32), "gw2": os.urandom(32)}
     with Central(folder, broker.host, broker.port) as central:
         for gateway, key in site_keys.items():
@@ -662,7 +668,7 @@ def _next_line(lines: _Lines, event: str) -> dict[str, Any]:
 
 
 def test_cli_keygen_add_gateway_enroll_publish_serve_and_show(
-        tmp_path: Path, broker: Broker) -> None:
+        tmp_path: Path, broker: Broker, office_db: OfficeDb) -> None:
     """The CLI end to end: keygen, add-gateway, enroll, publish (a verified snapshot),
     serve (a publish goes through it), and show --json reflecting an applied report."""
     folder = tmp_path / "office"
@@ -670,6 +676,10 @@ def test_cli_keygen_add_gateway_enroll_publish_serve_and_show(
     site_key.write_text(os.urandom(32).hex() + "\n")
     net = ["--dir", str(folder), "--host", broker.host, "--port", str(broker.port)]
     assert "wrote signing key central-1" in run_cli("keygen", str(folder)).stdout
+    if office_db.url is not None:
+        assert "PostgreSQL" not in run_cli("database", *net).stdout
+        assert "schema ready" in run_cli("database", office_db.url, *net).stdout
+        assert "PostgreSQL" in run_cli("database", *net).stdout
     run_cli("add-gateway", "gw1", "--site", "s1", "--site-key", str(site_key), *net)
     done = run_cli("enroll", "gw1", "--card", "em4100:67003b51c6", "--permit", "P-301",
                    "--until", "2030-12-31", "--doors", "front", *net)

@@ -23,6 +23,7 @@ import uuid
 from collections.abc import Iterator
 from datetime import UTC, date, timedelta
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric.x25519 import (
@@ -72,6 +73,11 @@ from tests.broker import Broker
 from tests.test_central import GatewayPeer, Serving, run_cli
 from tests.test_sync_apply import Host, Sent
 
+if TYPE_CHECKING:
+    from tests.pg import OfficeDb
+
+pytest_plugins = ("tests.pg",)  # office_db: the office runs on SQLite and on PostgreSQL
+
 REPO = Path(__file__).resolve().parent.parent
 GW = "gw1"
 SITE_KEY = bytes(range(32))
@@ -90,10 +96,12 @@ class OfficeRig:
     """A central folder made by ``keygen`` with gateways gw1 (site key 0..31) and gw2, and
     the broker it talks to; ``serve`` runs ``Central.run`` in a thread."""
 
-    def __init__(self, folder: Path, broker: Broker) -> None:
+    def __init__(self, folder: Path, broker: Broker, db: OfficeDb | None = None) -> None:
         self.folder = folder
         self.broker = broker
         keygen(folder)
+        if db is not None:
+            db.use(folder)
         with self.central() as central:
             central.add_gateway(GW, "site-1", SITE_KEY)
             central.add_gateway("gw2", "site-2", os.urandom(32))
@@ -130,10 +138,10 @@ class OfficeRig:
 
 
 @pytest.fixture
-def office(tmp_path: Path, broker: Broker) -> Iterator[OfficeRig]:
-    """A central folder with its keys and two gateways; serving loops stopped at
-    teardown."""
-    rig = OfficeRig(tmp_path / "central", broker)
+def office(tmp_path: Path, broker: Broker, office_db: OfficeDb) -> Iterator[OfficeRig]:
+    """A central folder with its keys and two gateways, on each database; serving loops
+    stopped at teardown."""
+    rig = OfficeRig(tmp_path / "central", broker, office_db)
     yield rig
     rig.stop()
 

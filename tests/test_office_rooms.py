@@ -14,6 +14,7 @@ import json
 import re
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
@@ -26,7 +27,6 @@ from provisioning.db import (
     EventRecord,
     OfficeDatabase,
 )
-from provisioning.db.sqlite import SqliteOfficeDatabase
 from provisioning.db.sqlite_schema import MIGRATIONS
 from provisioning.handoff import Request, decode, decode_result, encode
 from provisioning.publish import (
@@ -38,6 +38,11 @@ from provisioning.publish import (
     SendHeartbeat,
 )
 from provisioning.tenants import ConfirmEnrollment, RejectEnrollment
+
+if TYPE_CHECKING:
+    from tests.pg import OfficeDb
+
+pytest_plugins = ("tests.pg",)  # office_db: every database test runs on SQLite and PostgreSQL
 
 REPO = Path(__file__).resolve().parent.parent
 OFFICE = REPO / "provisioning"
@@ -74,6 +79,8 @@ def test_only_the_database_backends_speak_sql() -> None:
     assert outside == {}
     assert _sql_strings(OFFICE / "db" / "sqlite.py")
     assert _sql_strings(OFFICE / "db" / "sqlite_schema.py")
+    assert _sql_strings(OFFICE / "db" / "postgres.py")
+    assert _sql_strings(OFFICE / "db" / "postgres_schema.py")
 
 
 def test_a_migration_is_never_edited() -> None:
@@ -121,9 +128,9 @@ def test_a_request_result_is_a_seq_or_seqs_by_gateway() -> None:
 
 
 @pytest.fixture
-def db(tmp_path: Path) -> Iterator[OfficeDatabase]:
-    """A new SQLite office database with gateway gw1 registered."""
-    database: OfficeDatabase = SqliteOfficeDatabase(tmp_path / "central.db")
+def db(tmp_path: Path, office_db: OfficeDb) -> Iterator[OfficeDatabase]:
+    """A new office database (SQLite, PostgreSQL) with gateway gw1 registered."""
+    database = office_db.open(tmp_path)
     assert database.add_gateway("gw1", "site-1", str(tmp_path / "gw1.key"), 0, 1)
     yield database
     database.close()

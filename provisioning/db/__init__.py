@@ -20,6 +20,7 @@ What every implementation keeps:
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -289,6 +290,188 @@ class RequestOutcome:
     error: str | None
 
 
+# == The registry comparison, cases and retention ======================================
+# (provisioning/reconcile/, provisioning/retention.py; the SQLite statements are in
+# provisioning/db/sqlite_reconcile.py, the tables in migration 3 of sqlite_schema.py).
+# What an implementation keeps besides the rules above:
+#
+# - A reconcile session holds one connection for its whole life: what it stages (the
+#   registry rows, with their permit numbers; the cards able to enter; the findings) lives
+#   in temporary tables of that connection and dies with it, so no registry number is
+#   ever written to the office's own tables, and a crash leaves nothing behind. Its reads
+#   of the office's tables see one snapshot (``find`` is one read transaction), and it
+#   takes no write lock on them, so ``serve`` goes on storing events meanwhile.
+# - Memory stays bounded whatever the sizes (1,000,000 registry rows, 10,000,000 events):
+#   rows come in batches, findings go out in pages, events are aggregated by the database.
+# - Days are whole days of the office's time zone, numbered from 1970-01-01 (day 0):
+#   ``(ts_ms // 1000 + offset_s) // 86_400``, ``offset_s`` the zone's offset from UTC.
+
+REGISTRY_STATUSES = ("active", "lapsed", "cancelled", "moved_out")
+"""A registry row's status (docs/registry.md)."""
+FINDING_KINDS = ("unregistered_resident", "registry_inactive_but_open", "registered_no_card",
+                 "no_entry_since", "permit_in_two_buildings", "lease_ended_still_active",
+                 "gateway_silent", "list_stale")
+"""What the comparison reports, in the order it reports them (docs/registry.md)."""
+
+
+@dataclass(frozen=True, slots=True)
+class RegistryRow:
+    """One usable row of a registry export, checked and normalised."""
+
+    line: int
+    """Where it is in the file (1-based; for an .xlsx file, the sheet's row number)."""
+    permit: str
+    """The permit number, validated and normalised (``protocol.permits``)."""
+    permit_hash: bytes
+    """Under the office permit key: how it is matched with lists and enrollments."""
+    building: str
+    """The site id the office gave the building's gateway."""
+    unit: str | None
+    status: str
+    """One of ``REGISTRY_STATUSES``."""
+    registered_day: int | None
+    valid_until_day: int | None
+    """The last day the registration is valid (inclusive); None: no end given."""
+
+
+@dataclass(frozen=True, slots=True)
+class ReconcileParams:
+    """The moment a comparison is made for, and its thresholds, as instants."""
+
+    now_ms: int
+    today: int
+    """The day of ``now_ms`` in the office's zone: a registration valid until an earlier
+    day has expired."""
+    quiet_since_ms: int
+    """``no_entry_since``: a listed card with no granted entry since this instant (and
+    listed before it)."""
+    silent_before_ms: int
+    """``gateway_silent``: nothing heard from the gateway since before this instant."""
+    stale_before_ms: int
+    """``list_stale``: a list version (or revocation) sent before this instant and still
+    not reported applied."""
+
+
+@dataclass(frozen=True, slots=True)
+class RegistryCounts:
+    """What staging found in the registry rows."""
+
+    staged: int
+    duplicates: int
+    """Rows set aside because a later row of the same permit and building replaced them
+    (the later registration date, else the later line, wins)."""
+    outside: int
+    """Rows of buildings that no gateway of the office serves (kept for the detail
+    "registered elsewhere", never a finding of their own)."""
+
+
+@dataclass(frozen=True, slots=True)
+class FindingRecord:
+    """One finding of a session, in report order (building, kind, then as found)."""
+
+    position: int
+    """Its place in the order: the ``after`` of the next page."""
+    kind: str
+    """One of ``FINDING_KINDS``."""
+    building: str
+    gateway: str | None
+    """The gateway whose list or state it concerns; None for ``registered_no_card``."""
+    cred: bytes | None
+    """The card's credential hash, when it is about a card."""
+    permit: str | None
+    """The permit number, when the office holds it: from the registry row, else from the
+    enrollment made at the gateway; None for a card the office listed by hash only."""
+    permit_hash: bytes | None
+    unit: str | None
+    """The unit as the registry (else the enrollment) gives it."""
+    line: int | None
+    """The registry row it rests on."""
+    enrollment: str | None
+    """The gateway's enrollment id, when the card came from an enrollment."""
+    detail: str
+    """JSON object text, by kind: ``unregistered_resident`` ``{"source": "list" |
+    "provisional", "registered_at": [building…]}`` (buildings where the registry has the
+    permit active); ``registry_inactive_but_open`` ``{"status": "lapsed" | "cancelled" |
+    "moved_out" | "expired", "valid_until_day": int | null}``; ``registered_no_card``
+    ``{}``; ``no_entry_since`` ``{"listed_since_ms": int}``; ``permit_in_two_buildings``
+    ``{"other_buildings": [building…]}``; ``lease_ended_still_active`` ``{"lease_end":
+    int (Unix s), "enrollment_status": str}``; ``gateway_silent`` ``{"last_seen_ms": int |
+    null, "state": str | null}``; ``list_stale`` ``{"list": [applied | null, published],
+    "rev": [reported | null, sent], "all": [reported | null, sent]}`` (the streams
+    behind)."""
+
+
+@dataclass(frozen=True, slots=True)
+class BuildingFindings:
+    """How many findings of one kind a building has."""
+
+    building: str
+    kind: str
+    count: int
+
+
+@dataclass(frozen=True, slots=True)
+class DailyEntries:
+    """Granted entries at a gateway on one day (``gateway`` ``*``: all gateways)."""
+
+    gateway: str
+    day: int
+    entries: int
+
+
+class ReconcileSession(Protocol):
+    """One comparison with the registry, on one connection (see the banner above)."""
+
+    def stage_registry(self, rows: Sequence[RegistryRow]) -> None:
+        """Add a batch of registry rows."""
+
+    def registry_counts(self) -> RegistryCounts:
+        """Set aside the rows replaced by later ones, once every row is staged; what was
+        staged, set aside, and outside the office's buildings."""
+
+    def find(self, params: ReconcileParams) -> int:
+        """Compute every finding (``FINDING_KINDS``) from the staged rows and the office's
+        tables as of one snapshot; how many. Calling it again replaces them."""
+
+    def findings(self, after: int, limit: int) -> list[FindingRecord]:
+        """The next ``limit`` findings after position ``after`` (0: from the start)."""
+
+    def building_findings(self) -> list[BuildingFindings]:
+        """Findings counted by building and kind, by building then kind."""
+
+
+@dataclass(frozen=True, slots=True)
+class CaseRecord:
+    """One look at a person's movements, as the audit table keeps it."""
+
+    at_ms: int
+    officer: str
+    """Who asked (``--officer``, else the operating-system user)."""
+    reason: str
+    """Why, in the officer's words (required)."""
+    scope: str
+    """What was shown: ``permit`` (``case --permit``) or ``events <gateway>``
+    (``events GW --case``)."""
+    permit_hash: bytes | None
+    """Whose: the permit's hash (the number itself is not kept here)."""
+    shown: int
+    """How many events were shown."""
+    id: int = 0
+    """Given by the database."""
+
+
+@dataclass(frozen=True, slots=True)
+class FoldResult:
+    """What one retention step did at one gateway."""
+
+    folded: int
+    """Events counted into the daily counts."""
+    deleted: int
+    """Events deleted (folded ones, and copies of events folded before)."""
+    more: bool
+    """Whether old events may remain beyond this step's batch."""
+
+
 class OfficeDatabase(Protocol):
     """Every operation the office performs on its database (see the module docstring for
     what each implementation keeps)."""
@@ -494,3 +677,46 @@ class OfficeDatabase(Protocol):
     def reset_requests(self, now_ms: int, keep_ms: int) -> None:
         """At the start of ``serve``: forget requests done more than ``keep_ms`` ago, and
         close as failed those a stopped ``serve`` had taken but not finished."""
+
+    # == the registry comparison, cases and retention (see the banner above) ===========
+
+    def reconcile_session(self) -> AbstractContextManager[ReconcileSession]:
+        """A new comparison session; leaving the ``with`` block drops what it staged."""
+
+    def daily_entries(self, from_day: int, offset_s: int,
+                      gateways: Sequence[str] | None = None) -> list[DailyEntries]:
+        """Granted entries per day from ``from_day`` on: the daily counts retention kept
+        plus the events still stored. With ``gateways``, per gateway (those named);
+        without, summed over every gateway (gateway ``*``). By gateway, then day."""
+
+    def entries_by_gateway(self, from_day: int, offset_s: int) -> dict[str, int]:
+        """Granted entries per gateway from ``from_day`` on (the same sources)."""
+
+    def record_case(self, record: CaseRecord) -> int:
+        """Add a record to the case audit; its id."""
+
+    def case_records(self, limit: int) -> list[CaseRecord]:
+        """The newest ``limit`` case audit records, newest first."""
+
+    def permit_cards(self, permit_hash: bytes) -> list[tuple[str, bytes]]:
+        """Every ``(gateway, credential hash)`` the office knows for a permit: listed, or
+        enrolled at a gateway (whatever the enrollment's status); sorted."""
+
+    def card_events(self, gateway: str, cred_prefix: str, since_ms: int,
+                    limit: int) -> list[StoredEvent]:
+        """The access events (granted and denied) of one card at one gateway from
+        ``since_ms`` on, by the 10-hex prefix events carry; the newest ``limit``, oldest
+        first."""
+
+    def fold_events(self, gateway: str, before_ms: int, offset_s: int,
+                    limit: int) -> FoldResult:
+        """One retention step at ``gateway``, one transaction: among its oldest ``limit``
+        stored events, the prefix (by seq) older than ``before_ms`` is counted into the
+        daily counts (entries, exits, denials, other, per day) and deleted. Never past
+        ``acked_upto`` (a seq above it may be stored again), never a tenant event not yet
+        acted on or anything after it; an event at or below the highest seq folded before
+        (a copy the gateway sent again) is deleted without being counted twice."""
+
+    def erase_ended_permits(self, before_ms: int) -> int:
+        """Drop the permit number and its hash from enrollments rejected or ended before
+        ``before_ms``; how many."""

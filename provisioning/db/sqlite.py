@@ -40,6 +40,7 @@ from provisioning.db import (
     StoredEvent,
     TenantEvent,
 )
+from provisioning.db.sqlite_reconcile import SqliteReconcile
 from provisioning.db.sqlite_schema import MIGRATIONS
 from provisioning.errors import CentralError
 
@@ -99,8 +100,9 @@ def _returned(row: Any, gateway: str) -> Any:
     return row
 
 
-class SqliteOfficeDatabase(SqliteFile):
-    """``OfficeDatabase`` on one SQLite file, errors as ``CentralError``."""
+class SqliteOfficeDatabase(SqliteFile, SqliteReconcile):
+    """``OfficeDatabase`` on one SQLite file, errors as ``CentralError`` (the registry
+    comparison, cases and retention: ``SqliteReconcile``, provisioning/db/sqlite_reconcile.py)."""
 
     def __init__(self, path: Path) -> None:
         try:

@@ -140,4 +140,39 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE INDEX events_tenant ON events(gateway, seq)
         WHERE kind IN ('tenant_enrolled', 'tenant_moved_out', 'tenant_lease_ended');
     """,
+    # 3: the registry comparison, cases and retention (provisioning/reconcile/,
+    # provisioning/retention.py; docs/registry.md, docs/privacy.md). Additive only. The
+    # comparison's own rows (registry, cards, findings) are temporary tables of its
+    # session (provisioning/db/sqlite_reconcile.py), never tables of this file.
+    """
+    CREATE TABLE daily_counts (          -- what retention folds old events into: no person
+        gateway TEXT NOT NULL,
+        day INTEGER NOT NULL,            -- days since 1970-01-01 in the office's zone
+        entries INTEGER NOT NULL,        -- access_granted, direction entry
+        exits INTEGER NOT NULL,          -- access_granted, direction exit
+        denied INTEGER NOT NULL,         -- access_denied
+        other INTEGER NOT NULL,          -- every other kind
+        PRIMARY KEY (gateway, day)
+    ) WITHOUT ROWID;
+    CREATE INDEX daily_counts_day ON daily_counts(day);
+    CREATE TABLE folded (                -- per gateway: the highest event seq folded
+        gateway TEXT PRIMARY KEY,
+        upto INTEGER NOT NULL
+    ) WITHOUT ROWID;
+    CREATE TABLE case_audit (            -- every look at one person's movements
+        id INTEGER PRIMARY KEY,
+        at_ms INTEGER NOT NULL,
+        officer TEXT NOT NULL,
+        reason TEXT NOT NULL,
+        scope TEXT NOT NULL,             -- 'permit', or 'events <gateway>'
+        permit_hash BLOB,                -- whose (the number is not kept here)
+        shown INTEGER NOT NULL           -- how many events were shown
+    );
+    CREATE INDEX enrollments_cred ON enrollments(gateway, cred);
+    -- Granted entries by card and time: "no entry for N days" is one seek per card, and
+    -- entries per day are counted from the index alone. On an existing office this index
+    -- is built once, when the new version first opens central.db.
+    CREATE INDEX events_entries ON events(gateway, cred, ts_ms)
+        WHERE kind = 'access_granted' AND direction = 'entry';
+    """,
 )
