@@ -342,7 +342,7 @@ class Worker:
                 # waited in a queue) before the ack of an earlier copy, handled meanwhile,
                 # was published: that ack answers this copy too. A copy that arrives after
                 # the ack is handled (and acked) again: that ack may have been lost.
-                log.debug("events_copy_answered_already", topic=msg.topic)
+                log.info("events_copy_answered_already", topic=msg.topic)
                 return
             with self._unit():
                 on_message(msg.topic, msg.payload)

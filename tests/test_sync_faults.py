@@ -213,8 +213,13 @@ def test_office_killed_while_receiving_a_backlog_loses_and_duplicates_nothing(
                  timeout=90)
     wait_drained(agent, office)
     assert_delivered_exactly_once(agent, office)
-    stored = [r for r in rig.serve.log.records() if r["event"] == "events_stored"]
-    assert sum(r["received"] - r["new"] for r in stored) > 0, "no duplicate was received"
+    records = rig.serve.log.records()
+    stored = [r for r in records if r["event"] == "events_stored"]
+    # A copy is either stored-and-dropped as a duplicate, or answered by the ack of an
+    # earlier copy handled while it waited in the queue (provisioning/serve.py).
+    copies = sum(r["received"] - r["new"] for r in stored) + sum(
+        1 for r in records if r["event"] == "events_copy_answered_already")
+    assert copies > 0, "no duplicate was received"
 
 
 def test_agent_killed_while_staging_a_snapshot_keeps_a_whole_list(
