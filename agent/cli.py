@@ -23,10 +23,12 @@ import structlog
 from structlog.typing import EventDict
 
 from agent import __version__
+from agent.cli_provision import add_provision_command
 from agent.cli_tenants import TenantUsageError, add_tenant_commands
 from agent.config import DEFAULT_CONFIG_NAME, Config, ConfigError, load_config
 from agent.datalock import AlreadyRunningError
 from agent.diskspace import free_bytes, looks_full, usage
+from agent.provision import ProvisionError
 from agent.resolve import resolve_store_path
 from agent.runtime import Agent, check_drivers
 from agent.store import Store, StoredEvent
@@ -645,6 +647,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("safe-state", parents=[common], help="put every relay in its safe state"
                    ).set_defaults(func=cmd_safe_state)
     add_tenant_commands(sub, common)
+    add_provision_command(sub)
     return parser
 
 
@@ -665,7 +668,7 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
     try:
         return int(args.func(args, stdout))
     except (ConfigError, DriverError, SecretError, UsageError, AlreadyRunningError,
-            TenantUsageError) as exc:
+            TenantUsageError, ProvisionError) as exc:
         sys.stderr.write(f"permitgate: {exc}\n")
         return EXIT_USAGE
     except BrokenPipeError:

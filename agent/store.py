@@ -1,4 +1,4 @@
-"""The SQLite store: the only module that speaks SQL.
+"""The SQLite store: the event database and, through ``agent.lists``, the list database.
 
 Two database files, both in WAL mode with ``synchronous=FULL`` so a commit is on disk
 before the call returns (an event is durable before its door opens):
@@ -25,20 +25,22 @@ import os
 import sqlite3
 import time
 import uuid
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime, tzinfo
-from itertools import islice
 from pathlib import Path
 from typing import Any
 
 import sqlite_utils
 
 from agent.decision import Direction, Grant, Lookup, Presence
-from agent.tenants import LIST_MIGRATION as TENANTS_MIGRATION
+from agent.lists import LIST_MIGRATIONS, CredentialEntry, ListWrites
 from agent.tenants import Tenants
 from common.sqlite import SqliteFile, StoreError, rollback
 from protocol.chain import GENESIS, Event, contents_match, event_hash
+
+__all__ = ["SCHEMA_VERSION", "ChainReport", "CredentialEntry", "Store", "StoredEvent",
+           "lists_path", "time_ordered_uuid"]
 
 EVENT_MIGRATIONS: tuple[str, ...] = (
     # 1: the initial schema.
@@ -84,68 +86,15 @@ EVENT_MIGRATIONS: tuple[str, ...] = (
     """,
 )
 
-LIST_MIGRATIONS: tuple[str, ...] = (
-    # 1: the initial schema.
-    """
-    CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID;
-    CREATE TABLE credentials (
-        cred BLOB PRIMARY KEY,          -- HMAC-SHA256(site key, card id)
-        permit BLOB,                    -- HMAC-SHA256(office permit key, permit number)
-        valid_from INTEGER,             -- Unix s, inclusive; NULL = unbounded
-        valid_until INTEGER,            -- Unix s, exclusive; NULL = unbounded
-        doors TEXT,                     -- door ids joined by commas, NULL for every door
-        schedule TEXT NOT NULL DEFAULT 'always',
-        confirmed_at INTEGER            -- Unix s the office last confirmed the permit
-    ) WITHOUT ROWID;
-    CREATE INDEX credentials_permit ON credentials(permit);
-    CREATE TABLE revocations (
-        key BLOB PRIMARY KEY,           -- a credential hash or a permit hash
-        kind TEXT NOT NULL CHECK (kind IN ('credential', 'permit')),
-        revoked_at INTEGER NOT NULL,
-        stream TEXT,                    -- the stream that brought it (rev, all, snapshot)
-        seq INTEGER                     -- and its seq there
-    ) WITHOUT ROWID;
-    CREATE TABLE sync_state (
-        stream TEXT PRIMARY KEY,
-        version INTEGER NOT NULL,
-        updated_ms INTEGER NOT NULL,
-        detail TEXT
-    ) WITHOUT ROWID;
-    """,
-    # 2: tenants enrolled at the gateway (agent/tenants.py).
-    TENANTS_MIGRATION,
-)
 SCHEMA_VERSION = len(EVENT_MIGRATIONS)
+READER_CACHE_KIB = 256
+"""The page cache of each thread's connections (every reader thread has one to each
+file): SQLite's 2 MiB default, times two files and a dozen threads, was a fifth of the
+agent's resident set. A look-up touches a handful of pages, and the kernel's page cache
+holds the rest (bench/load.py, bench/decision.py)."""
 PRUNE_BATCH = 5000
 """Events deleted per transaction when pruning: short enough that a tap waiting for the
 write lock is not held up for long."""
-LIST_BATCH = 5000
-"""Rows per ``executemany`` when a list is written (whole lists, snapshot chunks, deltas,
-revocations): rows are pulled from the caller's iterator a batch at a time, so a list
-operation holds at most this many rows in memory whatever its size (bench/load.py)."""
-
-_CREDENTIALS_TABLE = """CREATE TABLE {name} (
-    cred BLOB PRIMARY KEY, permit BLOB, valid_from INTEGER, valid_until INTEGER, doors TEXT,
-    schedule TEXT NOT NULL DEFAULT 'always', confirmed_at INTEGER) WITHOUT ROWID"""
-_REVOCATIONS_TABLE = """CREATE TABLE {name} (
-    key BLOB PRIMARY KEY, kind TEXT NOT NULL CHECK (kind IN ('credential', 'permit')),
-    revoked_at INTEGER NOT NULL, stream TEXT, seq INTEGER) WITHOUT ROWID"""
-"""The allowlist table as ``replace_allowlist`` rebuilds it (same columns as migration 1)."""
-
-
-@dataclass(frozen=True, slots=True)
-class CredentialEntry:
-    """One allowlist row, already hashed."""
-
-    cred: bytes
-    permit: bytes | None = None
-    valid_from: int | None = None
-    valid_until: int | None = None
-    doors: tuple[str, ...] | None = None
-    schedule: str = "always"
-    confirmed_at: int | None = None
-
-
 @dataclass(frozen=True, slots=True)
 class StoredEvent:
     """An event as committed, with its place in the chain."""
@@ -197,20 +146,6 @@ def time_ordered_uuid(ms: int) -> uuid.UUID:
     return uuid.UUID(int=value)
 
 
-def _credential_row(entry: CredentialEntry) -> tuple[Any, ...]:
-    """The table row of an allowlist entry; refuses what would not read back the same."""
-    if not isinstance(entry, CredentialEntry):
-        raise TypeError(f"not an allowlist entry: {type(entry).__name__}")
-    doors: str | None = None
-    if entry.doors is not None:
-        for door in entry.doors:
-            if not isinstance(door, str) or not door or "," in door:
-                raise ValueError(f"door id {door!r} is not a plain non-empty id")
-        doors = ",".join(entry.doors)
-    return (entry.cred, entry.permit, entry.valid_from, entry.valid_until, doors,
-            entry.schedule, entry.confirmed_at)
-
-
 def _now_ms() -> int:
     return time.time_ns() // 1_000_000
 
@@ -220,7 +155,7 @@ def lists_path(path: Path) -> Path:
     return path.with_name(f"{path.stem}-lists{path.suffix or '.db'}")
 
 
-class Store:
+class Store(ListWrites):
     """The agent's databases. Open one per process; it hands each thread connections."""
 
     def __init__(self, path: Path, *, clock_ms: Any = _now_ms,
@@ -235,15 +170,21 @@ class Store:
         except OSError as exc:
             raise StoreError(f"{path.parent}: cannot create the store directory: "
                              f"{exc.strerror}") from exc
-        self._ev = SqliteFile(path, EVENT_MIGRATIONS, autocheckpoint=not background_checkpoint)
+        self._ev = SqliteFile(path, EVENT_MIGRATIONS, autocheckpoint=not background_checkpoint,
+                              reader_cache_kib=READER_CACHE_KIB)
         try:
-            self._ls = SqliteFile(self.lists_path, LIST_MIGRATIONS, autocheckpoint=True)
+            self._ls = SqliteFile(self.lists_path, LIST_MIGRATIONS, autocheckpoint=True,
+                                  reader_cache_kib=READER_CACHE_KIB)
             self.tenants = Tenants(self._ls)
         except BaseException:
             self._ev.close()
             raise
         self._write_lock = self._ev.write_lock
         self._writer = self._ev.writer
+        self._staged: int | None = None
+        """Entries staged by ``add_snapshot_chunk`` since ``begin_snapshot``."""
+        self._reclaim = True
+        """Whether replaced list tables may remain to be emptied (``reclaim_step``)."""
         try:
             self._last_seq, self._last_hash = self._chain_head()
         except BaseException:
@@ -593,198 +534,6 @@ class Store:
             "SELECT seq, body FROM attachments WHERE seq BETWEEN ? AND ?",
             (first_seq, last_seq))}
 
-    # -- allowlist -----------------------------------------------------------------
-
-    def replace_allowlist(self, entries: Iterable[CredentialEntry], version: int,
-                          *, stream: str = "list") -> int:
-        """Replace the whole allowlist with ``entries`` in one transaction.
-
-        Either every entry is applied and the version recorded, or nothing changes.
-        Entries are streamed in batches of ``LIST_BATCH``, never held in memory together.
-        """
-        rows = (_credential_row(e) for e in entries)
-        with self._ls.write_lock:
-            conn = self._ls.writer
-            try:
-                conn.execute("BEGIN IMMEDIATE")
-                # Fill a fresh table and index it afterwards: one sort for the index beats
-                # a million random index inserts (1M entries: ~10 s against ~16 s here,
-                # docs/performance.md). Readers keep seeing the old list until COMMIT.
-                conn.execute("DROP TABLE IF EXISTS credentials_new")
-                conn.execute(_CREDENTIALS_TABLE.format(name="credentials_new"))
-                count = _write_rows(conn, "INSERT INTO credentials_new VALUES (?,?,?,?,?,?,?)",
-                                    rows)
-                conn.execute("DROP TABLE credentials")
-                conn.execute("ALTER TABLE credentials_new RENAME TO credentials")
-                conn.execute("CREATE INDEX credentials_permit ON credentials(permit)")
-                conn.execute("INSERT OR REPLACE INTO sync_state VALUES (?,?,?,?)",
-                             (stream, version, self._clock_ms(),
-                              json.dumps({"entries": count})))
-                conn.execute("COMMIT")
-            except Exception as exc:
-                # Whatever failed (the database, a bad row, the source of the entries), the
-                # transaction is rolled back and the previous list stays in force.
-                rollback(conn)
-                raise StoreError(f"{self.lists_path}: allowlist version {version} not applied: "
-                                 f"{type(exc).__name__}: {exc}") from exc
-            except BaseException:
-                rollback(conn)
-                raise
-            return count
-
-    def revoke(self, keys: Iterable[tuple[bytes, str]], version: int | None = None,
-               *, stream: str = "revocations") -> int:
-        """Record revocations ``(hash, 'credential'|'permit')``; returns how many.
-
-        ``keys`` is streamed (never held whole) and written ``LIST_BATCH`` at a time, each
-        batch in a transaction of its own, so the list write lock is free between batches
-        (a tenant moving out need not wait for 40,000 revocations). The design allows it
-        for revocations alone: each only takes access away, so batches committed before a
-        failure may stay in force. The stream's ``version`` is recorded with the last
-        batch: a revocation cut short is not recorded as applied, and applying it again
-        (it comes back with the next resync) replaces the same rows.
-        """
-        now_s = self._clock_ms() // 1000
-        rows = ((k, kind, now_s, stream, version) for k, kind in keys)
-        count = 0
-        try:
-            for batch, last in _batches(rows):
-                def run(conn: sqlite3.Connection, batch: list[Any] = batch,
-                        last: bool = last) -> None:
-                    conn.executemany("INSERT OR REPLACE INTO revocations VALUES (?,?,?,?,?)",
-                                     batch)
-                    if last and version is not None:
-                        conn.execute("INSERT OR REPLACE INTO sync_state VALUES (?,?,?,NULL)",
-                                     (stream, version, self._clock_ms()))
-                self._list_write(f"record revocations (the first {count} are recorded)", run)
-                count += len(batch)
-        except StoreError:
-            raise
-        except Exception as exc:
-            # The source of the keys failed between batches: what was committed stays.
-            raise StoreError(f"{self.lists_path}: cannot record revocations (the first "
-                             f"{count} are recorded): {type(exc).__name__}: {exc}") from exc
-        return count
-
-    # -- sync ----------------------------------------------------------------------
-
-    def versions(self) -> dict[str, int]:
-        """The highest applied version or sequence number of every synced stream."""
-        rows = self._ls.conn().execute("SELECT stream, version FROM sync_state").fetchall()
-        return {str(r[0]): int(r[1]) for r in rows}
-
-    def stream_detail(self, stream: str) -> dict[str, Any] | None:
-        """The JSON detail recorded with a stream's version, or None."""
-        row = self._ls.conn().execute("SELECT detail FROM sync_state WHERE stream=?",
-                                      (stream,)).fetchone()
-        return json.loads(row[0]) if row and row[0] else None
-
-    def set_stream(self, stream: str, version: int, detail: Mapping[str, Any] | None = None
-                   ) -> None:
-        """Record a stream's version (and detail) durably."""
-        self._list_write("record stream state", lambda c: c.execute(
-            "INSERT OR REPLACE INTO sync_state VALUES (?,?,?,?)",
-            (stream, version, self._clock_ms(), json.dumps(dict(detail)) if detail else None)))
-
-    def begin_snapshot(self) -> None:
-        """Prepare empty staging tables for a snapshot arriving in chunks; a previous,
-        unfinished staging (a crash mid-download) is discarded."""
-        def run(conn: sqlite3.Connection) -> None:
-            conn.execute("DROP TABLE IF EXISTS credentials_new")
-            conn.execute("DROP TABLE IF EXISTS revocations_new")
-            conn.execute(_CREDENTIALS_TABLE.format(name="credentials_new"))
-            conn.execute(_REVOCATIONS_TABLE.format(name="revocations_new"))
-        self._list_write("begin snapshot", run)
-
-    def add_snapshot_chunk(self, entries: Iterable[CredentialEntry],
-                           revoked: Iterable[tuple[bytes, str]]) -> None:
-        """Stage one chunk in one transaction, streaming ``entries`` and ``revoked`` in
-        batches. The live list is untouched until ``commit_snapshot``."""
-        now_s = self._clock_ms() // 1000
-        def run(conn: sqlite3.Connection) -> None:
-            _write_rows(conn, "INSERT INTO credentials_new VALUES (?,?,?,?,?,?,?)",
-                        (_credential_row(e) for e in entries))
-            _write_rows(conn, "INSERT OR REPLACE INTO revocations_new VALUES (?,?,?,?,NULL)",
-                        ((k, kind, now_s, "snapshot") for k, kind in revoked))
-        self._list_write("stage snapshot chunk", run)
-
-    def commit_snapshot(self, version: int, streams: Mapping[str, int],
-                        expected: tuple[int, int]) -> None:
-        """Swap the staged list and revocations in, in one transaction, with the list
-        version and the revocation streams' seqs it covers. ``expected`` (entries,
-        revocations) must match what was staged, or nothing changes.
-
-        Revocations that arrived on a stream after the seq the snapshot covers (they may
-        overtake the snapshot on their own topic) are kept, and a stream's recorded seq
-        never goes backwards."""
-        def run(conn: sqlite3.Connection) -> None:
-            staged = (int(conn.execute("SELECT count(*) FROM credentials_new").fetchone()[0]),
-                      int(conn.execute("SELECT count(*) FROM revocations_new").fetchone()[0]))
-            if staged != expected:
-                raise ValueError(f"staged {staged[0]} entries and {staged[1]} revocations, "
-                                 f"the manifest lists {expected[0]} and {expected[1]}")
-            row = conn.execute("SELECT version FROM sync_state WHERE stream='list'").fetchone()
-            if row is not None and int(row[0]) >= version:
-                raise ValueError(f"the list is already at version {row[0]}, not older than "
-                                 f"this snapshot's {version}")
-            for stream, seq in streams.items():
-                conn.execute("INSERT OR IGNORE INTO revocations_new SELECT * FROM revocations "
-                             "WHERE stream = ? AND seq > ?", (stream, seq))
-            conn.execute("DROP TABLE credentials")
-            conn.execute("ALTER TABLE credentials_new RENAME TO credentials")
-            conn.execute("CREATE INDEX credentials_permit ON credentials(permit)")
-            conn.execute("DROP TABLE revocations")
-            conn.execute("ALTER TABLE revocations_new RENAME TO revocations")
-            now = self._clock_ms()
-            conn.execute("INSERT OR REPLACE INTO sync_state VALUES ('list',?,?,?)",
-                         (version, now, json.dumps({"entries": staged[0],
-                                                    "revocations": staged[1]})))
-            for stream, seq in streams.items():
-                conn.execute("INSERT INTO sync_state VALUES (?,?,?,NULL) ON CONFLICT(stream) "
-                             "DO UPDATE SET version = max(version, excluded.version), "
-                             "updated_ms = excluded.updated_ms", (stream, seq, now))
-        self._list_write(f"apply snapshot version {version}", run)
-
-    def abort_snapshot(self) -> None:
-        """Discard a staged snapshot."""
-        def run(conn: sqlite3.Connection) -> None:
-            conn.execute("DROP TABLE IF EXISTS credentials_new")
-            conn.execute("DROP TABLE IF EXISTS revocations_new")
-        self._list_write("discard snapshot", run)
-
-    def apply_delta(self, base: int, version: int, upsert: Iterable[CredentialEntry],
-                    remove: Iterable[bytes]) -> None:
-        """Apply changes on top of list version ``base`` as version ``version``, in one
-        transaction (``upsert`` and ``remove`` streamed in batches); refused (StoreError)
-        unless the current version is ``base``."""
-        def run(conn: sqlite3.Connection) -> None:
-            row = conn.execute("SELECT version FROM sync_state WHERE stream='list'").fetchone()
-            current = int(row[0]) if row else 0
-            if current != base:
-                raise ValueError(f"delta is based on version {base}, the list is at "
-                                 f"{current}")
-            _write_rows(conn, "INSERT OR REPLACE INTO credentials VALUES (?,?,?,?,?,?,?)",
-                        (_credential_row(e) for e in upsert))
-            _write_rows(conn, "DELETE FROM credentials WHERE cred=?", ((c,) for c in remove))
-            conn.execute("INSERT OR REPLACE INTO sync_state VALUES ('list',?,?,NULL)",
-                         (version, self._clock_ms()))
-        self._list_write(f"apply delta to version {version}", run)
-
-    def _list_write(self, what: str, work: Any) -> None:
-        with self._ls.write_lock:
-            conn = self._ls.writer
-            try:
-                conn.execute("BEGIN IMMEDIATE")
-                work(conn)
-                conn.execute("COMMIT")
-            except Exception as exc:
-                rollback(conn)
-                raise StoreError(f"{self.lists_path}: cannot {what}: "
-                                 f"{type(exc).__name__}: {exc}") from exc
-            except BaseException:
-                rollback(conn)
-                raise
-
     def overflow(self, max_events: int) -> tuple[int, int] | None:
         """(first, last) seq of the undelivered events that must go for the store to hold
         no more than ``max_events`` once every delivered one is gone; None if none must."""
@@ -836,35 +585,6 @@ class Store:
             "events": one(ev, "SELECT count(*) FROM events"),
             "outbox": one(ev, "SELECT count(*) FROM events WHERE acked = 0"),
         }
-
-
-def _batches(rows: Iterable[Any]) -> Iterator[tuple[list[Any], bool]]:
-    """``rows`` in lists of ``LIST_BATCH``, each with whether it is the last (an empty
-    ``rows`` gives one empty, last batch)."""
-    source = iter(rows)
-    batch = list(islice(source, LIST_BATCH))
-    while True:
-        following = list(islice(source, LIST_BATCH))
-        yield batch, not following
-        if not following:
-            return
-        batch = following
-
-
-def _write_rows(conn: sqlite3.Connection, sql: str, rows: Iterable[Sequence[Any]]) -> int:
-    """Run ``sql`` for every row inside the caller's transaction, ``LIST_BATCH`` rows per
-    ``executemany``; returns how many rows.
-
-    Between batches the thread sleeps for no time at all: that hands the interpreter lock
-    to a reader thread waiting for it, so a long list write never keeps a decision waiting
-    for more than one batch's Python work (sqlite3 itself releases it inside each step).
-    """
-    count = 0
-    for batch, _last in _batches(rows):
-        conn.executemany(sql, batch)
-        count += len(batch)
-        time.sleep(0)
-    return count
 
 
 def _stored(row: Sequence[Any]) -> StoredEvent:

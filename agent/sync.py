@@ -28,7 +28,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import queue
 import socket
 import sqlite3
 import ssl
@@ -47,6 +46,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from agent.config import SyncConfig
+from agent.inbox import BULK_STREAMS, Inbox
 from agent.sync_apply import STAGING, Applier, Counters, SyncHost, entry_of
 from common.sqlite import StoreError
 from protocol.hashing import SecretError
@@ -58,7 +58,7 @@ from protocol.messages import (
     StatusSettings,
     WireEvent,
 )
-from protocol.topics import Topics
+from protocol.topics import Topics, stream_of
 
 if TYPE_CHECKING:
     from agent.store import Store, StoredEvent
@@ -116,7 +116,7 @@ class SyncWorker:
         self.site = site
         self.topics = Topics(self.gateway, config.prefix)
         self._clock = clock
-        self._inbox: queue.Queue[tuple[Any, ...]] = queue.Queue()
+        self._inbox = Inbox(store.path.parent / "spool")
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._connected = False
@@ -144,6 +144,7 @@ class SyncWorker:
         self._last_record = -math.inf
         self.applier = Applier(store, host, keys, gateway=gateway, config=config,
                                outbound=self, clock=clock)
+        self.applier.between_steps = self._take_urgent
         self.counters: Counters = self.applier.counters
         self._client = self._make_client(tls, password)
 
@@ -276,23 +277,33 @@ class SyncWorker:
         self._inbox.put(("disconnected", self._generation, str(reason)))
 
     def _on_message(self, _c: Any, _u: Any, message: mqtt.MQTTMessage) -> None:
-        self._inbox.put(("message", message.topic, bytes(message.payload)))
+        topic = message.topic
+        if stream_of(topic, self.gateway, self.config.prefix) in BULK_STREAMS:
+            self._inbox.put_bulk(topic, bytes(message.payload))
+        else:
+            self._inbox.put(("message", topic, bytes(message.payload)))
 
     # -- the worker ------------------------------------------------------------------
 
     def _run(self) -> None:
         while not self._stop.is_set():
             try:
-                try:
-                    item = self._inbox.get(timeout=TICK_S)
-                except queue.Empty:
-                    item = None
+                item = self._inbox.get(timeout=TICK_S)
                 if item is not None:
                     self._dispatch(item)
+                else:
+                    self.store.reclaim_step()  # idle: empty a replaced list, a step a tick
                 self._tick()
             except Exception as exc:  # the worker's one broad boundary: log, go on
                 log.exception("sync_worker_error", error=str(exc))
                 self._stop.wait(1.0)
+
+    def _take_urgent(self) -> None:
+        """Apply the urgent messages waiting (agent/inbox.py), in the middle of a long
+        bulk item. Connection changes wait for the worker's loop: they may end the bulk
+        item's snapshot, which must not happen under its feet."""
+        while (item := self._inbox.take_urgent()) is not None:
+            self._dispatch(item)
 
     def _dispatch(self, item: tuple[Any, ...]) -> None:
         kind = item[0]

@@ -54,9 +54,12 @@ class SqliteFile:
     and the central office's database (provisioning/db/sqlite.py) are each one of these."""
 
     def __init__(self, path: Path, migrations: tuple[str, ...], *, autocheckpoint: bool,
-                 busy_timeout_s: float = 5.0) -> None:
+                 busy_timeout_s: float = 5.0, reader_cache_kib: int | None = None) -> None:
+        """``reader_cache_kib`` bounds the page cache of each thread's own connection
+        (SQLite's default is 2 MiB each); the writer keeps the default."""
         self.path = path
         self._busy_timeout_s = busy_timeout_s
+        self._reader_cache_kib = reader_cache_kib
         self._local = threading.local()
         self._connections: list[sqlite3.Connection] = []
         self._conn_lock = threading.Lock()
@@ -97,6 +100,8 @@ class SqliteFile:
         conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
         if conn is None:
             conn = self._connect()
+            if self._reader_cache_kib is not None:
+                conn.execute(f"PRAGMA cache_size=-{int(self._reader_cache_kib)}")
             self._local.conn = conn
         return conn
 

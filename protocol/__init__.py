@@ -9,6 +9,7 @@ both sides import it (it imports neither ``agent`` nor ``provisioning``):
 - ``signing``: envelopes, Ed25519 signatures bound to the topic, trusted keys;
 - ``chain``: the canonical event hash and the rules of the event chain;
 - ``hashing``: keyed hashing of cards and permits, the site key format;
+- ``bundles``: the request a new gateway writes for the office and the office's response;
 - ``schemas``: the JSON Schema export (``python -m protocol.schemas docs/schemas``).
 """
 

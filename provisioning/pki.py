@@ -108,13 +108,18 @@ def make_ca(common_name: str, *, days: int = CA_DAYS) -> KeyCert:
 
 def _leaf(ca: KeyCert, common_name: str, days: int, usage: x509.ObjectIdentifier,
           san: x509.SubjectAlternativeName | None) -> KeyCert:
+    key = ec.generate_private_key(ec.SECP256R1())
+    return key, _leaf_cert(ca, key.public_key(), common_name, days, usage, san=san)
+
+
+def _leaf_cert(ca: KeyCert, public: ec.EllipticCurvePublicKey, common_name: str, days: int,
+               usage: x509.ObjectIdentifier, *,
+               san: x509.SubjectAlternativeName | None) -> x509.Certificate:
     _check_days(days)
     ca_key, ca_cert = ca
-    key = ec.generate_private_key(ec.SECP256R1())
     now = _now()
     # A certificate outliving its CA would never verify after the CA expires; cap it.
     not_after = min(now + dt.timedelta(days=days), ca_cert.not_valid_after_utc)
-    public = key.public_key()
     builder = (
         x509.CertificateBuilder()
         .subject_name(_name(common_name))
@@ -138,7 +143,7 @@ def _leaf(ca: KeyCert, common_name: str, days: int, usage: x509.ObjectIdentifier
     )
     if san is not None:
         builder = builder.add_extension(san, critical=False)
-    return key, builder.sign(ca_key, hashes.SHA256())
+    return builder.sign(ca_key, hashes.SHA256())
 
 
 def make_server_cert(ca: KeyCert, hostnames: Sequence[str],
@@ -162,6 +167,49 @@ def make_client_cert(ca: KeyCert, common_name: str, *, days: int = CLIENT_DAYS) 
         raise PkiError(f"not a valid gateway id: {common_name!r} "
                        f"(lower-case letters, digits, '-', '_'; at most 63 characters)")
     return _leaf(ca, common_name, days, ExtendedKeyUsageOID.CLIENT_AUTH, None)
+
+
+def check_ca_current(ca_cert: x509.Certificate, now: dt.datetime | None = None) -> None:
+    """``PkiError`` unless ``ca_cert`` is a CA certificate valid at ``now``."""
+    when = now or _now()
+    try:
+        constraints = ca_cert.extensions.get_extension_for_class(x509.BasicConstraints)
+    except x509.ExtensionNotFound:
+        constraints = None
+    if constraints is None or not constraints.value.ca:
+        raise PkiError("the CA certificate is not a CA")
+    if when >= ca_cert.not_valid_after_utc:
+        raise PkiError(f"the CA expired on {ca_cert.not_valid_after_utc:%Y-%m-%d %H:%M} UTC: "
+                       "it can sign nothing a broker would accept; a new site CA means new "
+                       "certificates for the broker, the office and every gateway")
+    if when < ca_cert.not_valid_before_utc:
+        start = ca_cert.not_valid_before_utc
+        raise PkiError(f"the CA is not valid before {start:%Y-%m-%d %H:%M} UTC (check this "
+                       "machine's clock)")
+
+
+def sign_client_csr(ca: KeyCert, csr: x509.CertificateSigningRequest, common_name: str, *,
+                    days: int = CLIENT_DAYS) -> x509.Certificate:
+    """A clientAuth certificate for the key of ``csr``, whose CN must be ``common_name``
+    (a gateway id). Only the key is taken from the request: its other names and any
+    extensions it asks for are ignored, the certificate is built as ``make_client_cert``
+    builds one."""
+    if common_name in RESERVED or not GATEWAY_ID.fullmatch(common_name):
+        raise PkiError(f"not a valid gateway id: {common_name!r} (lower-case letters, "
+                       "digits, '-', '_'; at most 63 characters; not "
+                       f"{', '.join(sorted(RESERVED))})")
+    if not csr.is_signature_valid:
+        raise PkiError("the certificate request's signature does not verify")
+    names = csr.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    if [n.value for n in names] != [common_name]:
+        raise PkiError(f"the certificate request is for {[n.value for n in names]!r}, not "
+                       f"for {common_name!r}")
+    public = csr.public_key()
+    if not isinstance(public, ec.EllipticCurvePublicKey) or \
+            not isinstance(public.curve, ec.SECP256R1):
+        raise PkiError("the certificate request's key is not EC P-256")
+    check_ca_current(ca[1])
+    return _leaf_cert(ca, public, common_name, days, ExtendedKeyUsageOID.CLIENT_AUTH, san=None)
 
 
 def pem_paths(folder: Path, name: str) -> tuple[Path, Path]:

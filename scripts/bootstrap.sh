@@ -31,9 +31,10 @@ fi
 # source here (swig, libpcsclite-dev). Only the programs are wanted: a policy-rc.d that
 # answers 101 keeps the packages from starting their system services. The landlord page's
 # browser tests drive Debian's chromium through Playwright (no browser download), and
-# Chinese text in their screenshots needs a CJK font.
+# Chinese text in their screenshots needs a CJK font. zbarimg reads back the QR codes
+# `permitgate provision` prints.
 dev_packages="mosquitto mosquitto-clients pcscd vsmartcard-vpcd libpcsclite-dev swig libnfc-bin faketime"
-dev_packages="$dev_packages chromium fonts-wqy-microhei"
+dev_packages="$dev_packages chromium fonts-wqy-microhei zbar-tools"
 if [ "$flavour" = dev ]; then
     missing=""
     for pkg in $dev_packages; do

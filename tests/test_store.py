@@ -105,14 +105,14 @@ def head(store: Store) -> StoredEvent:
 
 def test_new_database_gets_the_current_schema(store: Store, db_path: Path) -> None:
     """New event and list database files are created in WAL mode with their tables and
-    schema version 2 recorded in each."""
+    schema versions (2 for events, 3 for lists) recorded in each."""
     assert SCHEMA_VERSION == 2
     assert store.schema_version() == 2
     assert store.quick_check() == "ok"
-    expected = {db_path: {"meta", "presence", "events", "device_state", "attachments"},
-                lists_path(db_path): {"meta", "credentials", "revocations", "sync_state",
-                                      "enrollments", "local_revocations"}}
-    for path, wanted in expected.items():
+    expected = {db_path: ({"meta", "presence", "events", "device_state", "attachments"}, "2"),
+                lists_path(db_path): ({"meta", "credentials", "revocations", "sync_state",
+                                       "enrollments", "local_revocations"}, "3")}
+    for path, (wanted, schema) in expected.items():
         with raw(path) as conn:
             tables = {row[0] for row in conn.execute(
                 "SELECT name FROM sqlite_master WHERE type = 'table'")}
@@ -121,7 +121,7 @@ def test_new_database_gets_the_current_schema(store: Store, db_path: Path) -> No
                 "SELECT value FROM meta WHERE key = 'schema_version'").fetchone()[0]
         assert wanted <= tables
         assert journal == "wal"
-        assert version == "2"
+        assert version == schema
 
 
 def test_reopening_is_idempotent(open_store: Callable[[], Store], db_path: Path) -> None:
