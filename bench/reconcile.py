@@ -9,10 +9,19 @@ headers). Among them it plants a known number of every kind of finding. Then it 
 ``permitgate-central reconcile --registry … --json --csv --html`` as a child process and
 measures it alone: wall time and peak resident memory (``RUSAGE_CHILDREN``).
 
+The office's database is PostgreSQL by default, as a city runs it: a database made for
+the run on the local server (``$PERMITGATE_TEST_PG``, as tests/pg.py; dropped afterwards)
+and named in the office folder's ``database.url``, or the one ``--database URL`` names
+(made empty beforehand, kept); the build ends with ``VACUUM (ANALYZE)``, as autovacuum
+leaves a running office. ``--backend sqlite`` builds ``central.db`` instead.
+
 Prints one JSON object as its last line: ``rows``, ``buildings``, ``events``,
-``seconds`` (the comparison, all outputs written), ``rss_mb`` (its peak), ``findings``
-(as the report counts them), ``planted`` (how many were planted; the run fails when they
-differ), ``build_s`` (making the office, not part of the figure).
+``seconds`` (the comparison, all outputs written), ``rss_mb`` (its peak; the PostgreSQL
+server's session is not in it), ``findings`` (as the report counts them), ``planted``
+(how many were planted; the run fails when they differ), ``build_s`` (making the
+office, not part of the figure), ``backend``, and the machine's 1-minute load average
+before the build and before and after the comparison (other work on the machine skews
+the figure).
 
 Run: ``python bench/reconcile.py`` (1,000,000 rows, 10,000 buildings, 10,000,000
 events; about 3 GB of disk and some minutes to build) or ``--quick`` (a smoke run).
@@ -30,6 +39,8 @@ import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import date, timedelta
 from pathlib import Path
@@ -42,7 +53,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from protocol.hashing import CredentialHasher, log_prefix
 from protocol.permits import check_character
 from provisioning.central import PERMIT_KEY_NAME, Central, keygen
-from provisioning.db import EnrollmentRecord, EntryRecord, EventRecord
+from provisioning.db import EnrollmentRecord, EntryRecord, EventRecord, OfficeDatabase
+from provisioning.db.backend import set_database
 from provisioning.db.sqlite import SqliteOfficeDatabase
 
 DAY = 86_400
@@ -92,9 +104,11 @@ def site(b: int) -> str:
 class Builder:
     """Makes the office and the registry of a plan, counting what it plants."""
 
-    def __init__(self, folder: Path, plan: Plan) -> None:
+    def __init__(self, folder: Path, plan: Plan, url: str | None = None) -> None:
         self.folder = folder
         self.plan = plan
+        self.url = url
+        """The PostgreSQL database's URL; None for ``central.db``."""
         self.rng = random.Random(7)
         self.planted = 0
         self.keys: dict[int, bytes] = {}
@@ -104,6 +118,8 @@ class Builder:
         """The office folder and the registry file."""
         plan = self.plan
         keygen(self.folder)
+        if self.url is not None:
+            set_database(self.folder, self.url)
         with Central(self.folder, clock=lambda: plan.now - 200 * DAY) as central:
             for b in range(plan.buildings):
                 self.keys[b] = os.urandom(32)
@@ -132,12 +148,27 @@ class Builder:
             self._extras(out)
         self._events(quiet)
         self._gateways()
+        self._settle()
         return registry
+
+    def _open(self, *, fast: bool = False) -> OfficeDatabase:
+        """The office's database, opened directly; ``fast``: commits that do not wait for
+        the disk (building the office is not what is measured; ``serve`` waits)."""
+        if self.url is None:
+            sqlite = SqliteOfficeDatabase(self.folder / "central.db")
+            if fast:
+                sqlite.conn().execute("PRAGMA synchronous=OFF")
+            return sqlite
+        from provisioning.db.postgres import PostgresOfficeDatabase  # noqa: PLC0415
+        postgres = PostgresOfficeDatabase(self.url)
+        if fast:
+            postgres._conn().execute("SET synchronous_commit = off")  # noqa: SLF001
+        return postgres
 
     def _extras(self, out: TextIO) -> None:
         """Registered without a card; a second building's card; a lease that ended."""
         plan = self.plan
-        db = SqliteOfficeDatabase(self.folder / "central.db")
+        db = self._open()
         permits = CredentialHasher(bytes.fromhex(
             (self.folder / PERMIT_KEY_NAME).read_text().strip()))
         now_s = int(plan.now)
@@ -173,10 +204,9 @@ class Builder:
         """``--events`` granted entries over the last 20 days, round the cards of each
         building (the quiet cards get none); a silent building's arrived days ago."""
         plan = self.plan
-        db = SqliteOfficeDatabase(self.folder / "central.db")
         # Building the office is not what is measured: this connection skips the fsync
-        # of each of its 10,000 transactions (``serve`` keeps synchronous=FULL).
-        db.conn().execute("PRAGMA synchronous=OFF")
+        # of each of its 10,000 transactions (``serve`` keeps it).
+        db = self._open(fast=True)
         per_building = plan.events // plan.buildings
         now_ms = int(plan.now * 1000)
         for b in range(plan.buildings):
@@ -200,7 +230,7 @@ class Builder:
         """Statuses: current and recent, but silent gateways' days old and the stale
         gateways' lists published two hours ago and not applied."""
         plan = self.plan
-        db = SqliteOfficeDatabase(self.folder / "central.db")
+        db = self._open()
         now_ms = int(plan.now * 1000)
         stale = set(range(plan.per_kind))
         self.planted += 2 * plan.per_kind
@@ -216,6 +246,19 @@ class Builder:
                 "type": "status", "gateway": gateway(b), "state": "online", "ts_ms": at,
                 "versions": versions}), versions["list"], at)
         db.close()
+
+    def _settle(self) -> None:
+        """PostgreSQL: ``VACUUM (ANALYZE)``, what autovacuum does for an office that has
+        run a while (statistics of the tables, their visibility maps), done now, so that
+        the comparison meets the office as it runs and not the moment a bulk load ends."""
+        if self.url is None:
+            return
+        from provisioning.db.postgres import PostgresOfficeDatabase  # noqa: PLC0415
+        db = PostgresOfficeDatabase(self.url)
+        try:
+            db.connect().execute("VACUUM (ANALYZE)")
+        finally:
+            db.close()
 
 
 def peak_child_rss_mb() -> float:
@@ -244,28 +287,60 @@ FULL = (1_000_000, 10_000, 10_000_000, 100)
 """Rows, buildings, events, findings planted of each kind."""
 
 
+@contextmanager
+def database(backend: str, url: str | None) -> Iterator[str | None]:
+    """The PostgreSQL database's URL for the run (None: ``central.db``): the one named,
+    or one made on the local server and dropped afterwards."""
+    if backend == "sqlite":
+        yield None
+    elif url is not None:
+        yield url
+    else:
+        from tests.pg import postgres_url, scratch_database  # noqa: PLC0415 - needs psycopg
+        with scratch_database() as conninfo:
+            yield postgres_url(conninfo)
+
+
+def load() -> float:
+    """The machine's 1-minute load average."""
+    return round(os.getloadavg()[0], 2)
+
+
 def main() -> int:
     """Build, compare, print the figures."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true",
                         help="2,000 rows, 20 buildings, 20,000 events")
-    parser.add_argument("--keep", metavar="DIR", help="build in DIR and keep it")
+    parser.add_argument("--keep", metavar="DIR",
+                        help="build in DIR and keep it (a database made for the run is "
+                        "dropped all the same: see --database)")
+    parser.add_argument("--backend", choices=("postgresql", "sqlite"), default="postgresql",
+                        help="the office's database (default postgresql)")
+    parser.add_argument("--database", metavar="URL",
+                        help="with postgresql: use this empty database and keep it "
+                        "(default: one made on $PERMITGATE_TEST_PG's server, dropped after)")
     args = parser.parse_args()
+    if args.database and args.backend != "postgresql":
+        parser.error("--database: with --backend postgresql only")
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(30))
     plan = Plan(*(QUICK if args.quick else FULL))
-    with tempfile.TemporaryDirectory() as tmp:
+    loads: dict[str, float] = {"load_build": load()}
+    with tempfile.TemporaryDirectory() as tmp, database(args.backend, args.database) as url:
         root = Path(args.keep) if args.keep else Path(tmp)
         root.mkdir(parents=True, exist_ok=True)
         started = time.monotonic()
-        builder = Builder(root / "office", plan)
+        builder = Builder(root / "office", plan, url)
         registry = builder.build()
         build_s = time.monotonic() - started
+        loads["load_before"] = load()
         seconds, rss_mb = measure(root / "office", registry, root)
+        loads["load_after"] = load()
         report = json.loads((root / "report.json").read_text("utf-8"))
-    figures = {"rows": plan.rows, "buildings": plan.buildings, "events": plan.events,
-               "seconds": round(seconds, 2), "rss_mb": round(rss_mb, 1),
-               "findings": report["totals"]["findings"], "planted": builder.planted,
-               "by_kind": report["totals"]["by_kind"], "build_s": round(build_s, 1)}
+    figures = {"backend": args.backend, "rows": plan.rows, "buildings": plan.buildings,
+               "events": plan.events, "seconds": round(seconds, 2),
+               "rss_mb": round(rss_mb, 1), "findings": report["totals"]["findings"],
+               "planted": builder.planted, "by_kind": report["totals"]["by_kind"],
+               "build_s": round(build_s, 1), **loads}
     print(json.dumps(figures))
     return 0 if figures["findings"] == builder.planted else 1
 

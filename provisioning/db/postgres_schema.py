@@ -182,7 +182,7 @@ MIGRATIONS: tuple[str, ...] = (
     """,
     # 2: the registry comparison, cases and retention (central.db's migration 3; the
     # comparison's own rows are temporary tables of its session,
-    # provisioning/db/postgres_reconcile.py). Additive only.
+    # provisioning/db/postgres_comparison.py). Additive only.
     """
     CREATE TABLE daily_counts (          -- what retention folds old events into: no person
         gateway TEXT COLLATE "C" NOT NULL,
