@@ -31,8 +31,6 @@ from datetime import datetime, tzinfo
 from pathlib import Path
 from typing import Any
 
-import sqlite_utils
-
 from agent.decision import Direction, Grant, Lookup, Presence
 from agent.lists import LIST_MIGRATIONS, CredentialEntry, ListWrites
 from agent.tenants import Tenants
@@ -199,9 +197,9 @@ class Store(ListWrites):
         self._ev.close()
         self._ls.close()
 
-    def db(self) -> sqlite_utils.Database:
-        """A sqlite-utils view on this thread's event-database connection."""
-        return sqlite_utils.Database(self._ev.conn())
+    def db(self) -> sqlite3.Connection:
+        """This thread's connection to the event database (for reading)."""
+        return self._ev.conn()
 
     def checkpoint(self) -> None:
         """Copy committed WAL pages into the database files without blocking writers."""
@@ -566,12 +564,12 @@ class Store(ListWrites):
 
     def device_states(self) -> list[dict[str, Any]]:
         """Every recorded door and reader state."""
-        return list(self.db().query(
+        return _dicts(self._ev.conn().execute(
             "SELECT kind, id, state, since_ms FROM device_state ORDER BY kind, id"))
 
     def sync_states(self) -> list[dict[str, Any]]:
         """Version and time of every synced stream."""
-        return list(sqlite_utils.Database(self._ls.conn()).query(
+        return _dicts(self._ls.conn().execute(
             "SELECT stream, version, updated_ms, detail FROM sync_state ORDER BY stream"))
 
     def counts(self) -> dict[str, int]:
@@ -585,6 +583,12 @@ class Store(ListWrites):
             "events": one(ev, "SELECT count(*) FROM events"),
             "outbox": one(ev, "SELECT count(*) FROM events WHERE acked = 0"),
         }
+
+
+def _dicts(cursor: sqlite3.Cursor) -> list[dict[str, Any]]:
+    """Every row of ``cursor`` as a dict by column name."""
+    names = [d[0] for d in cursor.description]
+    return [dict(zip(names, row, strict=True)) for row in cursor]
 
 
 def _stored(row: Sequence[Any]) -> StoredEvent:

@@ -45,6 +45,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
+from agent import __version__
 from agent.config import SyncConfig
 from agent.inbox import BULK_STREAMS, Inbox
 from agent.sync_apply import STAGING, Applier, Counters, SyncHost, entry_of
@@ -169,7 +170,8 @@ class SyncWorker:
         if self.config.username:
             client.username_pw_set(self.config.username, password)
         client.will_set(self.topics.outbound("status"), Status(
-            type="status", gateway=self.gateway, state="offline").model_dump_json(),
+            type="status", gateway=self.gateway, state="offline",
+            version=__version__).model_dump_json(),
             qos=1, retain=True)
         # No wait inside paho's thread (its first-connect retry would otherwise sleep there
         # before ending); the worker keeps the back-off.
@@ -249,7 +251,8 @@ class SyncWorker:
             if self._connected:
                 info = self._client.publish(self.topics.outbound("status"), Status(
                     type="status", gateway=self.gateway, state="offline",
-                    ts_ms=self.applier.now_ms()).model_dump_json(), qos=1, retain=True)
+                    ts_ms=self.applier.now_ms(), version=__version__).model_dump_json(),
+                    qos=1, retain=True)
                 info.wait_for_publish(1.0)
             self._client.disconnect()
         except (RuntimeError, ValueError, OSError) as exc:
@@ -456,7 +459,8 @@ class SyncWorker:
             readers=states.get("reader", {}), refused=dict(self.counters.refused),
             settings=StatusSettings(heartbeat_max_age_s=self.config.heartbeat_max_age_s,
                                     max_message_bytes=self.config.max_message_bytes,
-                                    batch_size=self.config.batch_size))
+                                    batch_size=self.config.batch_size),
+            version=__version__)
         self._publish("status", status.model_dump_json(), retain=True)
 
     def _send_resync(self) -> None:

@@ -64,6 +64,9 @@ REFUSAL_EVENT_EVERY_S = 60.0
 so a flood of forged messages cannot fill the event log."""
 DETAIL_CHARS = 200
 """A refusal's detail is cut to this many characters in its event."""
+STAGE_ROWS = 1000
+"""Rows of a snapshot chunk staged per transaction: about 20 ms of work here, the longest
+a revocation arriving meanwhile waits for the list database (bench/revocation.py)."""
 STAGING = "staging"
 """The pseudo-stream recording the list version of the last snapshot whose staging began;
 above the applied list version after a restart, it means the staging was cut short."""
@@ -152,6 +155,9 @@ class Applier:
         self._clock = clock
         self._monotonic = monotonic
         self._staging: Staging | None = None
+        self.between_steps: Callable[[], None] = lambda: None
+        """Called between the steps of a long list operation: the sync worker applies the
+        urgent messages waiting (agent/inbox.py). Never a snapshot's own messages."""
         self._refusal_logged: dict[str, float] = {}
         self._started = clock()
         self.stale: bool | None = None
@@ -306,7 +312,7 @@ class Applier:
         count = self.store.revoke(((unb64(item.hash), item.kind) for item in rev.items),
                                   version=rev.seq, stream=stream)
         self._list_event("revocations_applied", stream, rev.seq, {"count": count})
-        if rev.seq > last + 1:
+        if revocation_gap(rev, last):
             self.outbound.request_resync("gap")
         self._applied(stream, rev.seq)
 
@@ -371,9 +377,15 @@ class Applier:
                                f"{chunk.version}, expected {staging.next_index} of "
                                f"{manifest.seq}")
         try:
-            # Streamed: the store pulls the rows in batches, no copy of the chunk is built.
-            self.store.add_snapshot_chunk((entry_of(e) for e in chunk.entries),
-                                          ((unb64(r.hash), r.kind) for r in chunk.revoked))
+            # A step at a time (a chunk of the reference office is one step): the staged
+            # rows are not live, so they need not go in one transaction, and between
+            # steps the urgent messages waiting (revocations, acks) are applied.
+            for start in range(0, max(len(chunk.entries), len(chunk.revoked), 1), STAGE_ROWS):
+                end = start + STAGE_ROWS
+                self.store.add_snapshot_chunk(
+                    (entry_of(e) for e in chunk.entries[start:end]),
+                    ((unb64(r.hash), r.kind) for r in chunk.revoked[start:end]))
+                self.between_steps()
         except StoreError as exc:
             if isinstance(exc.__cause__, sqlite3.IntegrityError):
                 # The office's snapshot, not the database, is at fault: refused and counted
@@ -484,6 +496,15 @@ class Applier:
     def now_ms(self) -> int:
         """The wall clock, Unix ms."""
         return int(self._clock() * 1000)
+
+
+def revocation_gap(rev: Revocation, stored: int) -> bool:
+    """Whether a revocation (its seq above ``stored``, the stream's seq here) shows that
+    one was missed before it: its ``prev_seq`` is above ``stored``, or, from an office that
+    sends no ``prev_seq``, its seq is not ``stored + 1``."""
+    if rev.prev_seq is not None:
+        return rev.prev_seq > stored
+    return rev.seq != stored + 1
 
 
 def entry_of(entry: Entry) -> CredentialEntry:

@@ -11,11 +11,23 @@ that seq has been stored by the office. Each time the benchmark then checks, out
 the timed span, that the agent's store says the card is revoked, and every
 ``--tap-every``-th card is also presented at the reader to confirm a denial.
 
+Then the same during a snapshot: the office enrolls ``--snapshot-entries`` more cards and
+publishes the whole list as a snapshot (in the office's chunks of
+``provisioning.publish.CHUNK_ENTRIES``), and while the gateway receives, stages and swaps
+it in, cards are revoked one at a time as before. A revocation counts as "during" if its
+``applied`` report was stored before the snapshot's. After the snapshot has applied, every
+card revoked during it must still be revoked (the swap keeps revocations newer than the
+snapshot).
+
 Prints one JSON object as its last line: ``count``, ``p50_ms``, ``p99_ms``, ``max_ms``,
 ``mean_ms`` (office publish → gateway applied and enforced → ``applied`` stored at the
-office) and ``taps_denied`` (sample taps, each denied as ``revoked``).
+office), ``taps_denied`` (sample taps, each denied as ``revoked``), and for the second
+part ``during_snapshot_count``, ``during_snapshot_p50_ms``, ``during_snapshot_p99_ms``,
+``during_snapshot_max_ms``, ``snapshot_entries`` and ``snapshot_applied_s`` (from the
+office having published it to the gateway's report stored).
 
-Run: ``python bench/revocation.py`` (1,000 revocations) or ``--quick`` (100).
+Run: ``python bench/revocation.py`` (1,000 revocations; a 1,000,000-entry snapshot) or
+``--quick`` (100; 20,000).
 """
 
 from __future__ import annotations
@@ -66,6 +78,21 @@ class AppliedHook:
                 self._cond.notify_all()
         return event
 
+    def at(self, stream: str, seq: int) -> float | None:
+        """When ``(stream, seq)`` was reported, or None if not yet."""
+        with self._cond:
+            seen = self._seen.get((stream, seq))
+        return None if seen is None else seen[0]
+
+    def first(self, stream: str, timeout: float) -> int:
+        """The seq of the first report of ``stream``; raises if none in time."""
+        with self._cond:
+            def seqs() -> list[int]:
+                return sorted(seq for (s, seq) in self._seen if s == stream)
+            if not self._cond.wait_for(seqs, timeout):
+                raise SystemExit(f"no applied report for {stream} in {timeout:g} s")
+            return seqs()[0]
+
     def wait(self, stream: str, seq: int, timeout: float = 10.0) -> float:
         """When ``(stream, seq)`` was reported applied; raises if refused or late."""
         with self._cond:
@@ -88,6 +115,37 @@ def card(i: int) -> str:
     return f"{0xB000000000 + i:010X}"
 
 
+def during_snapshot(central: Any, agent: AgentProcess, hook: AppliedHook,
+                    args: argparse.Namespace) -> tuple[list[float], float]:
+    """Revoke cards one at a time while the gateway applies a snapshot of
+    ``--snapshot-entries``; the latencies of those applied before it, and how long it
+    took."""
+    base = args.revocations
+    central.enroll_many(GATEWAY, [(card_id(card(base + i)), f"P-S{i}")
+                                  for i in range(args.snapshot_entries)])
+    version = central.publish_snapshot(GATEWAY)
+    published = time.perf_counter()
+    during: list[float] = []
+    revoked: list[bytes] = []
+    i = 0
+    while hook.at("list", version) is None and i < args.snapshot_entries:
+        cred = HASHER.credential(card_id(card(base + i)))
+        started = time.perf_counter()
+        seq = central.revoke(GATEWAY, [Revoked(kind="credential", hash=b64(cred))])
+        at = hook.wait("rev", seq, timeout=600)
+        revoked.append(cred)
+        list_at = hook.at("list", version)
+        if list_at is None or at < list_at:
+            during.append((at - started) * 1000)
+        i += 1
+    snapshot_s = hook.wait("list", version, timeout=1800) - published
+    store = agent.store()
+    for cred in revoked:
+        if not store.lookup(cred).revoked:
+            raise SystemExit("a card revoked during the snapshot is not revoked after it")
+    return during, snapshot_s
+
+
 def main() -> int:
     """Run the benchmark and print its JSON figures."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -96,11 +154,14 @@ def main() -> int:
                         help="present every N-th revoked card at the reader (default 10)")
     parser.add_argument("--nagle", action="store_true",
                         help="leave the broker's set_tcp_nodelay off (mosquitto's default)")
-    parser.add_argument("--quick", action="store_true", help="100 revocations")
+    parser.add_argument("--snapshot-entries", type=int, default=1_000_000, metavar="N",
+                        help="cards in the snapshot applied during the second part")
+    parser.add_argument("--quick", action="store_true",
+                        help="100 revocations, a 20,000-entry snapshot")
     parser.add_argument("--keep", metavar="DIR", help="work in DIR and keep the logs")
     args = parser.parse_args()
     if args.quick:
-        args.revocations = 100
+        args.revocations, args.snapshot_entries = 100, 20_000
     hook = AppliedHook()
     with tempfile.TemporaryDirectory(prefix="permitgate-bench-") as tmp:
         folder = Path(args.keep) if args.keep else Path(tmp)
@@ -129,7 +190,7 @@ def main() -> int:
             if not central.subscribed.wait(15):
                 raise SystemExit("the office did not subscribe")
             agent.start()
-            hook.wait("list", 1, timeout=60)
+            hook.first("list", timeout=60)
             for i in range(args.revocations):
                 cred = HASHER.credential(card_id(card(i)))
                 started = time.perf_counter()
@@ -143,6 +204,7 @@ def main() -> int:
                         raise SystemExit(f"card {i}: {decision.kind} ({decision.reason}) "
                                          "after its revocation was applied")
                     denied += 1
+            during, snapshot_s = during_snapshot(central, agent, hook, args)
         finally:
             agent.close()
             stop.set()
@@ -158,6 +220,12 @@ def main() -> int:
         "max_ms": round(max(latencies), 3),
         "mean_ms": round(statistics.fmean(latencies), 3),
         "taps_denied": denied,
+        "during_snapshot_count": len(during),
+        "during_snapshot_p50_ms": round(percentile(during, 0.50), 3) if during else None,
+        "during_snapshot_p99_ms": round(percentile(during, 0.99), 3) if during else None,
+        "during_snapshot_max_ms": round(max(during), 3) if during else None,
+        "snapshot_entries": args.snapshot_entries,
+        "snapshot_applied_s": round(snapshot_s, 2),
         "broker_tcp_nodelay": not args.nagle,
         "gateway": "agent child process (python -m agent.cli run), simulated reader",
         "office": "Central.run in a thread of this process",

@@ -67,6 +67,16 @@ class AppliedHook:
                 self._cond.notify_all()
         return event
 
+    def first(self, stream: str, timeout: float) -> int:
+        """The seq of the first report of ``stream`` applied; raises if none in time."""
+        with self._cond:
+            def applied() -> list[int]:
+                return sorted(seq for (s, seq), (_at, status) in self._seen.items()
+                              if s == stream and status == "applied")
+            if not self._cond.wait_for(applied, timeout):
+                raise SystemExit(f"no applied report for {stream} in {timeout:g} s")
+            return applied()[0]
+
     def wait(self, stream: str, seq: int, timeout: float) -> float:
         """When ``(stream, seq)`` was reported applied; raises if refused or late."""
         with self._cond:
@@ -113,7 +123,7 @@ def main() -> int:
             if not central.subscribed.wait(15):
                 raise SystemExit("the office did not subscribe")
             agent.start()
-            hook.wait("list", 1, timeout=60)
+            hook.first("list", timeout=60)  # the first list (its version is the office's)
             extra = [f"{0xC000000000 + i:010X}" for i in range(args.entries - len(VALID))]
             enrolled = time.perf_counter()
             central.enroll_many(GATEWAY, [(card_id(c), f"P-S{c}") for c in extra])

@@ -14,8 +14,6 @@ import sqlite3
 import threading
 from pathlib import Path
 
-import sqlite_utils
-
 
 class StoreError(Exception):
     """The database is unusable (corrupt, full, wrong version); the message says which."""
@@ -121,7 +119,8 @@ class SqliteFile:
         try:
             conn.execute("BEGIN IMMEDIATE")
             current = 0
-            if "meta" in sqlite_utils.Database(conn).table_names():
+            if conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND "
+                            "name = 'meta'").fetchone():
                 row = conn.execute(
                     "SELECT value FROM meta WHERE key='schema_version'").fetchone()
                 current = int(row[0]) if row else 0

@@ -192,6 +192,27 @@ class Revocation(Header):
 
     type: Literal["revocation"]
     items: list[Revoked] = Field(min_length=1, max_length=MAX_ITEMS)
+    prev_seq: int | None = Field(default=None, ge=0, le=MAX_INT)
+    """The seq of the message before it on the same stream (0: none); absent (not null on
+    the wire) from an office that does not say. With it, a gateway sees a gap only when
+    ``prev_seq`` is above its own seq (a revocation in between was missed), so the office
+    may number its messages with jumps (docs/protocol.md, "Streams, versions, replay and
+    gaps"); without it, any jump is a gap."""
+
+    @model_validator(mode="after")
+    def _prev_before_seq(self) -> Revocation:
+        if self.prev_seq is not None and self.prev_seq >= self.seq:
+            raise ValueError(f"prev_seq {self.prev_seq} is not below seq {self.seq}")
+        return self
+
+    @model_serializer(mode="wrap")
+    def _omit_unsaid(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        # Absent rather than null: a gateway older than this field refuses any unknown
+        # field, null or not (docs/protocol.md, "Compatibility").
+        data: dict[str, Any] = handler(self)
+        if self.prev_seq is None:
+            data.pop("prev_seq", None)
+        return data
 
 
 class Command(Header):
@@ -393,6 +414,18 @@ class Status(_Body):
     """Refusals by reason, counted since the agent started (they restart from zero)."""
     settings: StatusSettings | None = None
     """None in the will."""
+    version: Annotated[str, Field(min_length=1, max_length=64)] | None = None
+    """The gateway's software version (``permitgate --version``); absent (not null on the
+    wire) from a gateway that does not say."""
+
+    @model_serializer(mode="wrap")
+    def _omit_unsaid(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        # Absent rather than null: an office older than this field refuses any unknown
+        # field, null or not (docs/protocol.md, "Compatibility").
+        data: dict[str, Any] = handler(self)
+        if self.version is None:
+            data.pop("version", None)
+        return data
 
 
 GatewayBody = EventBatch | Applied | ResyncRequest | Status

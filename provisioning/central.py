@@ -72,10 +72,12 @@ from provisioning.keys import (
 )
 from provisioning.mqtt import DEFAULT_CLIENT_ID, BrokerSettings, OneShotLink
 from provisioning.publish import (
+    CHUNK_ENTRIES,
     COMMAND_ACTIONS,
     DEFAULT_HEARTBEAT_TTL_S,
     DEFAULT_TTL_S,
     MAX_CHUNK_ENTRIES,
+    REVOCATION_ITEMS,
     HeartbeatAll,
     Operation,
     OpResult,
@@ -95,10 +97,24 @@ from provisioning.serve import DEFAULT_HEARTBEAT_EVERY_S, Duties, Worker
 from provisioning.tenants import POLICIES, ConfirmEnrollment, RejectEnrollment, Tenants
 
 __all__ = [  # what the CLI, tests and benchmarks take from the facade
-    "COMMAND_ACTIONS", "DEFAULT_HEARTBEAT_EVERY_S", "DEFAULT_KID", "ENROLLMENT_POLICIES",
-    "MAX_CHUNK_ENTRIES", "PERMIT_KEY_NAME", "SEAL_KEY_NAME", "SEAL_PUBLIC_NAME",
-    "TRUSTED_KEYS_NAME", "Central", "CentralError", "CentralUsageError", "KeygenResult",
-    "PublishError", "StoreResult", "keygen", "permit_hash",
+    "CHUNK_ENTRIES",
+    "COMMAND_ACTIONS",
+    "DEFAULT_HEARTBEAT_EVERY_S",
+    "DEFAULT_KID",
+    "ENROLLMENT_POLICIES",
+    "MAX_CHUNK_ENTRIES",
+    "PERMIT_KEY_NAME",
+    "SEAL_KEY_NAME",
+    "SEAL_PUBLIC_NAME",
+    "TRUSTED_KEYS_NAME",
+    "Central",
+    "CentralError",
+    "CentralUsageError",
+    "KeygenResult",
+    "PublishError",
+    "StoreResult",
+    "keygen",
+    "permit_hash",
 ]
 
 ENROLLMENT_POLICIES = POLICIES
@@ -225,7 +241,7 @@ class Central:
 
     # -- publishing (provisioning.publish) -------------------------------------------
 
-    def publish_snapshot(self, gateway: str, chunk_entries: int = MAX_CHUNK_ENTRIES) -> int:
+    def publish_snapshot(self, gateway: str, chunk_entries: int = CHUNK_ENTRIES) -> int:
         """Send the whole allowlist of ``gateway`` as a new version; returns it."""
         return self._seq(PublishSnapshot(gateway, chunk_entries))
 
@@ -240,8 +256,13 @@ class Central:
 
     def revoke(self, target: str, items: Sequence[Revoked]) -> int:
         """Revoke ``items`` at gateway ``target``, or at every gateway with ``"*"``
-        (broadcast stream). Returns the stream seq used."""
-        return self._seq(Revoke(target, tuple(items)))
+        (broadcast stream), in messages of at most ``REVOCATION_ITEMS``. Returns the
+        stream seq of the last."""
+        items = tuple(items)
+        seq = 0
+        for start in range(0, max(len(items), 1), REVOCATION_ITEMS):
+            seq = self._seq(Revoke(target, items[start:start + REVOCATION_ITEMS]))
+        return seq
 
     def revoke_permit(self, permit_number: str, gateway: str = "*") -> int:
         """Revoke a permit (every card of it) at one gateway or, by default, everywhere."""

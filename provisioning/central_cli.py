@@ -23,6 +23,7 @@ from common import logs
 from common.timefmt import age
 from protocol.hashing import SecretError, log_prefix
 from provisioning.central import (
+    CHUNK_ENTRIES,
     COMMAND_ACTIONS,
     DEFAULT_HEARTBEAT_EVERY_S,
     DEFAULT_KID,
@@ -37,6 +38,7 @@ from provisioning.db.backend import DATABASE_SETTING, set_database
 from provisioning.db.backend import describe as describe_database
 from provisioning.reconcile.cases import redact
 from provisioning.reconcile.cli import add_commands as add_office_commands
+from provisioning.register import add_register_command
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
 DIR_ENV = "PERMITGATE_CENTRAL_DIR"
@@ -484,6 +486,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="first event seq expected (default 1)")
     p.set_defaults(func=cmd_add_gateway)
 
+    add_register_command(sub, common, _central)
+
     p = sub.add_parser("enroll", parents=[common], help="store a card's entry")
     p.add_argument("gateway", metavar="GW")
     p.add_argument("--card", required=True, metavar="ID", help="e.g. em4100:67003B51C6")
@@ -502,8 +506,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("publish", parents=[common], help="send a gateway its whole list")
     p.add_argument("gateway", metavar="GW")
-    p.add_argument("--chunk-entries", type=_positive, default=MAX_CHUNK_ENTRIES,
-                   metavar="N", help=f"entries per chunk (default {MAX_CHUNK_ENTRIES})")
+    p.add_argument("--chunk-entries", type=_positive, default=CHUNK_ENTRIES,
+                   metavar="N", help=f"entries per chunk (default {CHUNK_ENTRIES:,}, at "
+                   f"most {MAX_CHUNK_ENTRIES:,})")
     p.set_defaults(func=cmd_publish)
 
     p = sub.add_parser("revoke", parents=[common], help="revoke permits or cards")

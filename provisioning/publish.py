@@ -57,6 +57,16 @@ DEFAULT_HEARTBEAT_TTL_S = 3_600
 """A heartbeat says 'your lists are current'; an hour bounds how long a gateway cut off
 from the office keeps believing it."""
 MAX_CHUNK_ENTRIES = 10_000
+"""The most entries (and revocations) one chunk may be given (``--chunk-entries``)."""
+CHUNK_ENTRIES = 1_000
+"""Entries per chunk by default: a gateway stages a chunk in one short step (about 20 ms
+on the reference hardware) and applies the revocations waiting between steps, so a
+revocation is not held up behind a long chunk (bench/revocation.py). A million entries
+are 1,000 chunks, a tenth of ``protocol.messages.MAX_CHUNKS``."""
+REVOCATION_ITEMS = 1_000
+"""Items per revocation message when the office revokes many at once (``Central.revoke``
+splits larger sets): a gateway parses one in about a millisecond, where a message of
+``MAX_ITEMS`` holds its interpreter lock for 100 ms and more (docs/performance.md)."""
 
 COMMAND_ACTIONS: tuple[str, ...] = get_args(Command.model_fields["action"].annotation)
 MODE_ACTIONS = frozenset({"lockdown", "free_passage", "normal"})
@@ -86,7 +96,7 @@ class PublishSnapshot:
     ``chunk_entries`` entries (and revocations)."""
 
     gateway: str
-    chunk_entries: int = MAX_CHUNK_ENTRIES
+    chunk_entries: int = CHUNK_ENTRIES
 
 
 @dataclass(frozen=True, slots=True)
@@ -214,7 +224,7 @@ class Publisher:
                 | EventAck | EnrollmentDecision) -> None:
         self._send(topic, self._keys.sign(topic, body))
 
-    def snapshot(self, gateway: str, chunk_entries: int = MAX_CHUNK_ENTRIES, *,
+    def snapshot(self, gateway: str, chunk_entries: int = CHUNK_ENTRIES, *,
                  resync: bool = False) -> int:
         """Send the whole allowlist of ``gateway`` as a new version; returns it."""
         contents = self._db.allocate_snapshot(gateway, self._now_ms(), resync=resync)
@@ -244,24 +254,24 @@ class Publisher:
     def delta(self, gateway: str, upsert: tuple[bytes, ...], remove: tuple[bytes, ...]
               ) -> int:
         """Send the stored entries of ``upsert`` and the removal of ``remove`` (credential
-        hashes) as version ``base + 1``; returns the new version."""
+        hashes) as the next version on the current one; returns the new version."""
         allocated = self._db.allocate_delta(gateway, upsert, self._now_ms())
         if allocated is None:
             raise CentralUsageError(f"delta: a card to upsert is not enrolled at "
                                     f"gateway {gateway}")
         version, records = allocated
-        self.send_delta(gateway, version, records, remove)
-        return version
+        self.send_delta(gateway, version.seq, records, remove, base=version.prev)
+        return version.seq
 
     def send_delta(self, gateway: str, version: int, upsert: Sequence[EntryRecord],
-                   remove: Sequence[bytes]) -> None:
+                   remove: Sequence[bytes], *, base: int) -> None:
         """Send list version ``version`` (allocated, and committed, by the caller) as a
-        delta on ``version - 1``."""
+        delta on version ``base``, the one before it."""
         rows = [wire_entry(r) for r in upsert]
         issued, expires = self._times(self.ttl_s)
         self._signed(Topics(gateway).inbound("list"), Delta(
             type="delta", gateway=gateway, seq=version, issued_at=issued, expires_at=expires,
-            base=version - 1, upsert=rows, remove=[b64(c) for c in remove]))
+            base=base, upsert=rows, remove=[b64(c) for c in remove]))
         log.info("delta_published", gateway=gateway, version=version, upserts=len(rows),
                  removals=len(remove))
 
@@ -276,20 +286,21 @@ class Publisher:
 
     def revoke(self, target: str, items: tuple[Revoked, ...]) -> int:
         """Revoke ``items`` at ``target`` (or everywhere with ``"*"``); returns the seq."""
-        seq = self._db.allocate_revocation(
+        allocated = self._db.allocate_revocation(
             target, [(i.kind, unb64(i.hash)) for i in items], self._now_ms())
+        seq = allocated.seq
         issued, expires = self._times(self.ttl_s)
         topic = (Topics("*").broadcast_revocations if target == "*"
                  else Topics(target).inbound("rev"))
         self._signed(topic, Revocation(
             type="revocation", gateway=target, seq=seq, issued_at=issued, expires_at=expires,
-            items=list(items)))
+            items=list(items), prev_seq=allocated.prev))
         log.info("revocation_published", gateway=target, seq=seq, items=len(items))
         return seq
 
     def command(self, gateway: str, action: str) -> int:
         """Send an operational command; returns its seq."""
-        seq = self._db.allocate_command(gateway)
+        seq = self._db.allocate_command(gateway, self._now_ms())
         # Recorded before it is handed over: a heartbeat then names it, and a gateway that
         # never got it (lost on the way, expired in a queue, or never sent because this
         # process died here) asks for it again.
@@ -343,7 +354,7 @@ class Publisher:
 
     def heartbeat(self, gateway: str) -> int:
         """Send 'your lists are current as of these versions'; returns its seq."""
-        state = self._db.allocate_heartbeat(gateway)
+        state = self._db.allocate_heartbeat(gateway, self._now_ms())
         latest = self.sent_command(gateway)
         issued, expires = self._times(self.heartbeat_ttl_s)
         self._signed(Topics(gateway).inbound("hb"), Heartbeat(
@@ -361,7 +372,7 @@ class Publisher:
     def ack(self, gateway: str, upto: int) -> int:
         """Acknowledge every event of ``gateway`` up to ``upto`` (call it only once they
         are committed: the gateway may then forget them); returns the ack's seq."""
-        seq = self._db.allocate_ack(gateway)
+        seq = self._db.allocate_ack(gateway, self._now_ms())
         issued, expires = self._times(self.ttl_s)
         self._signed(Topics(gateway).inbound("ack"), EventAck(
             type="event_ack", gateway=gateway, seq=seq, issued_at=issued,

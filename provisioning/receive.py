@@ -7,7 +7,9 @@ else is counted as malformed and logged, and nothing of it is stored. Event batc
 stored once per seq with their chain checked (``protocol.chain``) and acknowledged only
 after the commit; ``applied`` reports and statuses are kept per gateway; resync requests
 are answered with a snapshot, at most one per gateway per ``RESYNC_INTERVAL_S`` (those
-for ``behind_command`` with the latest commands sent again instead).
+for ``behind_command`` with the latest commands sent again instead). The versions a status
+or a resync request reports raise the office's stream counters where they are higher
+(``OfficeDatabase.raise_counters``).
 
 After a batch is stored, its tenant events (enrollments made at the gateway, move-outs,
 lease ends) are acted on (``provisioning.tenants``) before the ack is published, but the
@@ -47,7 +49,7 @@ from provisioning.db import (
     OfficeDatabase,
 )
 from provisioning.errors import CentralError, CentralUsageError
-from provisioning.publish import MAX_CHUNK_ENTRIES, Publisher
+from provisioning.publish import CHUNK_ENTRIES, Publisher
 from provisioning.tenants import Tenants
 
 log = structlog.get_logger()
@@ -233,9 +235,14 @@ class Receiver:
     def _on_status(self, gateway: str, msg: Status) -> None:
         self._db.record_status(gateway, msg.model_dump_json(), msg.versions.get("list"),
                                self._now_ms())
+        # What the gateway stored is never above the office's counters, unless the office
+        # lost some (restored from a backup): then it continues above (provisioning.db.seqs).
+        self._db.raise_counters(gateway, msg.versions, self._now_ms())
         log.info("gateway_status", gateway=gateway, state=msg.state)
 
     def _on_resync(self, gateway: str, msg: ResyncRequest) -> None:
+        self._db.raise_counters(gateway, {"list": msg.list_version, "rev": msg.rev_seq,
+                                          "all": msg.all_seq}, self._now_ms())
         if msg.reason == BEHIND_COMMAND:
             self._resend_commands(gateway)
             return
@@ -244,7 +251,7 @@ class Receiver:
         due = 0.0 if answered is None else answered / 1000 + self.resync_interval_s
         if self._clock() >= due:
             self._resync_due.pop(gateway, None)
-            self._publisher.snapshot(gateway, MAX_CHUNK_ENTRIES, resync=True)
+            self._publisher.snapshot(gateway, CHUNK_ENTRIES, resync=True)
             log.info("resync_answered", gateway=gateway, reason=reason,
                      gateway_list_version=msg.list_version)
         elif gateway not in self._resync_due:
@@ -274,5 +281,5 @@ class Receiver:
         for gateway, due in list(self._resync_due.items()):
             if now >= due:
                 del self._resync_due[gateway]
-                self._publisher.snapshot(gateway, MAX_CHUNK_ENTRIES, resync=True)
+                self._publisher.snapshot(gateway, CHUNK_ENTRIES, resync=True)
                 log.info("resync_answered", gateway=gateway, deferred=True)

@@ -300,7 +300,8 @@ class Tenants:
         change = self._db.end_enrollment(gateway, enrollment, ev.seq, reason,
                                          self._now_ms())
         if change is not None:
-            self._publisher.send_delta(gateway, change.version, change.upsert, change.remove)
+            self._publisher.send_delta(gateway, change.version, change.upsert, change.remove,
+                                       base=change.base)
         if known is None:
             log.warning("tenant_event_unknown_enrollment", gateway=gateway, seq=ev.seq,
                         kind=ev.kind, enrollment=enrollment)
@@ -335,7 +336,8 @@ class Tenants:
                                         confirmed_at=int(now), updated_ms=int(now * 1000))
         change = self._db.confirm_enrollments(gateway, entries, int(now * 1000))
         if change is not None:
-            self._publisher.send_delta(gateway, change.version, change.upsert, change.remove)
+            self._publisher.send_delta(gateway, change.version, change.upsert, change.remove,
+                                       base=change.base)
             log.info("enrollments_confirmed", gateway=gateway, count=len(change.enrollments),
                      list_version=change.version)
         return change
@@ -343,7 +345,8 @@ class Tenants:
     def _send_decisions(self, gateway: str) -> int | None:
         """Number and send every decision due; the last ``enr`` seq used, if any."""
         last = None
-        while (allocated := self._db.allocate_decisions(gateway, MAX_DECISIONS)) is not None:
+        while (allocated := self._db.allocate_decisions(
+                gateway, MAX_DECISIONS, self._now_ms())) is not None:
             last, records = allocated
             self._publisher.decisions(gateway, last, [Decided(
                 enrollment=r.id, status=cast(Literal["confirmed", "rejected"], r.status),
@@ -401,7 +404,7 @@ class Tenants:
             change = rejected[1]
             if change is not None:
                 self._publisher.send_delta(op.gateway, change.version, change.upsert,
-                                           change.remove)
+                                           change.remove, base=change.base)
             log.info("enrollment_rejected", gateway=op.gateway, enrollment=op.enrollment,
                      reason=op.reason, by="officer")
         seq = self._send_decisions(op.gateway)

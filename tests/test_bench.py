@@ -18,7 +18,7 @@ BENCH = Path(__file__).resolve().parent.parent / "bench"
 
 @pytest.mark.parametrize(("script", "keys"), [
     ("decision.py", {"entries", "decisions", "p50_ms", "p99_ms", "rss_mb", "apply_s"}),
-    ("revocation.py", {"p50_ms", "p99_ms"}),
+    ("revocation.py", {"p50_ms", "p99_ms", "during_snapshot_p99_ms", "snapshot_applied_s"}),
     ("backlog.py", {"events", "events_per_s", "max_decision_ms"}),
     ("snapshot.py", {"entries", "seconds"}),
     ("office_ingest.py", {"gateways", "events", "events_per_s", "lost", "duplicates_stored"}),

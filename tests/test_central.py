@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import queue
+import re
 import signal
 import stat
 import subprocess
@@ -362,16 +363,18 @@ def test_snapshot_chunks_match_the_manifest_and_carry_exactly_the_enrolled_hashe
         central.enroll("gw2", *OTHER_CARD)
         central.remove("gw1", "em4100:0102030405")
         central.enroll("gw1", "em4100:0102030405", "P-305")  # re-enrolled, every door
-        assert central.revoke_card("gw1", "em4100:67003BA86C") == 1
-        assert central.revoke_permit("P-777") == 1
+        rev_seq = central.revoke_card("gw1", "em4100:67003BA86C")
+        all_seq = central.revoke_permit("P-777")
         version = central.publish_snapshot("gw1", chunk_entries=2)
     _, rev = gw1.next_central(office.keys)
     _, broadcast = gw1.next_central(office.keys)
-    assert isinstance(rev, Revocation) and rev.gateway == "gw1" and rev.seq == 1
+    assert isinstance(rev, Revocation) and rev.gateway == "gw1"
+    assert (rev.seq, rev.prev_seq) == (rev_seq, 0)
     assert isinstance(broadcast, Revocation) and broadcast.gateway == "*"
+    assert (broadcast.seq, broadcast.prev_seq) == (all_seq, 0)
     manifest, chunks = gw1.receive_snapshot(office.keys)
-    assert manifest.seq == version == 1
-    assert (manifest.gateway, manifest.rev_seq, manifest.all_seq) == ("gw1", 1, 1)
+    assert manifest.seq == version
+    assert (manifest.gateway, manifest.rev_seq, manifest.all_seq) == ("gw1", rev_seq, all_seq)
     assert len(chunks) == 2
     entries = [e for c in chunks for e in c.entries]
     assert manifest.entries == len(entries) == 3
@@ -433,34 +436,39 @@ def test_every_message_verifies_and_no_seq_is_reused_across_a_restart(
                 for _chunk in message.chunk_sha256:
                     assert is_chunk(gw1.next()[1])
             if isinstance(message, Delta):
-                assert message.base == message.seq - 1
+                assert message.base == seen["list"][-1]
                 assert message.upsert[0].cred == office.cred("gw1", "em4100:67003B51C6")
                 assert message.remove == [office.cred("gw1", "em4100:0102030405")]
+            if isinstance(message, Revocation):
+                assert message.prev_seq == seen.get(stream, [0])[-1]
             if isinstance(message, Heartbeat):
                 assert (message.list_version, message.rev_seq, message.all_seq) == (
                     seen["list"][-1], seen["rev"][-1], seen["all"][-1])
                 assert message.expires_at - message.issued_at == 3600
             seen.setdefault(stream, []).append(message.seq)
-    assert seen == {"list": [1, 2, 3, 4], "rev": [1, 2], "all": [1, 2], "cmd": [1, 2],
-                    "hb": [1, 2]}
+    assert {stream: len(seqs) for stream, seqs in seen.items()} == {
+        "list": 4, "rev": 2, "all": 2, "cmd": 2, "hb": 2}
+    assert all(seqs == sorted(set(seqs)) for seqs in seen.values())
 
 
 def test_an_unreachable_broker_spends_no_sequence_number(office: Office,
                                                          peers: Callable[[str], GatewayPeer]
                                                          ) -> None:
     """A one-shot publish that cannot connect fails with PublishError before allocating
-    a version, so the next successful snapshot is still version 1."""
+    a version, so the next successful snapshot, at the same time, gets the version that
+    time gives (one spent would have made it one more)."""
+    clock = FakeClock()
     port = office.broker.port
     office.broker.stop()
-    with office.central(connect_timeout_s=2.0) as central, pytest.raises(
+    with office.central(connect_timeout_s=2.0, clock=clock) as central, pytest.raises(
             PublishError, match=f"{port}"):
         central.publish_snapshot("gw1")
     office.broker.start()
     gw1 = peers("gw1")
-    with office.central() as central:
-        assert central.publish_snapshot("gw1") == 1
+    with office.central(clock=clock) as central:
+        assert central.publish_snapshot("gw1") == int(clock.now * 1000)
     manifest, _ = gw1.receive_snapshot(office.keys)
-    assert manifest.seq == 1
+    assert manifest.seq == int(clock.now * 1000)
 
 
 # -- receiving ------------------------------------------------------------------------
@@ -525,7 +533,8 @@ def test_a_resync_request_yields_a_snapshot_at_most_once_per_interval(
                "rev_seq": 0, "all_seq": 0, "ts_ms": 0}
     gw1.send("request", request)
     manifest, chunks = gw1.receive_snapshot(office.keys)
-    assert manifest.seq == 1 and manifest.entries == 1
+    first = manifest.seq
+    assert manifest.entries == 1
     assert chunks[0].entries[0].cred == office.cred("gw1", "em4100:67003B51C6")
     gw1.send("request", {**request, "reason": "again"})
     # An event batch is handled after the request (one worker, in order): its ack comes
@@ -535,7 +544,7 @@ def test_a_resync_request_yields_a_snapshot_at_most_once_per_interval(
     assert gw1.inbox.empty()
     clock.now += 10.5
     manifest, _ = gw1.receive_snapshot(office.keys)
-    assert manifest.seq == 2
+    assert manifest.seq > first
     resync = central.gateway_report("gw1")["resync"]
     assert resync["reason"] == "again" and resync["answered_ms"] is not None
 
@@ -574,16 +583,16 @@ def test_serve_sends_every_gateway_a_heartbeat_once_connected(
     """With a heartbeat interval, run() sends each gateway a signed heartbeat carrying its
     current list version and stream seqs as soon as it is connected."""
     with office.central() as central:
-        central.publish_snapshot("gw2")
-        central.revoke_permit("P-1")
+        version = central.publish_snapshot("gw2")
+        all_seq = central.revoke_permit("P-1")
     gw1, gw2 = peers("gw1"), peers("gw2")
     serving(heartbeat_every_s=3600)
-    for peer, version in ((gw1, 0), (gw2, 1)):
+    for peer, list_version in ((gw1, 0), (gw2, version)):
         topic, beat = peer.next_central(office.keys)
         assert topic == peer.topics.inbound("hb")
         assert isinstance(beat, Heartbeat)
         assert (beat.gateway, beat.list_version, beat.rev_seq, beat.all_seq) == (
-            peer.gateway, version, 0, 1)
+            peer.gateway, list_version, 0, all_seq)
 
 
 def test_a_second_central_hands_its_publishing_to_the_running_one(
@@ -594,14 +603,15 @@ def test_a_second_central_hands_its_publishing_to_the_running_one(
     gw1 = peers("gw1")
     serving()
     with office.central() as tool:
-        assert tool.command("gw1", "status") == 1
-        assert tool.heartbeat_all() == {"gw1": 1, "gw2": 1}
+        seq = tool.command("gw1", "status")
+        beats = tool.heartbeat_all()
+        assert sorted(beats) == ["gw1", "gw2"]
         with pytest.raises(CentralUsageError, match="not enrolled"):
             tool.publish_delta("gw1", upsert=["em4100:67003B51C6"])
     _, command = gw1.next_central(office.keys)
-    assert isinstance(command, Command) and command.action == "status"
+    assert isinstance(command, Command) and (command.action, command.seq) == ("status", seq)
     _, beat = gw1.next_central(office.keys)
-    assert isinstance(beat, Heartbeat) and beat.seq == 1
+    assert isinstance(beat, Heartbeat) and beat.seq == beats["gw1"]
     # One connection under the office's client id: the tool never connected.
     assert office.broker.log().count("as permitgate-central ") == 1
 
@@ -615,9 +625,9 @@ def test_a_one_shot_command_leaves_queued_gateway_messages_for_serve(
     Serving(office.central()).stop()  # the office session and its subscription exist
     gw1.send("events", batch("gw1", make_events(tmp_path, 2)))
     with office.central() as tool:
-        assert tool.command("gw1", "status") == 1
+        seq = tool.command("gw1", "status")
     _, command = gw1.next_central(office.keys)
-    assert isinstance(command, Command)
+    assert isinstance(command, Command) and command.seq == seq
     central = serving()
     assert wait_ack(gw1, office.keys).upto == 2
     assert [e["seq"] for e in central.events("gw1")] == [1, 2]
@@ -667,6 +677,13 @@ def _next_line(lines: _Lines, event: str) -> dict[str, Any]:
             return record
 
 
+def _published_version(stdout: str) -> int:
+    """The list version ``permitgate-central publish`` says it published."""
+    found = re.search(r"published list version (\d+) ", stdout)
+    assert found is not None, stdout
+    return int(found.group(1))
+
+
 def test_cli_keygen_add_gateway_enroll_publish_serve_and_show(
         tmp_path: Path, broker: Broker, office_db: OfficeDb) -> None:
     """The CLI end to end: keygen, add-gateway, enroll, publish (a verified snapshot),
@@ -689,8 +706,9 @@ def test_cli_keygen_add_gateway_enroll_publish_serve_and_show(
     serve: subprocess.Popen[str] | None = None
     lines: _Lines | None = None
     try:
-        assert "version 1" in run_cli("publish", "gw1", *net).stdout
+        first = _published_version(run_cli("publish", "gw1", *net).stdout)
         manifest, chunks = gw1.receive_snapshot(keys)
+        assert manifest.seq == first
         (entry,) = chunks[0].entries
         hasher = CredentialHasher(bytes.fromhex(site_key.read_text().strip()))
         assert entry.cred == b64(hasher.credential("em4100:67003B51C6"))
@@ -703,14 +721,16 @@ def test_cli_keygen_add_gateway_enroll_publish_serve_and_show(
             cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         lines = _Lines(serve)
         _next_line(lines, "central_subscribed")
-        second = run_cli("serve", *net, check=1)
-        assert "another 'serve'" in second.stderr
-        assert "version 2" in run_cli("publish", "gw1", *net).stdout
+        refused = run_cli("serve", *net, check=1)
+        assert "another 'serve'" in refused.stderr
+        second = _published_version(run_cli("publish", "gw1", *net).stdout)
+        assert second > first
         _next_line(lines, "request_served")
         manifest, _ = gw1.receive_snapshot(keys)
-        assert manifest.seq == 2
+        assert manifest.seq == second
         gw1.send("applied", {"type": "applied", "gateway": "gw1", "stream": "list",
-                             "seq": 2, "status": "applied", "list_version": 2, "ts_ms": 1})
+                             "seq": second, "status": "applied", "list_version": second,
+                             "ts_ms": 1})
         _next_line(lines, "gateway_applied")
         gw1.send("events", batch("gw1", make_events(tmp_path, 2)))
         _next_line(lines, "events_stored")
@@ -720,10 +740,10 @@ def test_cli_keygen_add_gateway_enroll_publish_serve_and_show(
         assert "access_granted" in run_cli("events", "gw1", *net).stdout
         report = json.loads(run_cli("show", "--json", *net).stdout)
         (gateway,) = report["gateways"]
-        assert gateway["list"] == {**gateway["list"], "published": 2, "applied": 2,
-                                   "current": True}
+        assert gateway["list"] == {**gateway["list"], "published": second,
+                                   "applied": second, "current": True}
         assert gateway["applied"]["list"]["status"] == "applied"
-        assert "applied v2 (current)" in run_cli("show", *net).stdout
+        assert f"applied v{second} (current)" in run_cli("show", *net).stdout
         serve.send_signal(signal.SIGTERM)
         assert serve.wait(WAIT_S) == 0
     finally:

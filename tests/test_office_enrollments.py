@@ -262,6 +262,17 @@ def kinds(messages: list[CentralBody]) -> list[str]:
     return [m.type for m in messages]
 
 
+def delta_version(messages: list[CentralBody]) -> int:
+    """The list version of the one delta among ``messages``."""
+    (delta,) = [m for m in messages if isinstance(m, Delta)]
+    return delta.seq
+
+
+CONFIRMED_OUT = re.compile(r"confirmed enrollment (\S+) at (\S+) \(list version (\d+), "
+                           r"decision enr seq (\d+)\)")
+"""What ``permitgate-central confirm`` prints."""
+
+
 # -- keys -------------------------------------------------------------------------------
 
 
@@ -302,15 +313,17 @@ def test_cli_keygen_says_where_office_seal_pub_goes(tmp_path: Path) -> None:
 def test_auto_policy_lists_the_card_and_the_gateway_confirms(
         office: OfficeRig, gateway: GatewayRig) -> None:
     """Under the default policy an enrollment that checks out is put in the gateway's
-    list (a delta, version 1) and confirmed with a signed decision naming that version,
-    before the ack; the real gateway applies both, and the office holds the permit."""
+    list (a delta on version 0) and confirmed with a signed decision naming the delta's
+    version, before the ack; the real gateway applies both, and the office holds the
+    permit."""
     central = office.serve()
     enrollment = gateway.enroll()
     gateway.send(gateway.batch())
     messages = gateway.receive_until_ack()
     assert kinds(messages) == ["delta", "enrollment_decision", "event_ack"]
     delta, decision, _ = messages
-    assert isinstance(delta, Delta) and (delta.seq, delta.base) == (1, 0)
+    assert isinstance(delta, Delta) and delta.base == 0
+    version = delta.seq
     (entry,) = delta.upsert
     record = gateway.store.tenants.get(enrollment)
     assert record is not None
@@ -318,10 +331,10 @@ def test_auto_policy_lists_the_card_and_the_gateway_confirms(
             entry.schedule) == (b64(CARD), b64(office.permit(PERMIT)), None,
                                 record.lease_end, None, None)
     assert entry.confirmed_at is not None
-    assert isinstance(decision, EnrollmentDecision) and decision.seq == 1
+    assert isinstance(decision, EnrollmentDecision)
     assert decision.items == [Decided(enrollment=enrollment, status="confirmed",
-                                      list_version=1)]
-    assert (record.state, record.list_version) == (TenantState.CONFIRMED, 1)
+                                      list_version=version)]
+    assert (record.state, record.list_version) == (TenantState.CONFIRMED, version)
     assert gateway.store.lookup(CARD).grant is not None  # from the office's list now
     assert gateway.store.attachments(1, 1) == {}  # acknowledged: gone from the gateway
     assert [e.cred for e in central.entries(GW)] == [b64(CARD)]
@@ -329,11 +342,12 @@ def test_auto_policy_lists_the_card_and_the_gateway_confirms(
     assert {k: held[k] for k in ("enrollment", "unit", "cred", "permit", "status",
                                  "list_version", "decision_seq", "elsewhere")} == {
         "enrollment": enrollment, "unit": "101", "cred": log_prefix(CARD),
-        "permit": PERMIT, "status": "confirmed", "list_version": 1, "decision_seq": 1,
-        "elsewhere": []}
+        "permit": PERMIT, "status": "confirmed", "list_version": version,
+        "decision_seq": decision.seq, "elsewhere": []}
     assert central.enrollments(GW)[0]["permit"] is None  # only shown when asked
     report = central.gateway_report(GW)
-    assert report["streams"]["enr"] == 1 and report["enrollments"] == {"confirmed": 1}
+    assert report["streams"]["enr"] == decision.seq
+    assert report["enrollments"] == {"confirmed": 1}
 
 
 def test_hold_policy_waits_for_an_officer_whose_cli_goes_through_serve(
@@ -353,15 +367,18 @@ def test_hold_policy_waits_for_an_officer_whose_cli_goes_through_serve(
     assert [line.split()[1] for line in listed] == [first, second]
     assert all("held (policy)" in line and PERMIT not in line for line in listed)
 
-    out = office.cli("confirm", GW, first)
-    assert f"confirmed enrollment {first} at {GW} (list version 1, decision enr seq 1)" \
-        in out
+    confirmed = CONFIRMED_OUT.search(office.cli("confirm", GW, first))
+    assert confirmed is not None and confirmed.group(1, 2) == (first, GW)
+    version, enr = int(confirmed.group(3)), int(confirmed.group(4))
     messages = [gateway.receive(), gateway.receive()]
     assert kinds(messages) == ["delta", "enrollment_decision"]
+    assert delta_version(messages) == version
     assert decided(messages) == [Decided(enrollment=first, status="confirmed",
-                                         list_version=1)]
+                                         list_version=version)]
     out = office.cli("reject", GW, second, "--reason", "officer")
-    assert "decision enr seq 2" in out and "list version" not in out
+    rejected = re.search(r"decision enr seq (\d+)", out)
+    assert rejected is not None and int(rejected.group(1)) > enr
+    assert "list version" not in out
     rejection = gateway.receive()
     assert decided([rejection]) == [Decided(enrollment=second, status="rejected",
                                             reason="officer")]
@@ -382,10 +399,11 @@ def test_confirm_without_a_running_serve_publishes_on_its_own_connection(
     gateway.send(gateway.batch())
     gateway.receive_until_ack()
     office.stop()
-    assert "list version 1" in office.cli("confirm", GW, enrollment)
+    confirmed = CONFIRMED_OUT.search(office.cli("confirm", GW, enrollment))
+    assert confirmed is not None
     messages = [gateway.receive(), gateway.receive()]
     assert decided(messages) == [Decided(enrollment=enrollment, status="confirmed",
-                                         list_version=1)]
+                                         list_version=int(confirmed.group(3)))]
     record = gateway.store.tenants.get(enrollment)
     assert record is not None and record.state is TenantState.CONFIRMED
 
@@ -477,7 +495,7 @@ def test_a_permit_listed_in_another_building_is_recorded_not_rejected(
         gateway.send(gateway.batch())
         messages = gateway.receive_until_ack()
     assert decided(messages) == [Decided(enrollment=enrollment, status="confirmed",
-                                         list_version=1)]
+                                         list_version=delta_version(messages))]
     (record,) = central.enrollments(GW)
     assert record["elsewhere"] == ["gw2"]
     assert any(r["event"] == "enrollment_permit_elsewhere" for r in logs)
@@ -492,7 +510,7 @@ def test_the_end_of_a_tenancy_takes_the_card_off_the_list(
     central = office.serve()
     enrollment = gateway.enroll()
     gateway.send(gateway.batch())
-    gateway.receive_until_ack()
+    listed = delta_version(gateway.receive_until_ack())
     if ending == "moved_out":
         assert gateway.enroller.move_out(account="landlord", enrollment_id=enrollment)
     else:
@@ -506,11 +524,11 @@ def test_the_end_of_a_tenancy_takes_the_card_off_the_list(
     assert kinds(messages) == ["delta", "event_ack"]
     delta = messages[0]
     assert isinstance(delta, Delta)
-    assert (delta.seq, delta.upsert, delta.remove) == (2, [], [b64(CARD)])
+    assert (delta.base, delta.upsert, delta.remove) == (listed, [], [b64(CARD)])
     assert central.entries(GW) == []
     (record_at_office,) = central.enrollments(GW)
     assert (record_at_office["status"], record_at_office["reason"],
-            record_at_office["list_version"]) == ("ended", ending, 2)
+            record_at_office["list_version"]) == ("ended", ending, delta.seq)
     assert gateway.store.lookup(CARD).grant is None
 
 
@@ -521,8 +539,8 @@ def test_a_resent_batch_is_acted_on_once(office: OfficeRig, gateway: GatewayRig)
     gateway.enroll()
     payload = gateway.batch()
     gateway.send(payload)
-    assert kinds(gateway.receive_until_ack()) == ["delta", "enrollment_decision",
-                                                  "event_ack"]
+    first = gateway.receive_until_ack()
+    assert kinds(first) == ["delta", "enrollment_decision", "event_ack"]
     gateway.send(payload)
     assert kinds(gateway.receive_until_ack()) == ["event_ack"]
     assert gateway.peer.inbox.empty()
@@ -530,9 +548,10 @@ def test_a_resent_batch_is_acted_on_once(office: OfficeRig, gateway: GatewayRig)
     gateway.send(gateway.batch(first=1))  # the first enrollment again, and what followed
     messages = gateway.receive_until_ack()
     assert kinds(messages) == ["delta", "enrollment_decision", "event_ack"]
-    assert [d.list_version for d in decided(messages)] == [2]
+    assert [d.list_version for d in decided(messages)] == [delta_version(messages)]
+    assert delta_version(messages) > delta_version(first)
     assert len(central.enrollments(GW)) == 2
-    assert central.gateway_report(GW)["streams"]["enr"] == 2
+    assert central.gateway_report(GW)["streams"]["enr"] == messages[1].seq
 
 
 def test_events_stored_while_not_serving_are_acted_on_when_serve_starts(
@@ -546,7 +565,7 @@ def test_events_stored_while_not_serving_are_acted_on_when_serve_starts(
     messages = [gateway.receive(), gateway.receive()]
     assert kinds(messages) == ["delta", "enrollment_decision"]
     assert decided(messages) == [Decided(enrollment=enrollment, status="confirmed",
-                                         list_version=1)]
+                                         list_version=delta_version(messages))]
 
 
 # -- the command line ---------------------------------------------------------------------

@@ -331,7 +331,7 @@ def test_a_gateway_turn_is_given_back_only_after_the_flush(pg: PostgresOfficeDat
                 ).fetchone() == (1,), "the second instance to wait for the turn")
         other_gateway = PostgresOfficeDatabase(pg_url)
         other_gateway.begin_turns(lambda: None)
-        assert other_gateway.allocate_command("gw2") == 1  # another gateway's turn is free
+        assert other_gateway.allocate_command("gw2", 1) == 1  # another gateway's turn is free
         other_gateway.end_turns()
         other_gateway.close()
         pg.end_turns()
@@ -347,14 +347,14 @@ def test_acks_and_reads_take_no_turn(pg: PostgresOfficeDatabase, pg_url: str) ->
     turn: storing and acknowledging events goes on while another instance publishes."""
     pg.add_gateway("gw1", "s", "/k", 0, 1)
     pg.begin_turns(lambda: None)
-    pg.allocate_command("gw1")  # holds gw1's turn
+    pg.allocate_command("gw1", 1)  # holds gw1's turn
     other = PostgresOfficeDatabase(pg_url)
     try:
         other.begin_turns(lambda: None)
         assert other.store_events("gw1", _chain(2), 1, lambda _a: []).acked_upto == 2
-        assert other.allocate_ack("gw1") == 1
+        assert other.allocate_ack("gw1", 1) == 1
         assert other.tenant_events("gw1", 10) == []
-        assert other.allocate_decisions("gw1", 10) is None
+        assert other.allocate_decisions("gw1", 10, 1) is None
         other.end_turns()
     finally:
         pg.end_turns()

@@ -159,11 +159,11 @@ def test_a_failing_chain_check_stores_none_of_the_batch(db: OfficeDatabase) -> N
 
 def test_a_delta_naming_an_unenrolled_card_spends_no_version(db: OfficeDatabase) -> None:
     """A delta that cannot be built (a card to upsert is not enrolled) allocates nothing:
-    the next list version is still 1."""
+    a snapshot after it, at an earlier time, still gets the version its own time gives."""
     db.put_entries("gw1", [EntryRecord(HASH, None, None, None, ("front",), None, 1, 1_000)])
     assert db.allocate_delta("gw1", [HASH, HASH[::-1]], 2_000) is None
-    contents = db.allocate_snapshot("gw1", 3_000, resync=False)
-    assert contents.version == 1
+    contents = db.allocate_snapshot("gw1", 1_000, resync=False)
+    assert contents.version == 1_000
     assert [e.doors for e in contents.entries] == [("front",)]
 
 
@@ -194,7 +194,7 @@ def test_an_enrollment_is_recorded_once_together_with_the_cursor(db: OfficeDatab
 def test_deciding_spends_a_number_only_when_something_changes(db: OfficeDatabase) -> None:
     """Confirming what is no longer open, or numbering decisions when none is due,
     allocates no list version and no enr seq; a confirmation spends one of each."""
-    assert db.allocate_decisions("gw1", 10) is None
+    assert db.allocate_decisions("gw1", 10, 1) is None
     db.record_enrollment(_enrollment(status="rejected"))
     assert db.confirm_enrollments("gw1", {ENROLLMENT: _entry()}, 5) is None
     gateway = db.gateway("gw1")
@@ -202,13 +202,14 @@ def test_deciding_spends_a_number_only_when_something_changes(db: OfficeDatabase
     other = "8e41d2a0-6b7c-4f19-a3d5-0c9e2b7f5a16"
     db.record_enrollment(_enrollment(other, 4, status="held"))
     change = db.confirm_enrollments("gw1", {other: _entry()}, 6)
-    assert change is not None and (change.version, change.enrollments) == (1, [other])
-    allocated = db.allocate_decisions("gw1", 10)
+    assert change is not None and (change.version, change.base, change.enrollments) == (
+        6, 0, [other])
+    allocated = db.allocate_decisions("gw1", 10, 1)
     assert allocated is not None
     seq, due = allocated
     assert (seq, [(r.id, r.status, r.decision_seq) for r in due]) == (
         1, [(ENROLLMENT, "rejected", 1), (other, "confirmed", 1)])
-    assert db.allocate_decisions("gw1", 10) is None
+    assert db.allocate_decisions("gw1", 10, 1) is None
 
 
 def test_the_end_of_a_confirmed_enrollment_unlists_its_card_once(db: OfficeDatabase) -> None:
@@ -217,10 +218,11 @@ def test_the_end_of_a_confirmed_enrollment_unlists_its_card_once(db: OfficeDatab
     db.record_enrollment(_enrollment())
     db.confirm_enrollments("gw1", {ENROLLMENT: _entry()}, 5)
     change = db.end_enrollment("gw1", ENROLLMENT, 9, "moved_out", 6)
-    assert change is not None and (change.version, change.remove) == (2, [HASH])
+    assert change is not None and (change.version, change.base, change.remove) == (
+        6, 5, [HASH])
     assert db.entries("gw1") == []
     assert db.end_enrollment("gw1", ENROLLMENT, 10, "moved_out", 7) is None
     record = db.enrollment("gw1", ENROLLMENT)
     assert record is not None and (record.status, record.reason) == ("ended", "moved_out")
     gateway = db.gateway("gw1")
-    assert gateway is not None and (gateway.list_version, gateway.tenant_upto) == (2, 10)
+    assert gateway is not None and (gateway.list_version, gateway.tenant_upto) == (6, 10)

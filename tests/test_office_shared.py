@@ -201,8 +201,8 @@ def test_a_killed_instance_loses_and_duplicates_nothing(
 def test_two_instances_send_each_gateway_its_lists_in_order(office: Office) -> None:
     """Resync requests shared out to two serves are each answered with a snapshot of a
     1,000-entry list by one of them, and the gateway receives every manifest with its
-    chunk right after it, versions in allocation order without a gap, from both
-    instances (tests/test_office_pg.py shows the turn that keeps them so)."""
+    chunk right after it, versions in allocation order up to the last one allocated,
+    from both instances (tests/test_office_pg.py shows the turn that keeps them so)."""
     with Central(office.folder, office.broker.host, office.broker.port) as tool:
         tool.enroll_many("gw1", ((f"em4100:{n:010X}", f"P-{n}") for n in range(1000)))
     serving = [Serving(office.central(f"office-{n}", resync_interval_s=0)) for n in "ab"]
@@ -230,8 +230,14 @@ def test_two_instances_send_each_gateway_its_lists_in_order(office: Office) -> N
         gw1.close()
         for loop in serving:
             loop.stop()
-    assert received == [(kind, v) for v in range(1, requests + 1)
-                        for kind in ("snapshot", "chunk")]
+    versions = [v for kind, v in received if kind == "snapshot"]
+    assert len(versions) == requests and versions == sorted(set(versions))
+    assert received == [(kind, v) for v in versions for kind in ("snapshot", "chunk")]
+    db = PostgresOfficeDatabase(office.url)
+    try:
+        assert [g.list_version for g in db.gateways() if g.id == "gw1"] == [versions[-1]]
+    finally:
+        db.close()
     log = office.broker.log()
     for client in ("office-a", "office-b"):
         assert f"Received PUBLISH from {client} (d0, q1, r0, m" in log
@@ -240,9 +246,10 @@ def test_two_instances_send_each_gateway_its_lists_in_order(office: Office) -> N
 
 def test_heartbeats_go_out_from_one_instance(office: Office) -> None:
     """Two serves with heartbeats on: one of them sends each gateway its heartbeat, the
-    other leaves them to it (seq 1 is the only one allocated)."""
+    other leaves them to it (the seq received is the only one allocated)."""
     peers = [GatewayPeer(office.broker, gw) for gw in GATEWAYS]
     serving: list[Serving] = []
+    received: dict[str, int] = {}
     try:
         with capture_logs() as logs:
             serving += [Serving(office.central(f"office-{n}"), heartbeat_every_s=3600)
@@ -250,6 +257,7 @@ def test_heartbeats_go_out_from_one_instance(office: Office) -> None:
             for peer in peers:
                 topic, body = peer.next_central(office.keys)
                 assert topic == peer.topics.inbound("hb") and isinstance(body, Heartbeat)
+                received[peer.gateway] = body.seq
             # Both have decided before either stops (the other would then take over).
             wait_for(lambda: any(e["event"] == "heartbeats_sent_by_another_instance"
                                  for e in logs), "the other instance to leave heartbeats")
@@ -260,7 +268,7 @@ def test_heartbeats_go_out_from_one_instance(office: Office) -> None:
             peer.close()
     db = PostgresOfficeDatabase(office.url)
     try:
-        assert [g.hb_seq for g in db.gateways()] == [1] * len(GATEWAYS)
+        assert {g.id: g.hb_seq for g in db.gateways()} == received
     finally:
         db.close()
 
@@ -281,8 +289,8 @@ def test_who_may_serve_a_shared_database(office: Office) -> None:
         lone.close()
         second = Serving(office.central("office-b"))
         with Central(office.folder, office.broker.host, office.broker.port) as tool:
-            assert tool.command("gw1", "status") == 1
-            assert tool.command("gw1", "normal") == 2
+            status = tool.command("gw1", "status")
+            assert tool.command("gw1", "normal") > status
         second.stop()
     finally:
         first.stop()

@@ -352,8 +352,9 @@ def test_each_finding_says_what_the_office_needs_to_act(planted: Planted) -> Non
     assert by["permit_in_two_buildings", "gw-a"]["detail"] == {"other_buildings": ["bldg-b"]}
     lease = by["lease_ended_still_active", "gw-b"]
     assert (lease["detail"]["enrollment_status"], lease["unit"]) == ("confirmed", "205")
-    assert by["list_stale", "gw-d"]["detail"] == {"list": [None, 1], "rev": [None, 0],
-                                                  "all": [None, 0]}
+    published = int((planted.now - 2 * 3600) * 1000)  # the list version its time gave
+    assert by["list_stale", "gw-d"]["detail"] == {"list": [None, published],
+                                                  "rev": [None, 0], "all": [None, 0]}
     assert by["list_stale", "gw-d"]["action"] == "permitgate-central publish gw-d"
     silent = by["gateway_silent", "gw-c"]["detail"]
     assert silent["state"] == "online"
@@ -509,7 +510,7 @@ def test_revoke_after_review_revokes_at_the_gateway_and_the_finding_goes(
         assert office.db.revocations("gw-a") == []
         text = run(office.folder, "reconcile", "--registry", str(registry), "--revoke",
                    ids[P["I"]], *net)
-        assert "revoked 1 permit(s) at gw-a (rev seq 1)" in text
+        assert re.search(r"revoked 1 permit\(s\) at gw-a \(rev seq \d+\)", text)
         digest = office.central.permit_key()
         revoked = CredentialHasher(digest).permit(P["I"])
         assert office.db.revocations("gw-a") == [("permit", revoked)]

@@ -23,7 +23,7 @@ from structlog.testing import capture_logs
 from agent.config import SyncConfig
 from agent.decision import Mode
 from agent.store import Store, lists_path
-from agent.sync_apply import Applier
+from agent.sync_apply import STAGE_ROWS, Applier
 from protocol.chain import Event
 from protocol.hashing import CredentialHasher
 from protocol.messages import (
@@ -504,3 +504,25 @@ def test_enrollment_decision_only_on_its_own_topic(rig: Rig) -> None:
                                        **rig.header(1)))
     assert rig.host.decided == []
     assert rig.last().reason == "wrong_stream"
+
+
+def test_urgent_messages_apply_between_the_steps_of_a_long_chunk(rig: Rig) -> None:
+    """A chunk longer than ``STAGE_ROWS`` is staged in steps, and a revocation handed in
+    between two steps is in force before the snapshot is swapped in and stays after it."""
+    many = [f"em4100:{0x1000000000 + i:010X}" for i in range(2 * STAGE_ROWS + 10)]
+    chunks = chunk_payloads(2, [[CARD_A, *many]])
+    rig.manifest(2, chunks, entries=len(many) + 1)
+    steps: list[bool] = []
+
+    def between() -> None:
+        if not steps:
+            rig.send("rev", revocation(rig, 5, CARD_A))
+        steps.append(rig.store.lookup(cred(CARD_A)).revoked)
+
+    rig.applier.between_steps = between
+    rig.chunk(chunks[0])
+    assert steps == [True, True, True]  # three steps; revoked from the first on
+    assert [(a.stream, a.seq) for a in rig.sent.applied] == [("rev", 5), ("list", 2)]
+    assert rig.applier.versions()["list"] == 2
+    assert rig.store.lookup(cred(CARD_A)).revoked
+    assert rig.store.lookup(cred(many[-1])).grant is not None

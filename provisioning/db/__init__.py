@@ -13,6 +13,10 @@ What every implementation keeps:
   version handed out is therefore durable before the message that carries it is built, so
   a number is never used twice, even across a crash; an event batch is durable before the
   ack that lets the gateway forget it.
+- Every sequence number and list version is allocated by ``provisioning.db.seqs.next_seq``
+  (``max(stored + 1, now_ms)``, with the time the caller passes), so an office restored
+  from an older backup continues above what its gateways stored; ``raise_counters`` takes
+  in what a gateway reports.
 - A failure of the database raises ``CentralError`` naming it; nothing is half done.
 - Callable from several threads at once (each thread its own connection or a pool).
 """
@@ -95,6 +99,15 @@ class SnapshotContents:
     """By credential hash."""
     revoked: list[RevokedHash]
     """The gateway's own and the global revocations, each once, by kind and hash."""
+
+
+@dataclass(frozen=True, slots=True)
+class Allocated:
+    """A new seq (or list version) and the stream's seq before it: the ``prev_seq`` of a
+    revocation, the ``base`` of a delta."""
+
+    seq: int
+    prev: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -267,6 +280,8 @@ class ListChange:
     remove: list[bytes]
     enrollments: list[str]
     """The enrollment ids it concerns."""
+    base: int
+    """The list version before it (the delta's ``base``)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -508,29 +523,33 @@ class OfficeDatabase(Protocol):
         each once, by kind and hash."""
 
     # -- publishing: each allocates a seq (or version), committed before it returns ------
+    # The time passed in (``published_ms``, ``now_ms``...) is the clock of the allocation
+    # rule (provisioning.db.seqs.next_seq).
 
     def allocate_snapshot(self, gateway: str, published_ms: int, *,
                           resync: bool) -> SnapshotContents:
         """The next list version with the entries and revocations it carries; with
         ``resync`` it also marks the gateway's resync request answered now."""
 
-    def allocate_delta(self, gateway: str, upsert: Sequence[bytes],
-                       published_ms: int) -> tuple[int, list[EntryRecord]] | None:
-        """The next list version and the stored entries of the credentials ``upsert``;
-        None (no version spent) when one of them is not enrolled."""
+    def allocate_delta(self, gateway: str, upsert: Sequence[bytes], published_ms: int
+                       ) -> tuple[Allocated, list[EntryRecord]] | None:
+        """The next list version (and the one before it, the delta's base) and the stored
+        entries of the credentials ``upsert``; None (no version spent) when one of them is
+        not enrolled."""
 
     def allocate_revocation(self, target: str, items: Sequence[RevokedHash],
-                            revoked_ms: int) -> int:
+                            revoked_ms: int) -> Allocated:
         """Record revocations at gateway ``target`` (its ``rev`` stream) or, with ``*``,
-        at every gateway (the ``all`` stream); returns the stream seq that carries them."""
+        at every gateway (the ``all`` stream); returns the stream seq that carries them
+        and the stream's seq before it."""
 
-    def allocate_command(self, gateway: str) -> int:
+    def allocate_command(self, gateway: str, now_ms: int) -> int:
         """The next ``cmd`` seq."""
 
-    def allocate_heartbeat(self, gateway: str) -> HeartbeatState:
+    def allocate_heartbeat(self, gateway: str, now_ms: int) -> HeartbeatState:
         """The next ``hb`` seq and the versions it vouches for."""
 
-    def allocate_ack(self, gateway: str) -> int:
+    def allocate_ack(self, gateway: str, now_ms: int) -> int:
         """The next ``ack`` seq."""
 
     # -- receiving ---------------------------------------------------------------------
@@ -552,6 +571,14 @@ class OfficeDatabase(Protocol):
     def record_resync_request(self, gateway: str, reason: str,
                               requested_ms: int) -> int | None:
         """Note a resync request; returns when the last one was answered (ms), if ever."""
+
+    def raise_counters(self, gateway: str, versions: Mapping[str, int], now_ms: int) -> None:
+        """Raise the gateway's counters, and the ``all`` stream's, to the versions it
+        reports having stored (``status.versions``, or a resync request's), never lowering
+        one and taking none more than a day ahead of ``now_ms``
+        (``provisioning.db.seqs.reported_counters``): an office restored from a backup,
+        or whose clock went back, then continues above them. Nothing is written when no
+        counter is below."""
 
     def count_malformed(self, gateway: str) -> None:
         """One more malformed message from a registered gateway."""
@@ -648,7 +675,7 @@ class OfficeDatabase(Protocol):
     def resend_decision(self, gateway: str, enrollment_id: str) -> bool:
         """Make a confirmed or rejected enrollment's decision due again."""
 
-    def allocate_decisions(self, gateway: str, limit: int
+    def allocate_decisions(self, gateway: str, limit: int, now_ms: int
                            ) -> tuple[int, list[EnrollmentRecord]] | None:
         """The next ``enr`` seq and up to ``limit`` enrollments whose decision is due
         (confirmed or rejected, none sent), now marked as sent under it; None (no seq

@@ -19,9 +19,10 @@ volume and for several ``serve`` instances sharing one database:
   ``acked_upto`` is in the row. ``acked_upto`` advances over those runs and the gaps
   ``events_dropped`` events declared, exactly as ``SqliteOfficeDatabase`` computes it
   from the stored rows.
-- **Numbers** are allocated as in SQLite (``UPDATE … RETURNING`` under the row lock;
-  the ``all`` stream's row is read ``FOR SHARE`` where a snapshot or heartbeat vouches
-  for it), so two instances never hand out the same one.
+- **Numbers** are allocated as in SQLite (``provisioning.db.seqs.next_seq`` on the
+  counter read ``FOR UPDATE``, written in the same transaction; the ``all`` stream's row
+  is read ``FOR SHARE`` where a snapshot or heartbeat vouches for it), so two instances
+  never hand out the same one.
 - **Order of publishing across instances** (``PostgresServeLock``): while a ``serve``
   works, an allocation of a number that a gateway checks in order (list versions, the
   ``rev``, ``cmd``, ``hb`` and ``enr`` streams; the ``all`` stream as ``*``) and the
@@ -53,6 +54,7 @@ from psycopg.rows import dict_row
 
 from provisioning.db import (
     TENANT_KINDS,
+    Allocated,
     AppliedRecord,
     Arrival,
     ChainCheck,
@@ -75,6 +77,7 @@ from provisioning.db import (
 )
 from provisioning.db.postgres_reconcile import PostgresReconcile
 from provisioning.db.postgres_schema import END_DAY_MS, FIRST_DAY_MS, MIGRATIONS
+from provisioning.db.seqs import next_seq, reported_counters
 from provisioning.errors import CentralError
 
 Conn = psycopg.Connection[tuple[Any, ...]]
@@ -188,6 +191,19 @@ def _returned(row: Any, gateway: str) -> Any:
     if row is None:
         raise CentralError(f"gateway {gateway!r}: not in the database")
     return row
+
+
+def _allocate(conn: Conn, gateway: str, column: str, now_ms: int) -> Allocated:
+    """The next number of a ``gateways`` counter (``next_seq``), read under the row lock
+    and written in the caller's transaction."""
+    ident = sql.Identifier(column)
+    prev = int(_returned(conn.execute(sql.SQL(
+        "SELECT {} FROM gateways WHERE id = %s FOR UPDATE").format(ident),
+        (gateway,)).fetchone(), gateway)[0])
+    seq = next_seq(prev, now_ms)
+    conn.execute(sql.SQL("UPDATE gateways SET {} = %s WHERE id = %s").format(ident),
+                 (seq, gateway))
+    return Allocated(seq, prev)
 
 
 def _declared(data: str) -> tuple[int, int] | None:
@@ -503,18 +519,19 @@ class PostgresOfficeDatabase(PostgresReconcile):
         """The next list version with what it carries, read in the same transaction."""
         self._turn(gateway)
         with self._tx() as conn:
-            version, rev_seq = _returned(conn.execute(
-                "UPDATE gateways SET list_version = list_version + 1, list_published_ms = %s, "
+            version = _allocate(conn, gateway, "list_version", published_ms).seq
+            rev_seq = _returned(conn.execute(
+                "UPDATE gateways SET list_published_ms = %s, "
                 "resync_answered_ms = CASE WHEN %s THEN %s ELSE resync_answered_ms END "
-                "WHERE id = %s RETURNING list_version, rev_seq",
-                (published_ms, resync, published_ms, gateway)).fetchone(), gateway)
+                "WHERE id = %s RETURNING rev_seq",
+                (published_ms, resync, published_ms, gateway)).fetchone(), gateway)[0]
             all_seq = self._all_seq(conn, lock=True)
             entries = self._entries(conn, gateway)
             revoked = self._revocations(conn, gateway)
         return SnapshotContents(int(version), int(rev_seq), all_seq, entries, revoked)
 
-    def allocate_delta(self, gateway: str, upsert: Sequence[bytes],
-                       published_ms: int) -> tuple[int, list[EntryRecord]] | None:
+    def allocate_delta(self, gateway: str, upsert: Sequence[bytes], published_ms: int
+                       ) -> tuple[Allocated, list[EntryRecord]] | None:
         """The next list version and the entries to upsert; None when one is missing."""
         self._turn(gateway)
         with self._tx() as conn:
@@ -530,49 +547,47 @@ class PostgresOfficeDatabase(PostgresReconcile):
         return version, rows
 
     def allocate_revocation(self, target: str, items: Sequence[RevokedHash],
-                            revoked_ms: int) -> int:
-        """Record revocations at ``target`` (or ``*``); returns the stream seq."""
+                            revoked_ms: int) -> Allocated:
+        """Record revocations at ``target`` (or ``*``); returns the stream seq and the one
+        before it."""
         self._turn(target)
         with self._tx() as conn:
             if target == "*":
-                row = conn.execute("UPDATE streams SET seq = seq + 1 WHERE name = 'all' "
-                                   "RETURNING seq").fetchone()
+                row = conn.execute("SELECT seq FROM streams WHERE name = 'all' FOR UPDATE"
+                                   ).fetchone()
                 assert row is not None
-                seq = int(row[0])
+                allocated = Allocated(next_seq(int(row[0]), revoked_ms), int(row[0]))
+                conn.execute("UPDATE streams SET seq = %s WHERE name = 'all'",
+                             (allocated.seq,))
             else:
-                seq = int(_returned(conn.execute(
-                    "UPDATE gateways SET rev_seq = rev_seq + 1 WHERE id = %s "
-                    "RETURNING rev_seq", (target,)).fetchone(), target)[0])
+                allocated = _allocate(conn, target, "rev_seq", revoked_ms)
+            seq = allocated.seq
             with conn.cursor() as cur:
                 cur.executemany(
                     "INSERT INTO revocations VALUES (%s, %s, %s, %s, %s) ON CONFLICT "
                     "(gateway, kind, hash) DO UPDATE SET seq = excluded.seq, "
                     "revoked_ms = excluded.revoked_ms",
                     [(target, kind, digest, seq, revoked_ms) for kind, digest in items])
-        return seq
+        return allocated
 
-    def _bump(self, gateway: str, column: str) -> int:
-        self._turn(gateway)
-        with self._read() as conn:
-            return int(_returned(conn.execute(
-                sql.SQL("UPDATE gateways SET {0} = {0} + 1 WHERE id = %s RETURNING {0}")
-                .format(sql.Identifier(column)), (gateway,)).fetchone(), gateway)[0])
-
-    def allocate_command(self, gateway: str) -> int:
+    def allocate_command(self, gateway: str, now_ms: int) -> int:
         """The next ``cmd`` seq."""
-        return self._bump(gateway, "cmd_seq")
+        self._turn(gateway)
+        with self._tx() as conn:
+            return _allocate(conn, gateway, "cmd_seq", now_ms).seq
 
-    def allocate_heartbeat(self, gateway: str) -> HeartbeatState:
+    def allocate_heartbeat(self, gateway: str, now_ms: int) -> HeartbeatState:
         """The next ``hb`` seq and the versions it vouches for."""
         self._turn(gateway)
         with self._tx() as conn:
-            seq, version, rev_seq = _returned(conn.execute(
-                "UPDATE gateways SET hb_seq = hb_seq + 1 WHERE id = %s "
-                "RETURNING hb_seq, list_version, rev_seq", (gateway,)).fetchone(), gateway)
+            seq = _allocate(conn, gateway, "hb_seq", now_ms).seq
+            version, rev_seq = _returned(conn.execute(
+                "SELECT list_version, rev_seq FROM gateways WHERE id = %s",
+                (gateway,)).fetchone(), gateway)
             all_seq = self._all_seq(conn, lock=True)
-        return HeartbeatState(int(seq), int(version), int(rev_seq), all_seq)
+        return HeartbeatState(seq, int(version), int(rev_seq), all_seq)
 
-    def allocate_ack(self, gateway: str) -> int:
+    def allocate_ack(self, gateway: str, now_ms: int) -> int:
         """The next ``ack`` seq. Acks are in no order, so no turn; and a gateway checks
         neither their order nor replays, so this commit does not wait for the disk
         (``synchronous_commit`` off on a connection of its own): a server crash may hand
@@ -584,9 +599,8 @@ class PostgresOfficeDatabase(PostgresReconcile):
             conn = self.connect(synchronous=False)
             self._local.ack_conn = conn
         try:
-            return int(_returned(conn.execute(
-                "UPDATE gateways SET ack_seq = ack_seq + 1 WHERE id = %s RETURNING ack_seq",
-                (gateway,)).fetchone(), gateway)[0])
+            with conn.transaction():
+                return _allocate(conn, gateway, "ack_seq", now_ms).seq
         except psycopg.Error as exc:
             raise self._error(exc) from exc
 
@@ -786,6 +800,21 @@ class PostgresOfficeDatabase(PostgresReconcile):
                 (requested_ms, reason, gateway)).fetchone(), gateway)[0]
         return answered
 
+    def raise_counters(self, gateway: str, versions: Mapping[str, int], now_ms: int) -> None:
+        """Raise the counters to what the gateway reports having stored, never lower (a
+        row none is below is not written, nor locked)."""
+        reported = reported_counters(versions, now_ms)
+        columns = [sql.Identifier(c) for c in sorted(reported.gateway)]
+        values = [reported.gateway[c] for c in sorted(reported.gateway)]
+        with self._tx() as conn:
+            conn.execute(sql.SQL("UPDATE gateways SET {} WHERE id = %s AND ({})").format(
+                sql.SQL(", ").join(sql.SQL("{0} = GREATEST({0}, %s)").format(c)
+                                   for c in columns),
+                sql.SQL(" OR ").join(sql.SQL("{} < %s").format(c) for c in columns)),
+                (*values, gateway, *values))
+            conn.execute("UPDATE streams SET seq = %s WHERE name = 'all' AND seq < %s",
+                         (reported.all, reported.all))
+
     def count_malformed(self, gateway: str) -> None:
         """One more malformed message from a registered gateway."""
         with self._read() as conn:
@@ -952,11 +981,11 @@ class PostgresOfficeDatabase(PostgresReconcile):
         return _enrollment(row) if row is not None else None
 
     @staticmethod
-    def _next_version(conn: Conn, gateway: str, published_ms: int) -> int:
-        return int(_returned(conn.execute(
-            "UPDATE gateways SET list_version = list_version + 1, list_published_ms = %s "
-            "WHERE id = %s RETURNING list_version", (published_ms, gateway)).fetchone(),
-            gateway)[0])
+    def _next_version(conn: Conn, gateway: str, published_ms: int) -> Allocated:
+        allocated = _allocate(conn, gateway, "list_version", published_ms)
+        conn.execute("UPDATE gateways SET list_published_ms = %s WHERE id = %s",
+                     (published_ms, gateway))
+        return allocated
 
     def _unlist(self, conn: Conn, record: EnrollmentRecord, now_ms: int) -> ListChange | None:
         """A confirmed enrollment's card out of the list under a new version."""
@@ -966,7 +995,7 @@ class PostgresOfficeDatabase(PostgresReconcile):
                             (record.gateway, record.cred)).rowcount:
             return None  # removed meanwhile ('remove --card'): nothing to send
         version = self._next_version(conn, record.gateway, now_ms)
-        return ListChange(version, [], [record.cred], [record.id])
+        return ListChange(version.seq, [], [record.cred], [record.id], version.prev)
 
     def end_enrollment(self, gateway: str, enrollment_id: str, seq: int, reason: str,
                        ended_ms: int) -> ListChange | None:
@@ -1022,8 +1051,8 @@ class PostgresOfficeDatabase(PostgresReconcile):
                 cur.executemany(_ENTRY_UPSERT, [_entry_row(gateway, e) for e in upsert])
             version = self._next_version(conn, gateway, decided_ms)
             conn.execute("UPDATE enrollments SET list_version = %s WHERE gateway = %s AND "
-                         "id = ANY(%s)", (version, gateway, confirmed))
-        return ListChange(version, upsert, [], confirmed)
+                         "id = ANY(%s)", (version.seq, gateway, confirmed))
+        return ListChange(version.seq, upsert, [], confirmed, version.prev)
 
     def reject_enrollment(self, gateway: str, enrollment_id: str, reason: str,
                           decided_ms: int) -> tuple[EnrollmentRecord, ListChange | None] | None:
@@ -1051,7 +1080,7 @@ class PostgresOfficeDatabase(PostgresReconcile):
                 "UPDATE enrollments SET decision_seq = NULL WHERE gateway = %s AND id = %s "
                 "AND status IN ('confirmed', 'rejected')", (gateway, enrollment_id)).rowcount)
 
-    def allocate_decisions(self, gateway: str, limit: int
+    def allocate_decisions(self, gateway: str, limit: int, now_ms: int
                            ) -> tuple[int, list[EnrollmentRecord]] | None:
         """The next ``enr`` seq and the due decisions it carries (marked sent)."""
         due_sql = ("SELECT * FROM enrollments WHERE gateway = %s AND status IN "
@@ -1068,9 +1097,7 @@ class PostgresOfficeDatabase(PostgresReconcile):
                     cast(Any, due_sql + " FOR UPDATE"), (gateway, limit))]
             if not rows:
                 return None
-            seq = int(_returned(conn.execute(
-                "UPDATE gateways SET enr_seq = enr_seq + 1 WHERE id = %s RETURNING enr_seq",
-                (gateway,)).fetchone(), gateway)[0])
+            seq = _allocate(conn, gateway, "enr_seq", now_ms).seq
             conn.execute("UPDATE enrollments SET decision_seq = %s WHERE gateway = %s AND "
                          "id = ANY(%s)", (seq, gateway, [r.id for r in rows]))
         return seq, [dataclasses.replace(r, decision_seq=seq) for r in rows]

@@ -20,6 +20,7 @@ import sqlite_utils
 
 from common.sqlite import SqliteFile, StoreError, rollback
 from provisioning.db import (
+    Allocated,
     AppliedRecord,
     Arrival,
     ChainCheck,
@@ -40,6 +41,7 @@ from provisioning.db import (
     StoredEvent,
     TenantEvent,
 )
+from provisioning.db.seqs import GATEWAY_COUNTERS, next_seq, reported_counters
 from provisioning.db.sqlite_reconcile import SqliteReconcile
 from provisioning.db.sqlite_schema import MIGRATIONS
 from provisioning.errors import CentralError
@@ -98,6 +100,36 @@ def _returned(row: Any, gateway: str) -> Any:
     if row is None:
         raise CentralError(f"gateway {gateway!r}: not in the database")
     return row
+
+
+_COUNTERS = frozenset(GATEWAY_COUNTERS.values()) | {"ack_seq"}
+_REPORTED = sorted(set(GATEWAY_COUNTERS.values()))
+_RAISE_COUNTERS = "UPDATE gateways SET {} WHERE id = :id AND ({})".format(  # noqa: S608
+    ", ".join(f"{c} = max({c}, :{c})" for c in _REPORTED),
+    " OR ".join(f"{c} < :{c}" for c in _REPORTED))
+"""Raises every reported counter that is below (a row none is below is not written)."""
+
+
+def _allocate(conn: sqlite3.Connection, gateway: str, column: str, now_ms: int
+              ) -> Allocated:
+    """The next number of a ``gateways`` counter (``next_seq``), stored in this write
+    transaction (BEGIN IMMEDIATE: no other writer in between)."""
+    assert column in _COUNTERS  # a name of this module, never input
+    prev = int(_returned(conn.execute(
+        f"SELECT {column} FROM gateways WHERE id = ?",  # noqa: S608 - a constant name
+        (gateway,)).fetchone(), gateway)[0])
+    seq = next_seq(prev, now_ms)
+    conn.execute(f"UPDATE gateways SET {column} = ? WHERE id = ?",  # noqa: S608 - as above
+                 (seq, gateway))
+    return Allocated(seq, prev)
+
+
+def _allocate_all(conn: sqlite3.Connection, now_ms: int) -> Allocated:
+    """The next seq of the ``all`` stream (``next_seq``)."""
+    prev = int(conn.execute("SELECT seq FROM streams WHERE name = 'all'").fetchone()[0])
+    seq = next_seq(prev, now_ms)
+    conn.execute("UPDATE streams SET seq = ? WHERE name = 'all'", (seq,))
+    return Allocated(seq, prev)
 
 
 class SqliteOfficeDatabase(SqliteFile, SqliteReconcile):
@@ -213,19 +245,20 @@ class SqliteOfficeDatabase(SqliteFile, SqliteReconcile):
                           resync: bool) -> SnapshotContents:
         """The next list version with what it carries, read in the same transaction."""
         with self._tx() as conn:
-            version, rev_seq = _returned(conn.execute(
-                "UPDATE gateways SET list_version = list_version + 1, list_published_ms = ?, "
+            version = _allocate(conn, gateway, "list_version", published_ms).seq
+            rev_seq = conn.execute(
+                "UPDATE gateways SET list_published_ms = ?, "
                 "resync_answered_ms = CASE WHEN ? THEN ? ELSE resync_answered_ms END "
-                "WHERE id = ? RETURNING list_version, rev_seq",
-                (published_ms, resync, published_ms, gateway)).fetchone(), gateway)
+                "WHERE id = ? RETURNING rev_seq",
+                (published_ms, resync, published_ms, gateway)).fetchone()[0]
             all_seq = conn.execute("SELECT seq FROM streams WHERE name = 'all'").fetchone()[0]
             db = sqlite_utils.Database(conn)
             entries = self._entries(db, gateway)
             revoked = self._revocations(db, gateway)
         return SnapshotContents(int(version), int(rev_seq), int(all_seq), entries, revoked)
 
-    def allocate_delta(self, gateway: str, upsert: Sequence[bytes],
-                       published_ms: int) -> tuple[int, list[EntryRecord]] | None:
+    def allocate_delta(self, gateway: str, upsert: Sequence[bytes], published_ms: int
+                       ) -> tuple[Allocated, list[EntryRecord]] | None:
         """The next list version and the entries to upsert; None when one is missing."""
         with self._tx() as conn:
             rows = []
@@ -235,50 +268,40 @@ class SqliteOfficeDatabase(SqliteFile, SqliteReconcile):
                 if not found:
                     return None  # nothing written: the version stays unspent
                 rows.append(_entry(found[0]))
-            version = _returned(conn.execute(
-                "UPDATE gateways SET list_version = list_version + 1, list_published_ms = ? "
-                "WHERE id = ? RETURNING list_version", (published_ms, gateway)).fetchone(),
-                gateway)[0]
-        return int(version), rows
+            version = self._next_version(conn, gateway, published_ms)
+        return version, rows
 
     def allocate_revocation(self, target: str, items: Sequence[RevokedHash],
-                            revoked_ms: int) -> int:
-        """Record revocations at ``target`` (or ``*``); returns the stream seq."""
+                            revoked_ms: int) -> Allocated:
+        """Record revocations at ``target`` (or ``*``); returns the stream seq and the one
+        before it."""
         with self._tx() as conn:
-            if target == "*":
-                seq = conn.execute("UPDATE streams SET seq = seq + 1 WHERE name = 'all' "
-                                   "RETURNING seq").fetchone()[0]
-            else:
-                seq = _returned(conn.execute(
-                    "UPDATE gateways SET rev_seq = rev_seq + 1 WHERE id = ? "
-                    "RETURNING rev_seq", (target,)).fetchone(), target)[0]
+            allocated = (_allocate_all(conn, revoked_ms) if target == "*"
+                         else _allocate(conn, target, "rev_seq", revoked_ms))
             conn.executemany("INSERT OR REPLACE INTO revocations VALUES (?,?,?,?,?)",
-                             [(target, kind, digest, seq, revoked_ms)
+                             [(target, kind, digest, allocated.seq, revoked_ms)
                               for kind, digest in items])
-        return int(seq)
+        return allocated
 
-    def allocate_command(self, gateway: str) -> int:
+    def allocate_command(self, gateway: str, now_ms: int) -> int:
         """The next ``cmd`` seq."""
         with self._tx() as conn:
-            return int(_returned(conn.execute(
-                "UPDATE gateways SET cmd_seq = cmd_seq + 1 WHERE id = ? RETURNING cmd_seq",
-                (gateway,)).fetchone(), gateway)[0])
+            return _allocate(conn, gateway, "cmd_seq", now_ms).seq
 
-    def allocate_heartbeat(self, gateway: str) -> HeartbeatState:
+    def allocate_heartbeat(self, gateway: str, now_ms: int) -> HeartbeatState:
         """The next ``hb`` seq and the versions it vouches for."""
         with self._tx() as conn:
-            seq, version, rev_seq = _returned(conn.execute(
-                "UPDATE gateways SET hb_seq = hb_seq + 1 WHERE id = ? "
-                "RETURNING hb_seq, list_version, rev_seq", (gateway,)).fetchone(), gateway)
+            seq = _allocate(conn, gateway, "hb_seq", now_ms).seq
+            version, rev_seq = conn.execute(
+                "SELECT list_version, rev_seq FROM gateways WHERE id = ?",
+                (gateway,)).fetchone()
             all_seq = conn.execute("SELECT seq FROM streams WHERE name = 'all'").fetchone()[0]
-        return HeartbeatState(int(seq), int(version), int(rev_seq), int(all_seq))
+        return HeartbeatState(seq, int(version), int(rev_seq), int(all_seq))
 
-    def allocate_ack(self, gateway: str) -> int:
+    def allocate_ack(self, gateway: str, now_ms: int) -> int:
         """The next ``ack`` seq."""
         with self._tx() as conn:
-            return int(_returned(conn.execute(
-                "UPDATE gateways SET ack_seq = ack_seq + 1 WHERE id = ? RETURNING ack_seq",
-                (gateway,)).fetchone(), gateway)[0])
+            return _allocate(conn, gateway, "ack_seq", now_ms).seq
 
     # -- receiving ---------------------------------------------------------------------
 
@@ -356,6 +379,14 @@ class SqliteOfficeDatabase(SqliteFile, SqliteReconcile):
                 "RETURNING resync_answered_ms", (requested_ms, reason, gateway)).fetchone(),
                 gateway)[0]
         return answered
+
+    def raise_counters(self, gateway: str, versions: Mapping[str, int], now_ms: int) -> None:
+        """Raise the counters to what the gateway reports having stored, never lower."""
+        reported = reported_counters(versions, now_ms)
+        with self._tx() as conn:
+            conn.execute(_RAISE_COUNTERS, {**reported.gateway, "id": gateway})
+            conn.execute("UPDATE streams SET seq = ? WHERE name = 'all' AND seq < ?",
+                         (reported.all, reported.all))
 
     def count_malformed(self, gateway: str) -> None:
         """One more malformed message from a registered gateway."""
@@ -500,11 +531,12 @@ class SqliteOfficeDatabase(SqliteFile, SqliteReconcile):
         return _enrollment(rows[0]) if rows else None
 
     @staticmethod
-    def _next_version(conn: sqlite3.Connection, gateway: str, published_ms: int) -> int:
-        return int(_returned(conn.execute(
-            "UPDATE gateways SET list_version = list_version + 1, list_published_ms = ? "
-            "WHERE id = ? RETURNING list_version", (published_ms, gateway)).fetchone(),
-            gateway)[0])
+    def _next_version(conn: sqlite3.Connection, gateway: str, published_ms: int
+                      ) -> Allocated:
+        allocated = _allocate(conn, gateway, "list_version", published_ms)
+        conn.execute("UPDATE gateways SET list_published_ms = ? WHERE id = ?",
+                     (published_ms, gateway))
+        return allocated
 
     def _unlist(self, conn: sqlite3.Connection, record: EnrollmentRecord, now_ms: int
                 ) -> ListChange | None:
@@ -515,7 +547,7 @@ class SqliteOfficeDatabase(SqliteFile, SqliteReconcile):
                             (record.gateway, record.cred)).rowcount:
             return None  # removed meanwhile ('remove --card'): nothing to send
         version = self._next_version(conn, record.gateway, now_ms)
-        return ListChange(version, [], [record.cred], [record.id])
+        return ListChange(version.seq, [], [record.cred], [record.id], version.prev)
 
     def end_enrollment(self, gateway: str, enrollment_id: str, seq: int, reason: str,
                        ended_ms: int) -> ListChange | None:
@@ -568,8 +600,8 @@ class SqliteOfficeDatabase(SqliteFile, SqliteReconcile):
                              [_entry_row(gateway, e) for e in upsert])
             version = self._next_version(conn, gateway, decided_ms)
             conn.executemany("UPDATE enrollments SET list_version = ? WHERE gateway = ? AND "
-                             "id = ?", [(version, gateway, i) for i in confirmed])
-        return ListChange(version, upsert, [], confirmed)
+                             "id = ?", [(version.seq, gateway, i) for i in confirmed])
+        return ListChange(version.seq, upsert, [], confirmed, version.prev)
 
     def reject_enrollment(self, gateway: str, enrollment_id: str, reason: str,
                           decided_ms: int) -> tuple[EnrollmentRecord, ListChange | None] | None:
@@ -595,7 +627,7 @@ class SqliteOfficeDatabase(SqliteFile, SqliteReconcile):
                 "UPDATE enrollments SET decision_seq = NULL WHERE gateway = ? AND id = ? AND "
                 "status IN ('confirmed', 'rejected')", (gateway, enrollment_id)).rowcount)
 
-    def allocate_decisions(self, gateway: str, limit: int
+    def allocate_decisions(self, gateway: str, limit: int, now_ms: int
                            ) -> tuple[int, list[EnrollmentRecord]] | None:
         """The next ``enr`` seq and the due decisions it carries (marked sent)."""
         with self._tx() as conn:
@@ -604,9 +636,7 @@ class SqliteOfficeDatabase(SqliteFile, SqliteReconcile):
                 "'rejected') AND decision_seq IS NULL ORDER BY seq LIMIT ?", [gateway, limit])]
             if not rows:
                 return None
-            seq = int(_returned(conn.execute(
-                "UPDATE gateways SET enr_seq = enr_seq + 1 WHERE id = ? RETURNING enr_seq",
-                (gateway,)).fetchone(), gateway)[0])
+            seq = _allocate(conn, gateway, "enr_seq", now_ms).seq
             conn.executemany("UPDATE enrollments SET decision_seq = ? WHERE gateway = ? AND "
                              "id = ?", [(seq, gateway, r.id) for r in rows])
         return seq, [dataclasses.replace(r, decision_seq=seq) for r in rows]
