@@ -23,6 +23,8 @@ import structlog
 from structlog.typing import EventDict
 
 from agent import __version__
+from agent.certexpiry import RENEW_HINT, gateway_certificate
+from agent.cli_migrate import add_migrate_command
 from agent.cli_provision import add_provision_command
 from agent.cli_tenants import TenantUsageError, add_tenant_commands
 from agent.config import DEFAULT_CONFIG_NAME, Config, ConfigError, load_config
@@ -235,6 +237,7 @@ def status_report(config: Config, store: Store) -> dict[str, Any]:
         "last_sync_ms": max((r["updated_ms"] for r in syncs.values()), default=None),
         "sync": sync_report(config.sync, store, devices.get("system", {}).get("sync")),
         "schema_version": store.schema_version(),
+        "version": __version__,
     }
 
 
@@ -245,6 +248,8 @@ def cmd_status(args: argparse.Namespace, out: TextIO) -> int:
         report = status_report(config, store)
     finally:
         store.close()
+    cert = gateway_certificate(config, _config_path(args))
+    report["certificate"] = None if cert is None else cert.as_dict()
     if args.json:
         out.write(json.dumps(report, indent=2) + "\n")
         return EXIT_OK
@@ -254,6 +259,7 @@ def cmd_status(args: argparse.Namespace, out: TextIO) -> int:
               f"agent      {agent.get('state')}"
               f"{' (pid ' + str(agent['pid']) + ')' if agent.get('pid') else ''}"
               f", since {_ago(agent.get('since_ms'), zone)}\n"
+              f"version    {_version_line(report)}\n"
               f"mode       {report['mode']}\n"
               f"clock      {report['clock']['state']}, time zone {config.site.timezone}\n")
     disk = report["disk"]
@@ -287,7 +293,20 @@ def cmd_status(args: argparse.Namespace, out: TextIO) -> int:
         refused = ", ".join(f"{k} {v}" for k, v in sync["refused"].items()) or "none"
         out.write(f"sync       {sync['link'] or 'not started'}, lists {stale}, "
                   f"refused {refused}\n")
+    if cert is not None:
+        label = {"ok": "", "expiring": "WARNING ", "expired": "ALARM "}.get(cert.state, "ALARM ")
+        hint = "" if cert.state == "ok" else f"; {RENEW_HINT}"
+        out.write(f"tls cert   {label}{cert.message}{hint}\n")
     return EXIT_OK
+
+
+def _version_line(report: dict[str, Any]) -> str:
+    """This program's version, and the running agent's when that is another (an upgrade
+    installed but the agent not restarted since)."""
+    running = report["agent"].get("version")
+    if report["agent"].get("state") != "running" or running in (None, report["version"]):
+        return str(report["version"])
+    return f"{report['version']} installed; the agent runs {running} (restart it)"
 
 
 _DURATION = re.compile(r"^(\d+)([smhd])$")
@@ -646,6 +665,7 @@ def build_parser() -> argparse.ArgumentParser:
                    ).set_defaults(func=cmd_doctor)
     sub.add_parser("safe-state", parents=[common], help="put every relay in its safe state"
                    ).set_defaults(func=cmd_safe_state)
+    add_migrate_command(sub, common)
     add_tenant_commands(sub, common)
     add_provision_command(sub)
     return parser

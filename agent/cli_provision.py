@@ -10,6 +10,7 @@ from typing import Any, TextIO
 
 from agent import provision as prov
 from agent import qrcode
+from agent import renew as renewal
 from agent.provision_config import EXAMPLE
 from protocol import bundles
 
@@ -38,7 +39,10 @@ def add_provision_command(sub: Any) -> None:
     p.add_argument("--force", action="store_true", help="replace existing keys and "
                    "configuration")
     p.add_argument("--accept", type=Path, metavar="RESPONSE", help="install the office's "
-                   "response to this gateway's request")
+                   "response to this gateway's request, or its answer to a renewal")
+    p.add_argument("--renew", action="store_true", help="make a new TLS key and a renewal "
+                   "request signed with this gateway's signing key (the current certificate "
+                   "stays in use until --accept installs the new one)")
     p.add_argument("--office-fingerprint", metavar="FP", help="with --accept: refuse a "
                    "response whose office fingerprint is not FP")
     p.add_argument("--no-qr", action="store_true", help="print the fingerprint without its "
@@ -48,12 +52,18 @@ def add_provision_command(sub: Any) -> None:
 
 def cmd_provision(args: argparse.Namespace, out: TextIO) -> int:
     """Provision this gateway, or with ``--accept`` install the office's response."""
-    if args.accept is not None:
+    if args.accept is not None or args.renew:
+        option = "--accept" if args.accept is not None else "--renew"
         given = [f"--{o.replace('_', '-')}" for o in _SITE_OPTIONS
-                 if getattr(args, o) is not None]
+                 if getattr(args, o) is not None and (o != "bundle" or not args.renew)]
+        if args.accept is not None and args.renew:
+            given.append("--renew")
         if given or args.force:
-            raise prov.ProvisionError(f"--accept takes none of {', '.join(given or ['--force'])}"
-                                      " (the keys and configuration are made already)")
+            raise prov.ProvisionError(f"{option} takes none of "
+                                      f"{', '.join(given or ['--force'])} (the keys and "
+                                      "configuration are made already)")
+        if args.renew:
+            return _renew(args, out)
         return _accept(args, out)
     if args.office_fingerprint is not None:
         raise prov.ProvisionError("--office-fingerprint goes with --accept")
@@ -84,7 +94,43 @@ def cmd_provision(args: argparse.Namespace, out: TextIO) -> int:
     return 0
 
 
+def _renew(args: argparse.Namespace, out: TextIO) -> int:
+    if args.office_fingerprint is not None:
+        raise prov.ProvisionError("--office-fingerprint goes with --accept")
+    done = renewal.renew(args.dir, bundle=args.bundle)
+    out.write(f"renewal for gateway {done.request.gateway_id}: a new TLS key in {done.key} "
+              f"(mode 0600)\n"
+              f"  current      certificate valid until {done.current_not_after:%Y-%m-%d} UTC, "
+              "in use until the new one is installed\n"
+              f"  request      {done.bundle}: signed with this gateway's signing key; take "
+              "it to the office (permitgate-central register-gateway --renew)\n"
+              f"renewal      {done.request.fingerprint}\n\n"
+              f"Then: permitgate provision --dir {args.dir} --accept RESPONSE, and restart "
+              "the agent (systemctl restart permitgate): it loads its certificate when it "
+              "starts.\n")
+    return 0
+
+
+def _accept_renewal(args: argparse.Namespace, data: bytes, out: TextIO) -> int:
+    if args.office_fingerprint is not None:
+        raise prov.ProvisionError("--office-fingerprint: a renewal's answer is checked "
+                                  "against the CA installed already; give it without")
+    done = renewal.accept_renewal(args.dir, args.accept, data)
+    out.write(f"installed the renewed certificate of gateway {done.gateway_id}: "
+              f"{done.certificate} (serial {done.serial:x}, valid until "
+              f"{done.not_after:%Y-%m-%d} UTC) and its key {done.key}\n\n"
+              "The agent loads them when it starts: systemctl restart permitgate (the "
+              "running agent keeps the old certificate until then).\n")
+    return 0
+
+
 def _accept(args: argparse.Namespace, out: TextIO) -> int:
+    try:
+        data = args.accept.read_bytes()
+    except OSError as exc:
+        raise prov.ProvisionError(f"{args.accept}: cannot read it: {exc.strerror}") from None
+    if bundles.bundle_format(data) == bundles.RENEWED_FORMAT:
+        return _accept_renewal(args, data, out)
     done = prov.accept(args.dir, args.accept, office_fingerprint=args.office_fingerprint)
     creds = prov.credentials(args.dir)
     names = [p.name for p in done.installed]

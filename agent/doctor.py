@@ -27,6 +27,7 @@ from typing import Any, Literal, TextIO
 
 import serial
 
+from agent.certexpiry import RENEW_HINT, certificate_expiry
 from agent.clock import ClockJudge, ClockState
 from agent.config import Config
 from agent.keys import load_site_key, resolve_secret_path
@@ -337,7 +338,18 @@ def check_sync(config: Config, config_path: Path | None) -> list[Check]:
                                 "office"))
         else:
             checks.append(Check("ok", f"sync {key}", f"{path} present"))
+            if key == "cert_file":
+                checks.append(check_certificate_expiry(path))
     return checks
+
+
+def check_certificate_expiry(path: Path) -> Check:
+    """Is the gateway's TLS certificate far from its expiry (``agent.certexpiry``)?"""
+    found = certificate_expiry(path)
+    status: Status = "ok" if found.state == "ok" else \
+        "warn" if found.state == "expiring" else "fail"
+    return Check(status, "sync certificate", found.message,
+                 "" if status == "ok" else RENEW_HINT)
 
 
 class _ReadOnlyFloor:

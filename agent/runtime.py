@@ -236,7 +236,8 @@ class Agent:
         self._record(Event("agent_started", data={
             "version": __version__, "pid": os.getpid(),
             "config": str(self.config_path or "<embedded defaults>")}),
-            device=("system", "agent", json.dumps({"state": "running", "pid": os.getpid()})))
+            device=("system", "agent", json.dumps({"state": "running", "pid": os.getpid(),
+                                                   "version": __version__})))
         self._check_clock()
         if self._disk_full:
             self._record_disk_full()

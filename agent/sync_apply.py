@@ -4,9 +4,10 @@
 gateway id, the sync settings and a clock. It consumes ``(topic, payload)`` pairs and
 verifies, checks and applies them: envelopes and signatures, header, target, expiry and
 seq, snapshot staging and chunks, deltas, revocations, commands, heartbeats and
-staleness, acks. Everything it has to say to the office goes out through ``Outbound``
-(``Applied`` reports, resync requests, a status on request, acknowledged events), which
-the MQTT worker (agent/sync.py) implements and a test can implement with a list.
+staleness, acks, the office's key announcements (kept by agent/trust.py). Everything it
+has to say to the office goes out through ``Outbound`` (``Applied`` reports, resync
+requests, a status on request, acknowledged events), which the MQTT worker (agent/sync.py)
+implements and a test can implement with a list.
 
 Refusals are counted, logged and recorded here: the counters and the event rate limit
 live in memory and start again from zero with the agent.
@@ -27,6 +28,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from agent.config import SyncConfig
 from agent.decision import Mode
 from agent.store import CredentialEntry
+from agent.trust import Trust
 from common.sqlite import StoreError
 from protocol.chain import Event
 from protocol.messages import (
@@ -42,6 +44,7 @@ from protocol.messages import (
     Entry,
     EventAck,
     Heartbeat,
+    KeyAnnouncement,
     RefusedError,
     ResyncRequest,
     Revocation,
@@ -51,7 +54,7 @@ from protocol.messages import (
     parse_central,
     parse_chunk,
 )
-from protocol.signing import open_envelope, unb64
+from protocol.signing import unb64
 from protocol.topics import stream_of
 
 if TYPE_CHECKING:
@@ -149,6 +152,8 @@ class Applier:
         self.store = store
         self.host = host
         self.keys = keys
+        self.trust = Trust(keys, store)
+        """``keys`` (trusted-keys.txt) and the office's announced keys (agent/trust.py)."""
         self.gateway = gateway
         self.config = config
         self.outbound = outbound
@@ -181,7 +186,8 @@ class Applier:
             return
         seq: int | None = None
         try:
-            body = open_envelope(payload, topic, self.keys, self.config.max_message_bytes)
+            body = self.trust.open(payload, topic, self.config.max_message_bytes,
+                                   self._clock())
             message = parse_central(body)
             seq = message.seq
             self._check_header(stream, message)
@@ -265,6 +271,10 @@ class Applier:
             self._on_delta(message, last)
         elif isinstance(message, EnrollmentDecision):
             self._on_enrollment_decision(message)
+        elif isinstance(message, KeyAnnouncement):
+            summary = self.trust.announce(message, self._clock())
+            self._list_event("keys_announced", "keys", message.seq, summary)
+            self._applied("keys", message.seq)
 
     # -- one handler per message type ------------------------------------------------------
 

@@ -35,6 +35,8 @@ from protocol.sealing import SUITE
 
 REQUEST_FORMAT: Final = "permitgate-gateway-request/1"
 RESPONSE_FORMAT: Final = "permitgate-gateway-response/1"
+RENEWAL_FORMAT: Final = "permitgate-gateway-renewal/1"
+RENEWED_FORMAT: Final = "permitgate-gateway-renewed/1"
 MAX_BUNDLE_BYTES = 64 * 1024
 ALPHABET = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
 """Crockford's base32."""
@@ -44,6 +46,7 @@ QR_PREFIX = "permitgate:"
 _REQUEST_TAG = b"permitgate-v1 gateway request"
 _OFFICE_TAG = b"permitgate-v1 office"
 _SITE_KEY_SEAL_TAG = b"permitgate-v1 site key seal"
+_RENEWAL_TAG = b"permitgate-v1 gateway renewal"
 
 Pem = Annotated[str, Field(min_length=64, max_length=8192)]
 Fingerprint = Annotated[str, Field(pattern=r"^[0-9A-HJKMNP-TV-Z]{5}(-[0-9A-HJKMNP-TV-Z]{5}){4}$")]
@@ -92,6 +95,34 @@ class GatewayResponse(_Bundle):
     office_fingerprint: Fingerprint
 
 
+class RenewalRequest(_Bundle):
+    """A registered gateway's request for a certificate for its new TLS key, signed with
+    its recorded Ed25519 key (public keys and a signature only)."""
+
+    format: Literal["permitgate-gateway-renewal/1"]
+    gateway_id: Ident
+    site_id: Ident
+    csr: Pem
+    """PEM certificate signing request for the new TLS key; its CN is ``gateway_id``."""
+    made: Annotated[str, Field(min_length=10, max_length=40)]
+    """When the gateway made it (ISO 8601, UTC)."""
+    fingerprint: Fingerprint
+    """``renewal_fingerprint`` of the ids and the new TLS key: the answer names it."""
+    signature: Annotated[str, Field(pattern=r"^[A-Za-z0-9+/]{86}==$")]
+    """Ed25519 over ``renewal_payload`` (base64)."""
+
+
+class RenewalResponse(_Bundle):
+    """The office's answer to a renewal: the new certificate and the CA that signed it."""
+
+    format: Literal["permitgate-gateway-renewed/1"]
+    gateway_id: Ident
+    site_id: Ident
+    renewal_fingerprint: Fingerprint
+    certificate: Pem
+    ca: Pem
+
+
 # -- fingerprints -------------------------------------------------------------------------
 
 
@@ -138,6 +169,20 @@ def office_fingerprint(ca_der: bytes, trusted_keys: str, seal_key: bytes | None)
     return short_fingerprint(digest)
 
 
+def renewal_fingerprint(gateway_id: str, site_id: str, tls_public_der: bytes) -> str:
+    """The fingerprint of a renewal: the ids and the new TLS public key (DER)."""
+    digest = hashlib.sha256(b"\n".join((_RENEWAL_TAG, gateway_id.encode(), site_id.encode(),
+                                        tls_public_der))).digest()
+    return short_fingerprint(digest)
+
+
+def renewal_payload(gateway_id: str, site_id: str, csr: str, made: str,
+                    fingerprint: str) -> bytes:
+    """What a renewal's signature covers: every other field, in order."""
+    return b"\n".join((_RENEWAL_TAG, gateway_id.encode(), site_id.encode(), csr.encode(),
+                       made.encode(), fingerprint.encode()))
+
+
 def qr_text(gateway_id: str, fingerprint: str) -> str:
     """What the gateway's QR code holds."""
     return f"{QR_PREFIX}{gateway_id}:{fingerprint}"
@@ -175,6 +220,26 @@ def parse_request(data: bytes) -> GatewayRequest:
 def parse_response(data: bytes) -> GatewayResponse:
     """A response bundle from its file's bytes; ``BundleError`` naming what is wrong."""
     return _parse(data, GatewayResponse, "gateway response", RESPONSE_FORMAT)
+
+
+def parse_renewal(data: bytes) -> RenewalRequest:
+    """A renewal request from its file's bytes; ``BundleError`` naming what is wrong."""
+    return _parse(data, RenewalRequest, "gateway renewal", RENEWAL_FORMAT)
+
+
+def parse_renewed(data: bytes) -> RenewalResponse:
+    """A renewal's answer from its file's bytes; ``BundleError`` naming what is wrong."""
+    return _parse(data, RenewalResponse, "renewal response", RENEWED_FORMAT)
+
+
+def bundle_format(data: bytes) -> str | None:
+    """The ``format`` a bundle file names, or None when it is not a JSON object."""
+    try:
+        shape = json.loads(data[:MAX_BUNDLE_BYTES + 1])
+    except (ValueError, UnicodeDecodeError):
+        return None
+    found = shape.get("format") if isinstance(shape, dict) else None
+    return found if isinstance(found, str) else None
 
 
 def dump(bundle: _Bundle) -> bytes:

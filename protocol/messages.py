@@ -1,8 +1,9 @@
 """The message models of protocol v1 (pydantic) and their parsing.
 
 Central → gateway: ``Snapshot`` (+ ``Chunk``), ``Delta``, ``Revocation``, ``Command``,
-``Heartbeat``, ``EventAck``, each inside a signed envelope (``protocol.signing``) except
-chunks, which their manifest's SHA-256 list covers. Gateway → central: ``EventBatch``,
+``Heartbeat``, ``EventAck``, ``EnrollmentDecision``, ``KeyAnnouncement``, each inside a
+signed envelope (``protocol.signing``) except chunks, which their manifest's SHA-256 list
+covers. Gateway → central: ``EventBatch``,
 ``Applied``, ``ResyncRequest``, ``Status``.
 """
 
@@ -26,7 +27,7 @@ from pydantic import (
 from pydantic.json_schema import JsonSchemaValue
 from pydantic_core import CoreSchema
 
-from protocol.ids import B64Hash, Hex64, Ident
+from protocol.ids import B64Hash, Hex64, Ident, KeyId
 
 MAX_CLOCK_SKEW_S = 300
 """A message issued further in the future than this is refused (a wrong clock or a
@@ -286,8 +287,48 @@ class EnrollmentAttachment(_Body):
     """The permit number sealed to the office (protocol.sealing)."""
 
 
+class AnnouncedKey(_Body):
+    """One office signing key in a ``keys`` announcement."""
+
+    kid: KeyId
+    public_key: B64Hash
+    """Standard base64 of the 32-byte raw Ed25519 public key."""
+    state: Literal["active", "retiring", "retired"]
+    """``active``: trusted; ``retiring``: trusted until ``not_after``; ``retired``: refused
+    from now on (for good: a later announcement cannot bring the key id back)."""
+    not_after: Num | None = None
+    """``retiring`` only (and required there): the Unix s from which the key is refused."""
+
+    @model_validator(mode="after")
+    def _not_after_for_retiring(self) -> AnnouncedKey:
+        if (self.state == "retiring") != (self.not_after is not None):
+            raise ValueError("not_after is given for a retiring key, and only for one")
+        return self
+
+
+MAX_ANNOUNCED_KEYS = 64
+"""The most keys one ``keys`` announcement may list."""
+
+
+class KeyAnnouncement(Header):
+    """The office's signing keys and their states, on the gateway's ``keys`` topic: the
+    whole set, which replaces the one announced before (docs/protocol.md, "keys")."""
+
+    type: Literal["keys"]
+    keys: list[AnnouncedKey] = Field(min_length=1, max_length=MAX_ANNOUNCED_KEYS)
+
+    @model_validator(mode="after")
+    def _one_active_and_unique(self) -> KeyAnnouncement:
+        kids = [k.kid for k in self.keys]
+        if len(set(kids)) != len(kids):
+            raise ValueError("a key id is listed twice")
+        if not any(k.state == "active" for k in self.keys):
+            raise ValueError("no key is active")
+        return self
+
+
 CentralBody = (Snapshot | Delta | Revocation | Command | Heartbeat | EventAck
-               | EnrollmentDecision)
+               | EnrollmentDecision | KeyAnnouncement)
 CentralMessage = Annotated[CentralBody, Field(discriminator="type")]
 _CENTRAL: TypeAdapter[CentralBody] = TypeAdapter(CentralMessage)
 _CHUNK = TypeAdapter(Chunk)
@@ -300,6 +341,7 @@ STREAM_TYPES: dict[str, tuple[str, ...]] = {
     "hb": ("heartbeat",),
     "ack": ("event_ack",),
     "enr": ("enrollment_decision",),
+    "keys": ("keys",),
 }
 """Which message types each stream may carry; anything else on it is refused."""
 

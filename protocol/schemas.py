@@ -21,6 +21,7 @@ from protocol.messages import (
     EventAck,
     EventBatch,
     Heartbeat,
+    KeyAnnouncement,
     ResyncRequest,
     Revocation,
     Snapshot,
@@ -34,6 +35,7 @@ MODELS: Sequence[tuple[str, Any]] = (
     ("event_ack", EventAck), ("events", EventBatch), ("applied", Applied),
     ("resync", ResyncRequest), ("status", Status),
     ("enrollment_decision", EnrollmentDecision), ("enrollment_attachment", EnrollmentAttachment),
+    ("keys", KeyAnnouncement),
 )
 """Schema file name → model."""
 

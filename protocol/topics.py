@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from protocol import PROTOCOL
 
-INBOUND_KINDS = ("list", "rev", "cmd", "ack", "hb", "enr")
+INBOUND_KINDS = ("list", "rev", "cmd", "ack", "hb", "enr", "keys")
 """Central → gateway topic kinds."""
 OUTBOUND_KINDS = ("events", "status", "applied", "request")
 """Gateway → central topic kinds."""
@@ -20,7 +20,8 @@ class Topics:
     prefix: str = PROTOCOL
 
     def inbound(self, kind: str) -> str:
-        """Central → this gateway: ``list``, ``rev``, ``cmd``, ``ack``, ``hb``, ``enr``."""
+        """Central → this gateway: ``list``, ``rev``, ``cmd``, ``ack``, ``hb``, ``enr``,
+        ``keys``."""
         return f"{self.prefix}/gw/{self.gateway}/in/{kind}"
 
     def outbound(self, kind: str) -> str:
@@ -45,7 +46,7 @@ def office_subscription(prefix: str = PROTOCOL) -> str:
 
 def stream_of(topic: str, gateway: str, prefix: str = PROTOCOL) -> str | None:
     """The stream a central topic carries (``list``, ``rev``, ``cmd``, ``ack``, ``hb``,
-    ``enr``, ``all``), or None when the topic is not one the gateway consumes."""
+    ``enr``, ``keys``, ``all``), or None when the topic is not one the gateway consumes."""
     if topic == f"{prefix}/all/rev":
         return "all"
     head = f"{prefix}/gw/{gateway}/in/"

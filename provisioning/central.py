@@ -44,6 +44,7 @@ in the caller's thread on a short-lived connection and wait for the broker's PUB
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -78,21 +79,30 @@ from provisioning.publish import (
     DEFAULT_TTL_S,
     MAX_CHUNK_ENTRIES,
     REVOCATION_ITEMS,
+    AnnounceKeys,
     HeartbeatAll,
     Operation,
     OpResult,
     PublishDelta,
     Publisher,
     PublishSnapshot,
+    RetireKey,
     Revoke,
     SendCommand,
     SendHeartbeat,
 )
-from provisioning.receive import RESYNC_INTERVAL_S, Receiver, StoreResult
+from provisioning.receive import (
+    REMOVED_KEY,
+    RESYNC_INTERVAL_S,
+    Receiver,
+    StoreResult,
+    removed_record,
+)
 from provisioning.reconcile.cases import Cases
 from provisioning.reconcile.findings import Reconciler
 from provisioning.reports import Reports
 from provisioning.retention import Retention
+from provisioning.rotation import KEYS_SEQ_KEY, key_versions
 from provisioning.serve import DEFAULT_HEARTBEAT_EVERY_S, Duties, Worker
 from provisioning.tenants import POLICIES, ConfirmEnrollment, RejectEnrollment, Tenants
 
@@ -211,6 +221,15 @@ class Central:
         """Every registered gateway id."""
         return self._enrollment.gateways()
 
+    def mark_removed(self, gateway_id: str, record: dict[str, str]) -> None:
+        """Record ``gateway_id`` as removed (``record``: when, why, what was revoked): from
+        now on the office refuses its messages (``Receiver``)."""
+        self._db.set_meta(REMOVED_KEY.format(gateway=gateway_id), json.dumps(record))
+
+    def removed(self, gateway_id: str) -> dict[str, str] | None:
+        """What ``mark_removed`` recorded for ``gateway_id``, or None."""
+        return removed_record(self._db, gateway_id)
+
     def enroll(self, gateway: str, card_id: str, permit_number: str, *,
                valid_from: int | None = None, valid_until: int | None = None,
                doors: Sequence[str] | None = None, schedule: str | None = None) -> bytes:
@@ -290,6 +309,26 @@ class Central:
         if not isinstance(result, dict):
             raise CentralError(f"heartbeat_all: unexpected result {result!r}")
         return result
+
+    # -- signing key rotation (provisioning.rotation) ----------------------------------
+
+    def announce_keys(self) -> int:
+        """Announce the signing keys and their states to every gateway; returns the seq."""
+        return self._seq(AnnounceKeys())
+
+    def retire_key(self, kid: str, grace_s: int = 0) -> int:
+        """Stop signing with ``kid`` and announce it retired (``retiring`` for
+        ``grace_s``); returns the announcement's seq."""
+        return self._seq(RetireKey(kid, grace_s))
+
+    def key_rotation_state(self) -> tuple[int, dict[str, int]]:
+        """The latest ``keys`` seq sent (0: none) and the one each gateway holds."""
+        return int(self._db.meta(KEYS_SEQ_KEY) or 0), key_versions(self._db)
+
+    def signing_kid(self) -> str:
+        """The id of the key the office signs with now."""
+        self._keys.reload()
+        return self._keys.signing()[0]
 
     # -- enrollments made at gateways (provisioning.tenants) ----------------------------
 

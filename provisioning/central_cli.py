@@ -39,6 +39,8 @@ from provisioning.db.backend import describe as describe_database
 from provisioning.reconcile.cases import redact
 from provisioning.reconcile.cli import add_commands as add_office_commands
 from provisioning.register import add_register_command
+from provisioning.remove import add_remove_command
+from provisioning.rotation import add_rotate_command
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
 DIR_ENV = "PERMITGATE_CENTRAL_DIR"
@@ -335,7 +337,8 @@ def _print_gateway(gw: dict[str, Any], out: TextIO) -> None:
     applied = "nothing reported" if lst["applied"] is None else f"v{lst['applied']}"
     current = "current" if lst["current"] else "NOT current"
     ev = gw["events"]
-    out.write(f"{gw['gateway']}  site {gw['site']}  {online} (status {_ago(gw['status_ms'])})\n"
+    out.write(f"{gw['gateway']}  site {gw['site']}  {online} (status {_ago(gw['status_ms'])})"
+              f"  version {gw['version'] or 'not reported'}\n"
               f"  list      published v{lst['published']} {_ago(lst['published_ms'])}, "
               f"applied {applied} ({current})\n"
               f"  streams   rev {gw['streams']['rev']}, cmd {gw['streams']['cmd']}, "
@@ -369,6 +372,9 @@ def cmd_show(args: argparse.Namespace, out: TextIO) -> int:
               f"{report['global_revocations']} permit(s)\n")
     if report["unknown_gateway_messages"]:
         out.write(f"messages from unknown gateways: {report['unknown_gateway_messages']}\n")
+    for group in report["by_version"]:
+        out.write(f"version {group['version'] or 'not reported'}: "
+                  f"{', '.join(group['gateways'])}\n")
     if not report["gateways"]:
         out.write("no gateways (add one with 'permitgate-central add-gateway')\n")
     for gw in report["gateways"]:
@@ -487,6 +493,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_add_gateway)
 
     add_register_command(sub, common, _central)
+    add_remove_command(sub, common, _central)
+    add_rotate_command(sub, common, _central)
 
     p = sub.add_parser("enroll", parents=[common], help="store a card's entry")
     p.add_argument("gateway", metavar="GW")

@@ -11,11 +11,13 @@ The request format (the ``requests`` table of ``central.db``; both sides are thi
 so it only has to agree with itself across one upgrade):
 
 - ``op``: the operation's name: ``snapshot``, ``delta``, ``revoke``, ``command``,
-  ``heartbeat``, ``heartbeat_all``, ``confirm_enrollment``, ``reject_enrollment``;
+  ``heartbeat``, ``heartbeat_all``, ``announce_keys``, ``retire_key``,
+  ``confirm_enrollment``, ``reject_enrollment``;
 - ``args``: a JSON object of its fields: ``snapshot`` ``{"gateway", "chunk_entries"}``;
   ``delta`` ``{"gateway", "upsert": [b64 credential hash…], "remove": [b64…]}``;
   ``revoke`` ``{"target", "items": [{"kind", "hash"}…]}``; ``command``
   ``{"gateway", "action"}``; ``heartbeat`` ``{"gateway"}``; ``heartbeat_all`` ``{}``;
+  ``announce_keys`` ``{}``; ``retire_key`` ``{"kid", "grace_s"}``;
   ``confirm_enrollment`` ``{"gateway", "enrollment"}``; ``reject_enrollment``
   ``{"gateway", "enrollment", "reason"}``. Hashes and ids only, never a card or permit
   number;
@@ -45,11 +47,13 @@ from protocol.signing import b64, unb64
 from provisioning.db import OfficeDatabase, RequestOutcome
 from provisioning.errors import CentralUsageError, PublishError
 from provisioning.publish import (
+    AnnounceKeys,
     HeartbeatAll,
     Operation,
     OpResult,
     PublishDelta,
     PublishSnapshot,
+    RetireKey,
     Revoke,
     SendCommand,
     SendHeartbeat,
@@ -123,6 +127,10 @@ def encode(op: Request) -> tuple[str, str]:
             name, args = "heartbeat", {"gateway": gateway}
         case HeartbeatAll():
             name, args = "heartbeat_all", {}
+        case AnnounceKeys():
+            name, args = "announce_keys", {}
+        case RetireKey(kid, grace_s):
+            name, args = "retire_key", {"kid": kid, "grace_s": grace_s}
         case ConfirmEnrollment(gateway, enrollment):
             name, args = "confirm_enrollment", {"gateway": gateway, "enrollment": enrollment}
         case RejectEnrollment(gateway, enrollment, reason):
@@ -141,6 +149,8 @@ _DECODERS: dict[str, Callable[[dict[str, Any]], Request]] = {
     "command": lambda a: SendCommand(a["gateway"], a["action"]),
     "heartbeat": lambda a: SendHeartbeat(a["gateway"]),
     "heartbeat_all": lambda _a: HeartbeatAll(),
+    "announce_keys": lambda _a: AnnounceKeys(),
+    "retire_key": lambda a: RetireKey(a["kid"], int(a["grace_s"])),
     "confirm_enrollment": lambda a: ConfirmEnrollment(a["gateway"], a["enrollment"]),
     "reject_enrollment": lambda a: RejectEnrollment(a["gateway"], a["enrollment"],
                                                     a["reason"]),

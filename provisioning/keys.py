@@ -3,9 +3,9 @@
 In the central folder:
 
 - ``signing/<kid>.pem``: Ed25519 private keys (mode 0600); the first key listed in
-  ``trusted-keys.txt`` whose private key is here signs (rotation: ``keygen --kid NEW``,
-  install the new ``trusted-keys.txt`` on every gateway, move the old private key away,
-  later drop its line);
+  ``trusted-keys.txt`` whose private key is here signs (rotation: ``rotate-key``, which
+  announces the new key to every gateway, then ``rotate-key --retire OLD``:
+  ``provisioning.rotation``);
 - ``trusted-keys.txt``: ``<kid> <base64 public key>`` lines, installed on every gateway;
 - ``permit.key``: 32 random bytes (hex, mode 0600) under which permit numbers are hashed
   for every building, so one broadcast revocation covers them all;
@@ -224,6 +224,11 @@ class OfficeKeys:
                                     "gateway would trust it")
         self._signer = (kid, key)
         return self._signer
+
+    def reload(self) -> None:
+        """Forget the signing key read: the next message is signed by the key the folder
+        names now (after a retirement, ``provisioning.rotation``)."""
+        self._signer = None
 
     def sign(self, topic: str, body: BaseModel) -> bytes:
         """``body`` in a signed envelope bound to ``topic`` (``protocol.signing``)."""

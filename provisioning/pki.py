@@ -13,9 +13,18 @@ Usage::
     python -m provisioning.pki init FOLDER --broker-host HOST [--broker-host HOST2 ...]
     python -m provisioning.pki client FOLDER GATEWAY_ID
 
+    python -m provisioning.pki crl FOLDER
+
 ``init`` writes ``ca``, ``server`` (for the broker) and ``central`` (for the office) key
-pairs into FOLDER; ``client`` writes ``GATEWAY_ID.key``/``.crt`` signed by FOLDER's CA.
-No existing key or certificate is ever overwritten.
+pairs into FOLDER and an empty certificate revocation list ``crl.pem``; ``client`` writes
+``GATEWAY_ID.key``/``.crt`` signed by FOLDER's CA; ``crl`` writes ``crl.pem`` again (for a
+folder made before it existed), keeping what it revokes. No existing key or certificate is
+ever overwritten.
+
+The CRL is the broker's ``crlfile``: ``permitgate-central remove-gateway`` adds a lost
+gateway's certificates to it (``revoke``) and the broker, once restarted with it, refuses
+their TLS handshake. It is signed by the CA and valid until the CA expires (OpenSSL refuses
+every client certificate when the CRL it was given has passed its next update).
 """
 
 from __future__ import annotations
@@ -262,6 +271,70 @@ def load_pem(folder: Path, name: str) -> KeyCert:
     return key, cert
 
 
+CRL_NAME = "crl.pem"
+
+
+def crl_path(folder: Path) -> Path:
+    """Where ``revoke`` keeps the CRL."""
+    return folder / CRL_NAME
+
+
+def _crl_entries(folder: Path, ca_cert: x509.Certificate
+                 ) -> tuple[list[x509.RevokedCertificate], int]:
+    """The entries of the CRL in ``folder`` (checked against the CA) and its number."""
+    path = crl_path(folder)
+    try:
+        crl = x509.load_pem_x509_crl(path.read_bytes())
+    except FileNotFoundError:
+        return [], 0
+    except ValueError as exc:
+        raise PkiError(f"{path}: not a PEM CRL: {exc}") from exc
+    public = ca_cert.public_key()
+    if not isinstance(public, ec.EllipticCurvePublicKey) or \
+            not crl.is_signature_valid(public):
+        raise PkiError(f"{path}: not signed by the CA in {folder}")
+    try:
+        number = crl.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number
+    except x509.ExtensionNotFound:
+        number = 0
+    return list(crl), number
+
+
+def revoke(folder: Path, serials: Sequence[int] = ()) -> Path:
+    """Write ``crl.pem`` in ``folder``: what it revoked before and ``serials`` (each once),
+    signed by the folder's CA, valid until the CA expires. With no serials it writes the
+    same list again (an empty one for a new folder)."""
+    ca_key, ca_cert = load_pem(folder, "ca")
+    entries, number = _crl_entries(folder, ca_cert)
+    now = _now()
+    known = {entry.serial_number for entry in entries}
+    for serial in dict.fromkeys(serials):
+        if serial not in known:
+            entries.append(x509.RevokedCertificateBuilder().serial_number(serial)
+                           .revocation_date(now).build())
+    builder = (x509.CertificateRevocationListBuilder()
+               .issuer_name(ca_cert.subject)
+               .last_update(now - BACKDATE)
+               .next_update(ca_cert.not_valid_after_utc)
+               .add_extension(x509.CRLNumber(number + 1), critical=False)
+               .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(
+                   ca_key.public_key()), critical=False))
+    for entry in entries:
+        builder = builder.add_revoked_certificate(entry)
+    crl = builder.sign(ca_key, hashes.SHA256())
+    path = crl_path(folder)
+    tmp = path.with_name(f".{path.name}.new")
+    tmp.unlink(missing_ok=True)
+    _write_new(tmp, crl.public_bytes(serialization.Encoding.PEM), 0o644)
+    tmp.replace(path)
+    return path
+
+
+def revoked_serials(folder: Path) -> set[int]:
+    """The serial numbers the CRL in ``folder`` revokes (none without one)."""
+    return {entry.serial_number for entry in _crl_entries(folder, load_pem(folder, "ca")[1])[0]}
+
+
 def _refuse_existing(folder: Path, names: Sequence[str]) -> None:
     for name in names:
         for path in pem_paths(folder, name):
@@ -286,6 +359,7 @@ def _init(folder: Path, hosts: Sequence[str], ca_name: str, days: int) -> None:
     write_pem(folder, "ca", *ca)
     write_pem(folder, "server", *make_server_cert(ca, hostnames, ips, days=days))
     write_pem(folder, CENTRAL, *make_client_cert(ca, CENTRAL, days=days))
+    revoke(folder)
 
 
 def _client(folder: Path, gateway: str, days: int) -> None:
@@ -316,6 +390,8 @@ def _parser() -> argparse.ArgumentParser:
     client.add_argument("folder", type=Path)
     client.add_argument("gateway_id")
     client.add_argument("--days", type=int, default=CLIENT_DAYS)
+    crl = commands.add_parser("crl", help=f"write {CRL_NAME} again (the broker's crlfile)")
+    crl.add_argument("folder", type=Path)
     return parser
 
 
@@ -325,7 +401,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "init":
             _init(args.folder, args.broker_host, args.ca_name, args.days)
-            print(f"wrote ca, server and {CENTRAL} keys and certificates in {args.folder}")
+            print(f"wrote ca, server and {CENTRAL} keys and certificates and an empty "
+                  f"{CRL_NAME} in {args.folder}")
+        elif args.command == "crl":
+            path = revoke(args.folder)
+            print(f"wrote {path} ({len(revoked_serials(args.folder))} revoked); copy it to "
+                  "the broker's crlfile and restart the broker")
         else:
             _client(args.folder, args.gateway_id, args.days)
             print(f"wrote {args.gateway_id}.key and {args.gateway_id}.crt in {args.folder}")

@@ -35,6 +35,7 @@ from protocol.messages import (
     EnrollmentDecision,
     EventAck,
     Heartbeat,
+    KeyAnnouncement,
     Revocation,
     Revoked,
     Snapshot,
@@ -43,9 +44,11 @@ from protocol.messages import (
 from protocol.signing import b64, unb64
 from protocol.topics import Topics
 from provisioning.db import EntryRecord, OfficeDatabase
+from provisioning.db.seqs import next_seq
 from provisioning.enrollment import known_gateway, wire_entry, wire_revoked
 from provisioning.errors import CentralUsageError
 from provisioning.keys import OfficeKeys
+from provisioning.rotation import KEYS_SEQ_KEY, announced_set, check_retire, retire
 
 log = structlog.get_logger()
 
@@ -137,7 +140,21 @@ class HeartbeatAll:
     """A heartbeat to every registered gateway."""
 
 
-Operation = PublishSnapshot | PublishDelta | Revoke | SendCommand | SendHeartbeat | HeartbeatAll
+@dataclass(frozen=True, slots=True)
+class AnnounceKeys:
+    """Send every gateway the office's signing keys and their states (``keys``)."""
+
+
+@dataclass(frozen=True, slots=True)
+class RetireKey:
+    """Stop signing with ``kid`` and announce it retired (``retiring`` for ``grace_s``)."""
+
+    kid: str
+    grace_s: int = 0
+
+
+Operation = (PublishSnapshot | PublishDelta | Revoke | SendCommand | SendHeartbeat
+             | HeartbeatAll | AnnounceKeys | RetireKey)
 OpResult = int | dict[str, int]
 """What an operation returns: the seq or version used, or (``HeartbeatAll``) one per
 gateway."""
@@ -180,8 +197,10 @@ class Publisher:
                 known_gateway(self._db, gateway)
             case SendHeartbeat(gateway):
                 known_gateway(self._db, gateway)
-            case HeartbeatAll():
+            case HeartbeatAll() | AnnounceKeys():
                 pass
+            case RetireKey(kid, _grace):
+                check_retire(self._keys.folder, kid)
             case _:
                 assert_never(op)
 
@@ -195,7 +214,7 @@ class Publisher:
         else:
             known_gateway(self._db, target)
 
-    def perform(self, op: Operation) -> OpResult:
+    def perform(self, op: Operation) -> OpResult:  # noqa: PLR0911 - one return per operation
         """Run one operation; returns the seq (or version) it used."""
         match op:
             case PublishSnapshot(gateway, chunk_entries):
@@ -210,6 +229,10 @@ class Publisher:
                 return self.heartbeat(gateway)
             case HeartbeatAll():
                 return self.heartbeat_all()
+            case AnnounceKeys():
+                return self.announce_keys()
+            case RetireKey(kid, grace_s):
+                return self.retire_key(kid, grace_s)
             case _:
                 assert_never(op)
 
@@ -221,7 +244,7 @@ class Publisher:
         return now, now + ttl
 
     def _signed(self, topic: str, body: Snapshot | Delta | Revocation | Command | Heartbeat
-                | EventAck | EnrollmentDecision) -> None:
+                | EventAck | EnrollmentDecision | KeyAnnouncement) -> None:
         self._send(topic, self._keys.sign(topic, body))
 
     def snapshot(self, gateway: str, chunk_entries: int = CHUNK_ENTRIES, *,
@@ -368,6 +391,29 @@ class Publisher:
     def heartbeat_all(self) -> dict[str, int]:
         """A heartbeat to every gateway; returns the seq sent to each."""
         return {gw: self.heartbeat(gw) for gw in self._db.gateway_ids()}
+
+    def announce_keys(self) -> int:
+        """Send every gateway the signing keys and their states, under one new ``keys``
+        seq (committed first); returns it."""
+        seq = next_seq(int(self._db.meta(KEYS_SEQ_KEY) or 0), self._now_ms())
+        self._db.set_meta(KEYS_SEQ_KEY, str(seq))
+        issued, expires = self._times(self.ttl_s)
+        keys = announced_set(self._keys.folder, issued)
+        for gateway in self._db.gateway_ids():
+            self._signed(Topics(gateway).inbound("keys"), KeyAnnouncement(
+                type="keys", gateway=gateway, seq=seq, issued_at=issued, expires_at=expires,
+                keys=keys))
+        log.info("keys_announced", seq=seq, signer=self._keys.signing()[0],
+                 keys={k.kid: k.state for k in keys})
+        return seq
+
+    def retire_key(self, kid: str, grace_s: int) -> int:
+        """Stop signing with ``kid`` (the next listed key signs from now on) and announce
+        it retired, or ``retiring`` for ``grace_s``; returns the announcement's seq."""
+        retire(self._keys.folder, kid, int(self._clock()) + grace_s)
+        self._keys.reload()
+        log.warning("signing_key_retired", kid=kid, grace_s=grace_s)
+        return self.announce_keys()
 
     def ack(self, gateway: str, upto: int) -> int:
         """Acknowledge every event of ``gateway`` up to ``upto`` (call it only once they

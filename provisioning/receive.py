@@ -1,6 +1,6 @@
 """Receiving: what gateways send the office, checked, stored and answered.
 
-A message is accepted only from a registered gateway on a well-formed topic
+A message is accepted only from a registered gateway, not removed, on a well-formed topic
 (``protocol.topics.parse_outbound``), up to ``MAX_GATEWAY_PAYLOAD``, valid against its
 model (``protocol.messages.GATEWAY_MESSAGES``) and naming the topic's gateway; anything
 else is counted as malformed and logged, and nothing of it is stored. Event batches are
@@ -59,6 +59,19 @@ RESYNC_INTERVAL_S = 10.0
 request loop cannot make the office flood the broker with whole lists."""
 MAX_GATEWAY_PAYLOAD = 8 * 1024 * 1024
 """Gateway messages larger than this are refused unread (an event batch is far smaller)."""
+REMOVED_KEY = "gateway_removed:{gateway}"
+"""The office setting (``OfficeDatabase.meta``) that marks a gateway removed
+(``permitgate-central remove-gateway``): its messages are refused as an unknown gateway's
+are, and counted with them."""
+
+
+def removed_record(db: OfficeDatabase, gateway: str) -> dict[str, str] | None:
+    """When and why ``gateway`` was removed, or None when it was not."""
+    value = db.meta(REMOVED_KEY.format(gateway=gateway))
+    if value is None:
+        return None
+    record = json.loads(value)
+    return record if isinstance(record, dict) else {"reason": str(record)}
 
 
 @dataclass(frozen=True, slots=True)
@@ -159,6 +172,10 @@ class Receiver:
         known = bool(ids.IDENT_RE.match(gateway)) and self._db.gateway(gateway) is not None
         if not known:
             self._malformed(None, kind, f"message from unknown gateway {gateway[:64]!r}")
+            self._db.count_unknown_gateway_message()
+            return None
+        if self._db.meta(REMOVED_KEY.format(gateway=gateway)) is not None:
+            self._malformed(None, kind, f"message from removed gateway {gateway!r}")
             self._db.count_unknown_gateway_message()
             return None
         model = GATEWAY_MESSAGES.get(kind)

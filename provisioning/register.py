@@ -40,6 +40,7 @@ from provisioning import pki
 from provisioning.central import Central
 from provisioning.errors import CentralUsageError
 from provisioning.keys import SEAL_PUBLIC_NAME, TRUSTED_KEYS_NAME
+from provisioning.renew import renew_gateway
 
 GATEWAYS_DIR = "gateways"
 ACL_DIR = "broker-acl"
@@ -270,8 +271,11 @@ def add_register_command(sub: Any, common: argparse.ArgumentParser,
     p = sub.add_parser("register-gateway", parents=[common], help="register a gateway from "
                        "the request 'permitgate provision' made on it")
     p.add_argument("bundle", type=Path, metavar="BUNDLE", help="the gateway's request file")
-    p.add_argument("--fingerprint", required=True, metavar="FP", help="the fingerprint the "
-                   "gateway showed (as read out, or its QR code's text)")
+    p.add_argument("--fingerprint", metavar="FP", help="the fingerprint the gateway showed "
+                   "(as read out, or its QR code's text); required unless --renew")
+    p.add_argument("--renew", action="store_true", help="BUNDLE is a renewal ('permitgate "
+                   "provision --renew'): check it against the signing key recorded at "
+                   "registration and sign the new certificate")
     p.add_argument("--site", help="refuse a request for any other site")
     p.add_argument("--pki", type=Path, metavar="FOLDER", help="the site PKI folder with "
                    f"ca.key and ca.crt (default DIR/{PKI_DIR})")
@@ -289,6 +293,11 @@ def add_register_command(sub: Any, common: argparse.ArgumentParser,
 def cmd_register_gateway(args: argparse.Namespace, out: TextIO,
                          central: Callable[[argparse.Namespace], Central]) -> int:
     """Register a provisioned gateway; print what was done and its ACL entry."""
+    if args.renew:
+        return cmd_renew_gateway(args, out, central)
+    if args.fingerprint is None:
+        raise _usage("--fingerprint: give the fingerprint the gateway showed (or --renew "
+                     "for a renewal)")
     with central(args) as office:
         done = register_gateway(office, args.bundle, args.fingerprint, site=args.site,
                                 pki_dir=args.pki, site_key=args.site_key, out=args.out,
@@ -309,3 +318,27 @@ def cmd_register_gateway(args: argparse.Namespace, out: TextIO,
               f"broker ACL entry, in {', '.join(map(str, done.acl_files))}; reload the broker "
               "once it is in its ACL file:\n" + done.acl_entry)
     return 0
+
+
+def cmd_renew_gateway(args: argparse.Namespace, out: TextIO,
+                      central: Callable[[argparse.Namespace], Central]) -> int:
+    """Renew a registered gateway's certificate (``provisioning.renew``)."""
+    given = [option for option, value in (("--fingerprint", args.fingerprint),
+                                          ("--site-key", args.site_key),
+                                          ("--acl-file", args.acl_file)) if value is not None]
+    if given:
+        raise _usage(f"--renew takes none of {', '.join(given)}: the gateway's keys, site key "
+                     "and ACL entry stay as registered")
+    with central(args) as office:
+        done = renew_gateway(office, args.bundle, site=args.site, pki_dir=args.pki,
+                             out=args.out, days=args.days)
+    cert = done.certificate
+    out.write(f"renewed the certificate of gateway {done.gateway_id} (site {done.site_id})\n"
+              f"  certificate  serial {cert.serial_number:x}, valid until "
+              f"{cert.not_valid_after_utc:%Y-%m-%d} UTC (replaces serial "
+              f"{done.replaced_serial}, which stays valid until it expires)\n"
+              f"  record       {done.record}\n"
+              f"  response     {done.response}: give it to the installer ('permitgate "
+              f"provision --accept {done.response.name}')\n")
+    return 0
+

@@ -4,12 +4,30 @@ dicts)."""
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 from protocol.hashing import log_prefix
 from provisioning.db import ENROLLMENT_STATUSES, GatewayRecord, OfficeDatabase
 from provisioning.enrollment import known_gateway
 from provisioning.errors import CentralUsageError
+
+
+def _version_key(version: str | None) -> tuple[int, list[int], str]:
+    """Versions in release order (0.9.0 before 0.10.0), those never reported last."""
+    if version is None:
+        return (1, [], "")
+    return (0, [int(n) for n in re.findall(r"\d+", version)], version)
+
+
+def by_version(gateways: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The gateways grouped by the software version their last status reported (None:
+    no status yet, or from a gateway that does not report one), oldest first."""
+    groups: dict[str | None, list[str]] = {}
+    for gw in gateways:
+        groups.setdefault(gw["version"], []).append(gw["gateway"])
+    return [{"version": version, "gateways": groups[version]}
+            for version in sorted(groups, key=_version_key)]
 
 
 class Reports:
@@ -25,7 +43,7 @@ class Reports:
         gateways = [self._gateway_report(row) for row in db.gateways()]
         return {"all_seq": all_seq, "global_revocations": db.global_revocation_count(),
                 "unknown_gateway_messages": db.unknown_gateway_messages(),
-                "gateways": gateways}
+                "gateways": gateways, "by_version": by_version(gateways)}
 
     def gateway_report(self, gateway: str) -> dict[str, Any]:
         """The ``show`` report of one gateway."""
@@ -45,6 +63,7 @@ class Reports:
             "gateway": gw,
             "site": row.site,
             "online": None if status is None else status.get("state") == "online",
+            "version": (status or {}).get("version"),
             "status": status,
             "status_ms": row.status_ms,
             "list": {"published": row.list_version,

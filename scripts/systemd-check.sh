@@ -187,7 +187,7 @@ say "umask 077; provisioning/install.sh --config ... --site-key ... (builds the 
 if ct /bin/sh -c 'umask 077; exec "$@"' sh /root/permitgate-src/provisioning/install.sh \
         --config /root/pg-check/permitgate.toml --site-key /root/pg-check/site.key \
         >"$logs/install.log" 2>&1; then
-    pass install "$(tail -1 "$logs/install.log"); unit at /etc/systemd/system/permitgate.service, $(ct id permitgate); $(ct stat -c '%n %a' /opt/permitgate /opt/permitgate/.venv/bin/permitgate /etc/permitgate/credentials/site.key | tr '\n' ' ')"
+    pass install "$(tail -1 "$logs/install.log"); unit at /etc/systemd/system/permitgate.service, $(ct id permitgate); $(ct stat -L -c '%n %a' /opt/permitgate /opt/permitgate/.venv/bin/permitgate /etc/permitgate/credentials/site.key | tr '\n' ' ')"
 else
     fail install "exit $?: $(tail -5 "$logs/install.log")"
     exit 1

@@ -60,11 +60,13 @@ def free_port() -> int:
 @dataclass(frozen=True, slots=True)
 class TlsFiles:
     """The PEM files of a TLS listener: the CA that signs client certificates, and the
-    broker's own certificate and key."""
+    broker's own certificate and key; optionally the CA's revocation list (``crlfile``:
+    without one, a template's ``crlfile`` line is left out)."""
 
     cafile: Path
     certfile: Path
     keyfile: Path
+    crlfile: Path | None = None
 
 
 class BrokerOptions(TypedDict, total=False):
@@ -85,7 +87,7 @@ class BrokerOptions(TypedDict, total=False):
 # a second listener cannot be made to fit one test folder, so the template is refused.
 _REFUSED_IN_TEMPLATE = frozenset({
     "port", "bind_address", "pid_file", "include_dir", "password_file", "psk_file",
-    "capath", "crlfile", "plugin", "auth_plugin", "plugin_load", "global_plugin",
+    "capath", "plugin", "auth_plugin", "plugin_load", "global_plugin",
     "persistence_file",
 })
 
@@ -185,7 +187,7 @@ class Broker:
             "require_certificate true",
             "use_identity_as_username true",
             "tls_version tlsv1.2",
-        ]
+        ] + ([f"crlfile {self.tls.crlfile}"] if self.tls.crlfile is not None else [])
 
     def _render_options(self) -> str:
         lines = self._common_lines()
@@ -209,10 +211,11 @@ class Broker:
             raise BrokerError(f"{where}: the test broker cannot rewrite {key}")
         if key == "listener":
             return f"listener {self._port} {HOST}"
-        if key in ("cafile", "certfile", "keyfile"):
+        if key in ("cafile", "certfile", "keyfile", "crlfile"):
             if self.tls is None:
                 raise BrokerError(f"{where}: the template needs TLS files")
-            return f"{key} {getattr(self.tls, key)}"
+            path = getattr(self.tls, key)
+            return None if path is None else f"{key} {path}"
         if key == "acl_file":
             if self.acl_file is None:
                 raise BrokerError(f"{where}: the template needs acl_file")

@@ -73,7 +73,8 @@ def site(tmp_path: Path, brokers: BrokerPool) -> Site:
     foreign_ca = pki.make_ca("someone else's CA")
     pki.write_pem(foreign, "gw-a", *pki.make_client_cert(foreign_ca, "gw-a"))
     broker = brokers.start(
-        tls=TlsFiles(folder / "ca.crt", folder / "server.crt", folder / "server.key"),
+        tls=TlsFiles(folder / "ca.crt", folder / "server.crt", folder / "server.key",
+                     folder / "crl.pem"),
         acl_file=ACL, template=TEMPLATE)
     return Site(broker, folder, foreign)
 
