@@ -53,7 +53,7 @@ KNOWN_EVENT_KINDS = (
     "agent_started", "agent_stopped", "clock_checked", "clock_changed", "prune_held",
     "disk_full", "disk_space_restored", "events_dropped",
     "mode_changed",
-    "snapshot_applied", "delta_applied", "revocations_applied",
+    "snapshot_applied", "delta_applied", "revocations_applied", "keys_announced",
     "sync_refused", "sync_stale", "sync_fresh", "event_store_high_water",
     "card_captured", "tenant_enrolled", "tenant_confirmed", "tenant_rejected",
     "tenant_moved_out", "tenant_lease_ended",

@@ -15,6 +15,7 @@ import json
 import os
 import signal
 import socket
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -71,6 +72,10 @@ CHECKPOINT_S = 2.0
 """How often the housekeeping thread copies the WAL into the database. Card-path commits
 never checkpoint themselves (docs/performance.md): a checkpoint inside a commit costs
 several milliseconds and would land on whichever tap triggered it."""
+SWITCH_INTERVAL_S = 0.0005
+"""How long a thread may hold the interpreter lock while another waits for it (CPython's
+default is 5 ms): a decision takes the lock back a dozen times, so under list work the
+default made single taps wait 100 ms and more."""
 LEASE_CHECK_S = 60.0
 """How often ended leases are marked ended (their access stopped at the lease end by
 itself; this records it)."""
@@ -161,6 +166,10 @@ class Agent:
         door, start readers. Raises on unusable set-ups; a start that fails before the
         store opens records nothing."""
         check_drivers(self.config)
+        # The card path's threads each take the interpreter lock back after every SQLite
+        # call; while the sync worker parses and stages a list they would wait up to the
+        # default 5 ms switch interval for it each time (bench/load.py).
+        sys.setswitchinterval(SWITCH_INTERVAL_S)
         secrets = load_secrets(self.config, self.paths)
         lock = self._lock = DataLock.acquire(self.paths.lock)
         self.reserve = Reserve(self.paths.data_dir, self.config.store.reserve_mb << 20)

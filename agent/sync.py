@@ -350,6 +350,12 @@ class SyncWorker:
             if topic != self.topics.outbound("status"):
                 # (our own status coming back only proves that the link works)
                 self.applier.handle(topic, payload)
+            if stream_of(topic, self.gateway, self.config.prefix) == "hb":
+                # The office is listening now (it heartbeats as it starts, then every 15
+                # minutes): a batch still unacknowledged may have been sent while it was
+                # not, so it goes again now rather than at the ack timeout (the office
+                # keeps each seq once and acknowledges a copy like the original).
+                self._inflight = None
 
     def _tick(self) -> None:
         now = time.monotonic()

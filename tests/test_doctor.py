@@ -29,6 +29,7 @@ from serial.tools.list_ports_common import ListPortInfo
 from agent import cli, doctor
 from agent.store import Store
 from drivers.serial_reader import SerialReader
+from provisioning import pki
 from tests.agentconf import SIMULATED, DoorSpec, ReaderSpec, agent_toml
 
 if TYPE_CHECKING:
@@ -353,20 +354,24 @@ def test_sync_files_missing_fail_one_by_one(tmp_path: Path) -> None:
 
 
 def test_sync_files_present_pass(tmp_path: Path) -> None:
-    """With sync on and every file in place, the sync checks pass and count the keys."""
+    """With sync on and every file in place, the sync checks pass and count the keys, and
+    the certificate's expiry is far."""
     install_key(tmp_path)
     office = tmp_path / "office"
     office.mkdir()
     public = Ed25519PrivateKey.generate().public_key().public_bytes(
         Encoding.Raw, PublicFormat.Raw)
     (office / "trusted-keys.txt").write_text(f"k1 {base64.b64encode(public).decode()}\n")
-    for name in ("ca.crt", "gateway.crt", "gateway.key"):
+    for name in ("ca.crt", "gateway.key"):
         (office / name).write_text("-----BEGIN PLACEHOLDER-----\n")
+    _, cert = pki.make_client_cert(pki.make_ca("test CA"), "gw-0001")
+    (office / "gateway.crt").write_bytes(cert.public_bytes(Encoding.PEM))
     config = write_config(tmp_path, sync=SYNC)
     status, output = run_doctor(config)
     assert status == 0, output
     assert check_line(output, "sync trusted keys").endswith("trusted-keys.txt: 1 key(s)")
     assert check_line(output, "sync key_file").startswith("ok    sync key_file: ")
+    assert check_line(output, "sync certificate").startswith("ok    sync certificate: ")
 
 
 def test_sync_off_is_not_checked(tmp_path: Path) -> None:

@@ -436,6 +436,20 @@ def test_stale_lists_raise_an_alarm_and_apply_the_offline_policy(
     assert gw.tap(CARD_B).granted
 
 
+def test_a_heartbeat_sends_an_unacknowledged_batch_again_at_once(
+        make_gateway: GatewayFactory, office: Office) -> None:
+    """A batch still unacknowledged when a heartbeat arrives (the office may have started
+    after it was sent) goes again at once, not after the ack timeout."""
+    make_gateway(ack_timeout_s=3600.0)
+    online(office)
+    first = office.wait("events", lambda b: True, "the first batch")
+    office.send("hb", Heartbeat(type="heartbeat", list_version=0, rev_seq=0, all_seq=0,
+                                **office.header("hb")))
+    again = office.wait("events", lambda b: b is not first and b["events"][0]["seq"] ==
+                        first["events"][0]["seq"], "the batch again after the heartbeat")
+    assert again["events"] == first["events"]
+
+
 def test_heartbeat_ahead_of_the_gateway_asks_for_a_resync(make_gateway: GatewayFactory,
                                                          office: Office) -> None:
     """A heartbeat saying the office is at a newer version than the gateway holds (a

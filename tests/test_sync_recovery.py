@@ -244,8 +244,9 @@ def test_behind_command_is_answered_with_the_latest_commands_under_their_own_seq
                 ("cmd", first, "lockdown"), ("cmd", second, "status")]
             for (_, body), original in zip(again, originals, strict=True):
                 assert body["expires_at"] >= original["expires_at"] > time.time()
+            # (with a list: a gateway with none is sent one for its status)
             peer.send("status", {"type": "status", "gateway": "gw1", "state": "online",
-                                 "versions": {"cmd": first}})
+                                 "versions": {"cmd": first, "list": 1}})
             resync(peer, BEHIND_COMMAND)
             kind, body = next_body(peer, office.keys)
             assert (kind, body["seq"], body["action"]) == ("cmd", second, "status")
