@@ -291,6 +291,10 @@ class Applier:
         if (hb.list_version > versions.get("list", 0) or hb.rev_seq > versions.get("rev", 0)
                 or hb.all_seq > versions.get("all", 0)):
             self.outbound.request_resync("behind_heartbeat")
+        if "list" not in versions and self._staging is None:
+            # Still no list: the request made on connecting may have been published
+            # before the office subscribed (an office heartbeats as it starts).
+            self.outbound.request_resync("no_list", at_once=True)
         if hb.cmd_seq is not None and hb.cmd_seq > versions.get("cmd", 0):
             # A command was lost (a broker queue dropped it) or refused (it expired on the
             # way): the office sends its latest commands again, with their own seqs.

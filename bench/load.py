@@ -73,7 +73,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import MutableMapping, Sequence
+from collections.abc import Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -83,6 +83,7 @@ import structlog
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # for tests.broker
 
 from agent.store import Store
+from bench.applied import AppliedHook
 from protocol.chain import Event
 from protocol.messages import MAX_ITEMS, Revoked
 from protocol.signing import b64
@@ -106,61 +107,6 @@ MESSAGE_SIZE_LIMIT = 4 * 1024 * 1024
 DOORS = ("a", "b", "c", "d")
 READERS = tuple(f"{door}-{way}" for door in DOORS for way in ("in", "out"))
 """4 doors, an entry and an exit reader at each: 8 readers."""
-
-
-class AppliedHook:
-    """A structlog processor that notes when the office has stored a gateway's
-    ``applied`` report (the ``gateway_applied`` log line follows the commit), and how far
-    it has stored (and is about to acknowledge) the gateway's events."""
-
-    def __init__(self) -> None:
-        self._cond = threading.Condition()
-        self._seen: dict[tuple[str, int], tuple[float, str]] = {}
-        self._acked: tuple[int, float] = (0, 0.0)
-
-    def __call__(self, _logger: Any, _method: str, event: MutableMapping[str, Any]
-                 ) -> MutableMapping[str, Any]:
-        if event.get("event") == "events_stored":
-            with self._cond:
-                if int(event["acked_upto"]) > self._acked[0]:
-                    self._acked = (int(event["acked_upto"]), time.perf_counter())
-                    self._cond.notify_all()
-        if event.get("event") in ("gateway_applied", "gateway_refused"):
-            with self._cond:
-                status = "applied" if event["event"] == "gateway_applied" else "refused"
-                self._seen[(str(event["stream"]), int(event["seq"] or 0))] = (
-                    time.perf_counter(), status)
-                self._cond.notify_all()
-        return event
-
-    def wait(self, stream: str, seq: int, timeout: float) -> float:
-        """When ``(stream, seq)`` was reported applied; raises if refused or late."""
-        with self._cond:
-            if not self._cond.wait_for(lambda: (stream, seq) in self._seen, timeout):
-                raise SystemExit(f"no applied report for {stream} {seq} in {timeout:g} s")
-            at, status = self._seen[(stream, seq)]
-        if status != "applied":
-            raise SystemExit(f"the gateway refused {stream} {seq}")
-        return at
-
-    def first(self, stream: str, timeout: float) -> int:
-        """The seq of the first report of ``stream`` applied; raises if none in time."""
-        with self._cond:
-            def applied() -> list[int]:
-                return sorted(seq for (s, seq), (_at, status) in self._seen.items()
-                              if s == stream and status == "applied")
-            if not self._cond.wait_for(applied, timeout):
-                raise SystemExit(f"no applied report for {stream} in {timeout:g} s")
-            return applied()[0]
-
-    def wait_stored(self, upto: int, timeout: float) -> float:
-        """When the office had stored every event up to ``upto`` (its acknowledgement is
-        published right after)."""
-        with self._cond:
-            if not self._cond.wait_for(lambda: self._acked[0] >= upto, timeout):
-                raise SystemExit(f"the office stored events up to {self._acked[0]}, not "
-                                 f"{upto}, in {timeout:g} s")
-            return self._acked[1]
 
 
 class LoadAgent(AgentProcess):

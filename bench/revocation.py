@@ -39,7 +39,6 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import MutableMapping
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +46,7 @@ import structlog
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # for tests.broker
 
+from bench.applied import AppliedHook
 from protocol.messages import Revoked
 from protocol.signing import b64
 from tests.broker import Broker
@@ -58,50 +58,6 @@ from tests.harness import (
     Office,
     card_id,
 )
-
-
-class AppliedHook:
-    """A structlog processor that notes when the office has stored a gateway's
-    ``applied`` report (the ``gateway_applied`` log line follows the commit)."""
-
-    def __init__(self) -> None:
-        self._cond = threading.Condition()
-        self._seen: dict[tuple[str, int], tuple[float, str]] = {}
-
-    def __call__(self, _logger: Any, _method: str, event: MutableMapping[str, Any]
-                 ) -> MutableMapping[str, Any]:
-        if event.get("event") in ("gateway_applied", "gateway_refused"):
-            with self._cond:
-                status = "applied" if event["event"] == "gateway_applied" else "refused"
-                self._seen[(str(event["stream"]), int(event["seq"] or 0))] = (
-                    time.perf_counter(), status)
-                self._cond.notify_all()
-        return event
-
-    def at(self, stream: str, seq: int) -> float | None:
-        """When ``(stream, seq)`` was reported, or None if not yet."""
-        with self._cond:
-            seen = self._seen.get((stream, seq))
-        return None if seen is None else seen[0]
-
-    def first(self, stream: str, timeout: float) -> int:
-        """The seq of the first report of ``stream``; raises if none in time."""
-        with self._cond:
-            def seqs() -> list[int]:
-                return sorted(seq for (s, seq) in self._seen if s == stream)
-            if not self._cond.wait_for(seqs, timeout):
-                raise SystemExit(f"no applied report for {stream} in {timeout:g} s")
-            return seqs()[0]
-
-    def wait(self, stream: str, seq: int, timeout: float = 10.0) -> float:
-        """When ``(stream, seq)`` was reported applied; raises if refused or late."""
-        with self._cond:
-            if not self._cond.wait_for(lambda: (stream, seq) in self._seen, timeout):
-                raise SystemExit(f"no applied report for {stream} {seq} in {timeout:g} s")
-            at, status = self._seen[(stream, seq)]
-        if status != "applied":
-            raise SystemExit(f"the gateway refused {stream} {seq}")
-        return at
 
 
 def percentile(values: list[float], q: float) -> float:

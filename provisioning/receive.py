@@ -256,12 +256,6 @@ class Receiver:
         # lost some (restored from a backup): then it continues above (provisioning.db.seqs).
         self._db.raise_counters(gateway, msg.versions, self._now_ms())
         log.info("gateway_status", gateway=gateway, state=msg.state)
-        if msg.state == "online" and not msg.versions.get("list"):
-            # A gateway with no list asks for one as it connects; if the office was not
-            # yet subscribed then, that request is gone, and the gateway asks again only
-            # after its resync interval. Its status (retained) says the same: answer it,
-            # unless a snapshot was sent lately (the request itself came through).
-            self._answer_resync(gateway, "no_list", 0, defer=False)
 
     def _on_resync(self, gateway: str, msg: ResyncRequest) -> None:
         self._db.raise_counters(gateway, {"list": msg.list_version, "rev": msg.rev_seq,
@@ -269,25 +263,14 @@ class Receiver:
         if msg.reason == BEHIND_COMMAND:
             self._resend_commands(gateway)
             return
-        self._answer_resync(gateway, msg.reason[:200], msg.list_version, defer=True)
-
-    def _answer_resync(self, gateway: str, reason: str, list_version: int, *,
-                       defer: bool) -> None:
-        """A snapshot for ``gateway`` now, unless one went less than ``resync_interval_s``
-        ago: then later (``defer``) or not at all."""
-        if not defer:
-            record = self._db.gateway(gateway)
-            if record is None or gateway in self._resync_due:
-                return
+        reason = msg.reason[:200]  # the gateway's words, kept short
         answered = self._db.record_resync_request(gateway, reason, self._now_ms())
         due = 0.0 if answered is None else answered / 1000 + self.resync_interval_s
         if self._clock() >= due:
             self._resync_due.pop(gateway, None)
             self._publisher.snapshot(gateway, CHUNK_ENTRIES, resync=True)
             log.info("resync_answered", gateway=gateway, reason=reason,
-                     gateway_list_version=list_version)
-        elif not defer:
-            return
+                     gateway_list_version=msg.list_version)
         elif gateway not in self._resync_due:
             self._resync_due[gateway] = due
             log.info("resync_deferred", gateway=gateway, reason=reason,

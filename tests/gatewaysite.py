@@ -1,6 +1,7 @@
 """A provisioned gateway, its office and its broker, brought up the way an installer and
 the office do it (every step a real command run as a child process), for the rotation
-tests: tests/test_renew.py and tests/test_remove_gateway.py.
+tests: tests/test_renew.py and tests/test_remove_gateway.py (tests/test_provision_e2e.py
+takes its paths and ``with_simulated_devices``).
 
 Not a test module. ``Site`` provisions, registers and accepts a gateway against a
 Mosquitto running the shipped configuration (config/mosquitto/permitgate.conf, with the
@@ -45,6 +46,8 @@ direction = "entry"
 driver = "simulated"
 debounce_s = 0
 """
+"""The installer's edit after provisioning: the example's serial doors and readers become
+one simulated door and reader, which ``permitgate sim tap`` drives."""
 
 
 def command(*argv: str, env: dict[str, str] | None = None,
@@ -54,6 +57,14 @@ def command(*argv: str, env: dict[str, str] | None = None,
                           timeout=120, check=False, cwd=REPO, env=env)
     assert done.returncode == status, f"{argv}: {done.returncode}\n{done.stdout}{done.stderr}"
     return done
+
+
+def with_simulated_devices(config: Path) -> None:
+    """Drop the configuration's ``[[doors]]`` and ``[[readers]]`` tables (up to the next
+    table) and add the simulated ones."""
+    blocks = re.split(r"(?m)^(?=\[)", config.read_text())
+    kept = [b for b in blocks if not b.startswith(("[[doors]]", "[[readers]]"))]
+    config.write_text("".join(kept) + SIMULATED)
 
 
 def found(pattern: str, text: str) -> str:
@@ -99,9 +110,7 @@ class Site:
         command("agent.cli", "provision", "--dir", str(self.gw), "--accept",
                 str(self.gw / f"{GW}.response.json"), "--office-fingerprint",
                 found(r"^office fingerprint  (\S+)", out))
-        blocks = re.split(r"(?m)^(?=\[)", self.config.read_text())
-        kept = [b for b in blocks if not b.startswith(("[[doors]]", "[[readers]]"))]
-        self.config.write_text("".join(kept) + SIMULATED)
+        with_simulated_devices(self.config)
 
     def write_broker_acl(self) -> None:
         """The office's ACL file as the broker uses it: without the ``pattern`` lines that

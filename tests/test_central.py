@@ -549,32 +549,6 @@ def test_a_resync_request_yields_a_snapshot_at_most_once_per_interval(
     assert resync["reason"] == "again" and resync["answered_ms"] is not None
 
 
-def test_a_status_without_a_list_is_answered_with_a_snapshot_once(
-        office: Office, peers: Callable[[str], GatewayPeer],
-        serving: Callable[..., Central], tmp_path: Path) -> None:
-    """An online status with no list (its request lost before the office listened) brings
-    a snapshot; a second such status within the resync interval brings none (the
-    gateway's own request still would, deferred)."""
-    clock = FakeClock()
-    gw1 = peers("gw1")
-    central = serving(clock=clock)
-    central.enroll("gw1", "em4100:67003B51C6", "P-301")
-    status = {"type": "status", "gateway": "gw1", "state": "online",
-              "versions": {"list": 0, "rev": 0, "all": 0}}
-    gw1.send("status", status)
-    manifest, _ = gw1.receive_snapshot(office.keys)
-    assert manifest.entries == 1
-    gw1.send("status", status)
-    gw1.send("events", batch("gw1", make_events(tmp_path, 1)))
-    wait_ack(gw1, office.keys)  # handled after the second status: nothing came before
-    assert gw1.inbox.empty()
-    gw1.send("status", {**status, "versions": {"list": manifest.seq, "rev": 0, "all": 0}})
-    clock.now += 10.5
-    gw1.send("events", batch("gw1", make_events(tmp_path, 2)[1:]))
-    wait_ack(gw1, office.keys)
-    assert gw1.inbox.empty()  # a gateway with a list is not sent one for its status
-
-
 def test_status_applied_and_malformed_messages_are_recorded(
         office: Office, peers: Callable[[str], GatewayPeer],
         serving: Callable[..., Central], tmp_path: Path) -> None:
@@ -583,7 +557,7 @@ def test_status_applied_and_malformed_messages_are_recorded(
     gw1 = peers("gw1")
     central = serving()
     gw1.send("status", {"type": "status", "gateway": "gw1", "state": "online",
-                        "versions": {"list": 1, "rev": 0, "all": 0}})
+                        "versions": {"list": 0, "rev": 0, "all": 0}})
     gw1.send("applied", {"type": "applied", "gateway": "gw1", "stream": "list", "seq": 3,
                          "status": "refused", "reason": "gap", "list_version": 2,
                          "ts_ms": 1})

@@ -23,26 +23,11 @@ from agent.store import Store
 from provisioning.central import Central
 from tests.broker import BrokerPool, TlsFiles
 from tests.conftest import wait_for
+from tests.gatewaysite import REPO, SHIPPED_ACL, TEMPLATE, with_simulated_devices
 from tests.provisionkit import GW, SITE, make_office
+from tests.test_sync_tls import events_of
 
-REPO = Path(__file__).resolve().parent.parent
-TEMPLATE = REPO / "config" / "mosquitto" / "permitgate.conf"
-SHIPPED_ACL = REPO / "config" / "mosquitto" / "acl"
 CARD = "em4100:67003B51C6"
-SIMULATED = """
-[[doors]]
-id = "front"
-relay = { driver = "simulated" }
-
-[[readers]]
-id = "front-in"
-door = "front"
-direction = "entry"
-driver = "simulated"
-debounce_s = 0
-"""
-"""The installer's edit after provisioning: the example's serial doors and readers become
-one simulated door and reader, which ``permitgate sim tap`` drives."""
 
 pytestmark = pytest.mark.timeout(300)
 """Four command runs, a broker, an office and an agent: on a loaded 2-core machine a start
@@ -55,25 +40,6 @@ def command(*argv: str, env: dict[str, str] | None = None) -> str:
                           timeout=120, check=False, cwd=REPO, env=env)
     assert done.returncode == 0, f"{argv}: {done.stderr}"
     return done.stdout
-
-
-def with_simulated_devices(config: Path) -> None:
-    """Drop the configuration's ``[[doors]]`` and ``[[readers]]`` tables (up to the next
-    table) and add the simulated ones."""
-    blocks = re.split(r"(?m)^(?=\[)", config.read_text())
-    kept = [b for b in blocks if not b.startswith(("[[doors]]", "[[readers]]"))]
-    config.write_text("".join(kept) + SIMULATED)
-
-
-def kinds(db: Path) -> list[str]:
-    """The kinds of the events in the gateway's store (none before it exists)."""
-    if not db.exists():
-        return []
-    store = Store(db)
-    try:
-        return [e.kind for e in store.iter_events()]
-    finally:
-        store.close()
 
 
 def delivered(db: Path) -> bool:
@@ -142,7 +108,7 @@ def test_a_provisioned_gateway_connects_over_tls_gets_its_lists_and_grants_a_tap
         agent = subprocess.Popen([sys.executable, "-m", "agent.cli", "run", "--config",
                                   str(config), "--log-format", "json"], cwd=REPO, env=env,
                                  stdout=log, stderr=subprocess.STDOUT)
-        wait_for(lambda: "snapshot_applied" in kinds(db),
+        wait_for(lambda: "snapshot_applied" in events_of(db),
                  lambda: f"the first list; agent log:\n{(tmp_path / 'agent.log').read_text()}",
                  120)
         assert tap() == "DENIED unknown_card"

@@ -46,7 +46,11 @@ from tests.broker import Broker
 from tests.conftest import wait_for
 from tests.test_central import FakeClock, GatewayPeer, Serving
 from tests.test_sync import CARD_A, CARD_B, CARD_C, GW, Gateway
-from tests.test_sync_apply import Rig, cred
+from tests.test_sync_apply import (
+    Rig,
+    cred,
+    rig_fixture,  # noqa: F401 - the rig fixture
+)
 
 if TYPE_CHECKING:
     from tests.pg import OfficeDb
@@ -217,16 +221,6 @@ def test_a_stream_at_the_largest_integer_allocates_nothing(db: OfficeDatabase) -
 # -- the gateway's rule, on a real store ------------------------------------------------
 
 
-@pytest.fixture
-def rig(tmp_path: Path) -> Iterator[Rig]:
-    """A fresh applier on a fresh store."""
-    made = Rig(tmp_path)
-    try:
-        yield made
-    finally:
-        made.store.close()
-
-
 def _revocation(rig: Rig, seq: int, card: str, prev: int | None, *,
                 stream: str = "rev") -> Revocation:
     return Revocation(type="revocation", items=[Revoked(kind="credential",
@@ -284,6 +278,8 @@ def test_a_delta_may_jump_versions_when_its_base_is_the_current_one(rig: Rig) ->
 def test_commands_decisions_and_heartbeats_ignore_jumps(rig: Rig) -> None:
     """Commands, enrollment decisions and heartbeats whose seqs jump are applied, and no
     jump asks for a resync."""
+    rig.snapshot(1, [[]])  # a gateway with a list (one without asks for it on a heartbeat)
+    rig.sent.applied.clear()
     for seq in (T, T + 5_000):
         rig.send("cmd", Command(type="command", action="status", **rig.header(seq)))
         rig.send("enr", EnrollmentDecision(type="enrollment_decision", items=[Decided(

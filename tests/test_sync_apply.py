@@ -204,9 +204,9 @@ def chunk_payloads(version: int, cards: list[list[str]]) -> list[bytes]:
             for i, part in enumerate(cards)]
 
 
-@pytest.fixture
-def rig(tmp_path: Path) -> Iterator[Rig]:
-    """A fresh applier on a fresh store."""
+@pytest.fixture(name="rig")
+def rig_fixture(tmp_path: Path) -> Iterator[Rig]:
+    """A fresh applier on a fresh store (the ``rig`` of the modules that import this)."""
     made = Rig(tmp_path)
     try:
         yield made
@@ -526,3 +526,16 @@ def test_urgent_messages_apply_between_the_steps_of_a_long_chunk(rig: Rig) -> No
     assert rig.applier.versions()["list"] == 2
     assert rig.store.lookup(cred(CARD_A)).revoked
     assert rig.store.lookup(cred(many[-1])).grant is not None
+
+
+def test_a_heartbeat_finding_no_list_asks_for_one_at_once(rig: Rig) -> None:
+    """A heartbeat reaching a gateway that has no list (its request on connecting was
+    lost before the office listened) makes it ask for one at once; with a list, not."""
+    rig.send("hb", Heartbeat(type="heartbeat", list_version=0, rev_seq=0, all_seq=0,
+                             **rig.header(1)))
+    assert ("no_list", True) in rig.sent.resyncs
+    rig.sent.resyncs.clear()
+    rig.snapshot(5, [[CARD_A]])
+    rig.send("hb", Heartbeat(type="heartbeat", list_version=5, rev_seq=0, all_seq=0,
+                             **rig.header(2)))
+    assert rig.sent.resyncs == []

@@ -8,31 +8,27 @@ messages then do.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
-import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from agent.sync_apply import Applier
 from agent.trust import KEYS_STREAM
 from protocol.messages import AnnouncedKey, Command, KeyAnnouncement
 from protocol.signing import b64, sign, signing_input
-from tests.test_sync_apply import CARD_A, CARD_B, KID, TOPICS, Rig, cred, revocation
+from tests.test_sync_apply import (
+    CARD_A,
+    CARD_B,
+    KID,
+    TOPICS,
+    Rig,
+    cred,
+    revocation,
+    rig_fixture,  # noqa: F401 - the rig fixture
+)
 
 NEW_KID = "office-2"
 NEW_KEY = Ed25519PrivateKey.from_private_bytes(bytes([7]) * 32)
-
-
-@pytest.fixture
-def rig(tmp_path: Path) -> Iterator[Rig]:
-    """A fresh applier on a fresh store."""
-    made = Rig(tmp_path)
-    try:
-        yield made
-    finally:
-        made.store.close()
 
 
 def key(kid: str, private: Ed25519PrivateKey, state: str = "active",
