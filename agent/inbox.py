@@ -52,6 +52,8 @@ class Inbox:
         self._cond = threading.Condition()
         self.spooled = 0
         """Messages written to the spool since the inbox was made (for tests and status)."""
+        self.bulk_taken = 0
+        """Bulk messages taken since the inbox was made."""
         if spool is not None:
             self._clear_spool(spool)
 
@@ -112,6 +114,7 @@ class Inbox:
                 return self._urgent.popleft()
             if not self._bulk:
                 return None
+            self.bulk_taken += 1
             topic, held = self._bulk.popleft()
             if isinstance(held, bytes):
                 self._held -= len(held)

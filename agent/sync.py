@@ -49,6 +49,7 @@ from agent import __version__
 from agent.config import SyncConfig
 from agent.inbox import BULK_STREAMS, Inbox
 from agent.sync_apply import STAGING, Applier, Counters, SyncHost, entry_of
+from common.memory import trim_heap
 from common.sqlite import StoreError
 from protocol.hashing import SecretError
 from protocol.messages import (
@@ -146,6 +147,7 @@ class SyncWorker:
         self.applier = Applier(store, host, keys, gateway=gateway, config=config,
                                outbound=self, clock=clock)
         self.applier.between_steps = self._take_urgent
+        self._trimmed_at = 0
         self.counters: Counters = self.applier.counters
         self._client = self._make_client(tls, password)
 
@@ -294,12 +296,20 @@ class SyncWorker:
                 item = self._inbox.get(timeout=TICK_S)
                 if item is not None:
                     self._dispatch(item)
-                else:
-                    self.store.reclaim_step()  # idle: empty a replaced list, a step a tick
+                elif not self.store.reclaim_step():  # idle: empty a replaced list, a step a tick
+                    self._trim_after_bulk()
                 self._tick()
             except Exception as exc:  # the worker's one broad boundary: log, go on
                 log.exception("sync_worker_error", error=str(exc))
                 self._stop.wait(1.0)
+
+    def _trim_after_bulk(self) -> None:
+        """Once idle after list messages (a snapshot parses hundreds of chunks), hand the
+        heap's free pages back to the system: glibc keeps them otherwise, and the agent's
+        resident set would stay that much higher (bench/load.py)."""
+        if self._inbox.bulk_taken != self._trimmed_at:
+            self._trimmed_at = self._inbox.bulk_taken
+            trim_heap()
 
     def _take_urgent(self) -> None:
         """Apply the urgent messages waiting (agent/inbox.py), in the middle of a long

@@ -121,6 +121,7 @@ def main() -> int:
     hook = AppliedHook()
     with tempfile.TemporaryDirectory(prefix="permitgate-bench-") as tmp:
         folder = Path(args.keep) if args.keep else Path(tmp)
+        folder.mkdir(parents=True, exist_ok=True)
         log_file = (folder / "office.log").open("w")
         structlog.configure(
             processors=[hook, structlog.processors.TimeStamper(fmt="iso", utc=True),
