@@ -6,6 +6,7 @@ import threading
 from pathlib import Path
 
 from agent.inbox import Inbox
+from common.memory import _malloc_trim, trim_heap
 
 
 def test_urgent_items_come_before_bulk_ones_in_arrival_order(tmp_path: Path) -> None:
@@ -82,3 +83,21 @@ def test_get_wakes_when_an_item_arrives(tmp_path: Path) -> None:
     waiter.join(30.0)
     assert not waiter.is_alive()
     assert got == [("message", "cmd", b"lockdown")]
+
+
+def test_the_heap_can_be_trimmed_on_this_c_library() -> None:
+    """``trim_heap`` reaches glibc's ``malloc_trim`` (the gateway's Debian has glibc), so
+    the sync worker's trim after list work is not a silent no-op."""
+    assert trim_heap() in (True, False)
+    assert _malloc_trim() is not None
+
+
+def test_bulk_messages_taken_are_counted(tmp_path: Path) -> None:
+    """Each bulk message taken counts once (the worker trims the heap after new ones);
+    urgent items do not count."""
+    inbox = Inbox(tmp_path / "spool")
+    inbox.put_bulk("list", b"chunk")
+    inbox.put(("message", "ack", b"ack"))
+    while inbox.get(0.01) is not None:
+        pass
+    assert inbox.bulk_taken == 1
