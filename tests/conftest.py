@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import structlog
 from hypothesis import settings
 
 from tests.broker import Broker, BrokerPool
@@ -114,3 +115,13 @@ def brokers(tmp_path: Path) -> Iterator[BrokerPool]:
 def broker(brokers: BrokerPool) -> Broker:
     """A running Mosquitto with one plain, anonymous listener on 127.0.0.1."""
     return brokers.start()
+
+
+@pytest.fixture(autouse=True)
+def _structlog_restored() -> Iterator[None]:
+    """Every test starts with the logging configuration the one before it found: a command
+    run in-process (``main([...])``) configures structlog for a terminal, level filter
+    included, and ``capture_logs`` in a later test would miss what that filter drops."""
+    saved = structlog.get_config()
+    yield
+    structlog.configure(**saved)
