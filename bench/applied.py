@@ -3,16 +3,25 @@
 ``AppliedHook`` is a structlog processor: put it first in the office's processors and it
 notes, with ``time.perf_counter()``, each ``gateway_applied`` / ``gateway_refused`` log
 line (which follows the commit of the gateway's ``applied`` report) and how far the
-office has stored the gateway's events (``events_stored``). Used by bench/load.py,
+office has stored the gateway's events (``events_stored``). ``OfficeBench`` is the
+office, broker and gateway folder those benchmarks set up alike. Used by bench/load.py,
 bench/revocation.py and bench/snapshot.py.
 """
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import MutableMapping
-from typing import Any
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TextIO
+
+import structlog
+
+from tests.broker import Broker
+from tests.harness import SITE_KEY, Office
 
 
 class AppliedHook:
@@ -74,3 +83,42 @@ class AppliedHook:
                 raise SystemExit(f"the office stored events up to {self._acked[0]}, not "
                                  f"{upto}, in {timeout:g} s")
             return self._acked[1]
+
+
+@dataclass(slots=True)
+class OfficeBench:
+    """What the sync benchmarks set up the same way: the office's JSON log (with ``hook``
+    first), a private Mosquitto, the gateway's folder with its site key, and the office."""
+
+    log_file: TextIO
+    broker: Broker
+    gw: Path
+    office: Office
+
+    @classmethod
+    def start(cls, folder: Path, hook: AppliedHook, *, info_only: bool = False,
+              broker: dict[str, Any] | None = None, **central: Any) -> OfficeBench:
+        """Set it all up in ``folder``; ``broker`` holds ``Broker`` options, ``central``
+        the office's."""
+        folder.mkdir(parents=True, exist_ok=True)
+        log_file = (folder / "office.log").open("w")
+        structlog.configure(
+            processors=[hook, structlog.processors.TimeStamper(fmt="iso", utc=True),
+                        structlog.processors.JSONRenderer()],
+            wrapper_class=structlog.make_filtering_bound_logger(
+                logging.INFO if info_only else logging.NOTSET),
+            logger_factory=structlog.PrintLoggerFactory(log_file))
+        mosquitto = Broker(folder / "broker", persistence=True, **(broker or {}))
+        mosquitto.start()
+        gw = folder / "gw"
+        gw.mkdir(parents=True, exist_ok=True)
+        (gw / "site.key").write_text(SITE_KEY.hex())
+        (gw / "site.key").chmod(0o600)
+        return cls(log_file, mosquitto, gw, Office(folder / "central", mosquitto,
+                                                   gw / "site.key", **central))
+
+    def close(self) -> None:
+        """Close the office, stop the broker, close the log."""
+        self.office.close()
+        self.broker.stop()
+        self.log_file.close()

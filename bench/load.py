@@ -78,12 +78,10 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-import structlog
-
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # for tests.broker
 
 from agent.store import Store
-from bench.applied import AppliedHook
+from bench.applied import AppliedHook, OfficeBench
 from protocol.chain import Event
 from protocol.messages import MAX_ITEMS, Revoked
 from protocol.signing import b64
@@ -97,7 +95,6 @@ from tests.harness import (
     UNKNOWN,
     VALID,
     AgentProcess,
-    Office,
     card_id,
     wait_for,
 )
@@ -326,21 +323,10 @@ def main() -> int:
     hook = AppliedHook()
     with tempfile.TemporaryDirectory(prefix="permitgate-bench-") as tmp:
         folder = Path(args.keep) if args.keep else Path(tmp)
-        folder.mkdir(parents=True, exist_ok=True)
-        log_file = (folder / "office.log").open("w")
-        structlog.configure(
-            processors=[hook, structlog.processors.TimeStamper(fmt="iso", utc=True),
-                        structlog.processors.JSONRenderer()],
-            wrapper_class=structlog.make_filtering_bound_logger(20),  # info
-            logger_factory=structlog.PrintLoggerFactory(log_file))
-        broker = Broker(folder / "broker", persistence=True, tcp_nodelay=True,
-                        message_size_limit=MESSAGE_SIZE_LIMIT)
-        broker.start()
-        gw = folder / "gw"
-        gw.mkdir(parents=True, exist_ok=True)
-        (gw / "site.key").write_text(SITE_KEY.hex())
-        (gw / "site.key").chmod(0o600)
-        office = Office(folder / "central", broker, gw / "site.key", request_timeout_s=900)
+        rig = OfficeBench.start(folder, hook, info_only=True, broker={
+            "tcp_nodelay": True, "message_size_limit": MESSAGE_SIZE_LIMIT},
+            request_timeout_s=900)
+        broker, gw, office = rig.broker, rig.gw, rig.office
         central = office.central
         agent = LoadAgent(gw, broker, office.trusted_keys)
         serving: threading.Thread | None = None
@@ -430,9 +416,7 @@ def main() -> int:
             stop_office.set()
             if serving is not None:
                 serving.join(60)
-            office.close()
-            broker.stop()
-            log_file.close()
+            rig.close()
         decided = [(at, ms) for at, ms in decisions(agent) if at >= started_wall]
         latencies = [ms for _, ms in decided]
         under_load = [ms for at, ms in decided if t0_wall <= at <= load_end_wall]

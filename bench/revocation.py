@@ -42,20 +42,15 @@ import time
 from pathlib import Path
 from typing import Any
 
-import structlog
-
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # for tests.broker
 
-from bench.applied import AppliedHook
+from bench.applied import AppliedHook, OfficeBench
 from protocol.messages import Revoked
 from protocol.signing import b64
-from tests.broker import Broker
 from tests.harness import (
     GATEWAY,
     HASHER,
-    SITE_KEY,
     AgentProcess,
-    Office,
     card_id,
 )
 
@@ -121,19 +116,8 @@ def main() -> int:
     hook = AppliedHook()
     with tempfile.TemporaryDirectory(prefix="permitgate-bench-") as tmp:
         folder = Path(args.keep) if args.keep else Path(tmp)
-        folder.mkdir(parents=True, exist_ok=True)
-        log_file = (folder / "office.log").open("w")
-        structlog.configure(
-            processors=[hook, structlog.processors.TimeStamper(fmt="iso", utc=True),
-                        structlog.processors.JSONRenderer()],
-            logger_factory=structlog.PrintLoggerFactory(log_file))
-        broker = Broker(folder / "broker", persistence=True, tcp_nodelay=not args.nagle)
-        broker.start()
-        gw = folder / "gw"
-        gw.mkdir(parents=True, exist_ok=True)
-        (gw / "site.key").write_text(SITE_KEY.hex())
-        (gw / "site.key").chmod(0o600)
-        office = Office(folder / "central", broker, gw / "site.key")
+        rig = OfficeBench.start(folder, hook, broker={"tcp_nodelay": not args.nagle})
+        broker, gw, office = rig.broker, rig.gw, rig.office
         central = office.central
         central.enroll_many(GATEWAY, [(card_id(card(i)), f"P-R{i}")
                                       for i in range(args.revocations)])
@@ -166,9 +150,7 @@ def main() -> int:
             agent.close()
             stop.set()
             serving.join(30)
-            office.close()
-            broker.stop()
-            log_file.close()
+            rig.close()
     figures: dict[str, Any] = {
         "benchmark": "revocation",
         "count": len(latencies),

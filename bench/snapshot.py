@@ -29,19 +29,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-import structlog
-
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # for tests.broker
 
-from bench.applied import AppliedHook
+from bench.applied import AppliedHook, OfficeBench
 from provisioning.central import MAX_CHUNK_ENTRIES
-from tests.broker import Broker
 from tests.harness import (
     GATEWAY,
-    SITE_KEY,
     VALID,
     AgentProcess,
-    Office,
     card_id,
 )
 
@@ -61,19 +56,10 @@ def main() -> int:
     hook = AppliedHook()
     with tempfile.TemporaryDirectory(prefix="permitgate-bench-") as tmp:
         folder = Path(args.keep) if args.keep else Path(tmp)
-        log_file = (folder / "office.log").open("w")
-        structlog.configure(
-            processors=[hook, structlog.processors.TimeStamper(fmt="iso", utc=True),
-                        structlog.processors.JSONRenderer()],
-            logger_factory=structlog.PrintLoggerFactory(log_file))
-        broker = Broker(folder / "broker", persistence=True, tcp_nodelay=True,
-                        message_size_limit=MESSAGE_SIZE_LIMIT)
-        broker.start()
-        gw = folder / "gw"
-        gw.mkdir(parents=True, exist_ok=True)
-        (gw / "site.key").write_text(SITE_KEY.hex())
-        (gw / "site.key").chmod(0o600)
-        office = Office(folder / "central", broker, gw / "site.key", request_timeout_s=600)
+        rig = OfficeBench.start(folder, hook, broker={
+            "tcp_nodelay": True, "message_size_limit": MESSAGE_SIZE_LIMIT},
+            request_timeout_s=600)
+        broker, gw, office = rig.broker, rig.gw, rig.office
         central = office.central
         stop = threading.Event()
         serving = threading.Thread(target=central.run, args=(stop,), name="office")
@@ -100,9 +86,7 @@ def main() -> int:
             agent.close()
             stop.set()
             serving.join(60)
-            office.close()
-            broker.stop()
-            log_file.close()
+            rig.close()
     figures: dict[str, Any] = {
         "benchmark": "snapshot",
         "entries": args.entries,
