@@ -294,9 +294,15 @@ def cmd_status(args: argparse.Namespace, out: TextIO) -> int:
         out.write(f"sync       {sync['link'] or 'not started'}, lists {stale}, "
                   f"refused {refused}\n")
     if cert is not None:
-        label = {"ok": "", "expiring": "WARNING ", "expired": "ALARM "}.get(cert.state, "ALARM ")
-        hint = "" if cert.state == "ok" else f"; {RENEW_HINT}"
-        out.write(f"tls cert   {label}{cert.message}{hint}\n")
+        if cert.state == "unchecked":
+            # There, but not readable by this user (root-only credentials): a note on how
+            # to check it, not an alarm about the certificate.
+            out.write(f"tls cert   NOTE {cert.message}; check it with: {cert.check_with}\n")
+        else:
+            label = {"ok": "", "expiring": "WARNING ", "expired": "ALARM "}.get(cert.state,
+                                                                               "ALARM ")
+            hint = "" if cert.state == "ok" else f"; {RENEW_HINT}"
+            out.write(f"tls cert   {label}{cert.message}{hint}\n")
     return EXIT_OK
 
 

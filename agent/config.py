@@ -96,6 +96,14 @@ class KeysConfig(_Model):
 
     site_key: str = "site.key"
     generate_missing: bool = False
+    signing_key: str = "gateway-signing.key"
+    """This gateway's Ed25519 private key (PEM, made by ``permitgate provision``): it signs
+    the enrollments the gateway reports. Without the file (a gateway installed before
+    provisioning existed) they go unsigned."""
+    seal_key: str = "gateway-seal.key"
+    """This gateway's X25519 private key (PEM, made by ``permitgate provision``): what the
+    office seals to this gateway (its site key) opens with it. Optional like
+    ``signing_key``."""
 
 
 class WeeklySchedule(_Model):

@@ -27,7 +27,7 @@ from typing import Any, Literal, TextIO
 
 import serial
 
-from agent.certexpiry import RENEW_HINT, certificate_expiry
+from agent.certexpiry import RENEW_HINT, certificate_expiry, check_as_root, user_name
 from agent.clock import ClockJudge, ClockState
 from agent.config import Config
 from agent.keys import load_site_key, resolve_secret_path
@@ -329,9 +329,16 @@ def check_sync(config: Config, config_path: Path | None) -> list[Check]:
         if name is None:
             continue
         path = resolve_secret_path(name, store_dir, cfg_dir)
+        check_with = check_as_root(path.parent if "/" not in name else None, config_path)
         try:
             with path.open("rb"):
                 pass
+        except PermissionError:
+            # There, but not for this user (the root-only credentials folder, which the
+            # agent gets through systemd): nothing is known about the file itself.
+            checks.append(Check("warn", f"sync {key}", f"{path}: cannot be checked by this "
+                                f"user ({user_name()}): permission denied",
+                                f"check it with: {check_with}"))
         except OSError as exc:
             checks.append(Check("fail", f"sync {key}", f"{path}: {exc.strerror}",
                                 "install the file issued for this gateway by the central "
@@ -339,13 +346,17 @@ def check_sync(config: Config, config_path: Path | None) -> list[Check]:
         else:
             checks.append(Check("ok", f"sync {key}", f"{path} present"))
             if key == "cert_file":
-                checks.append(check_certificate_expiry(path))
+                checks.append(check_certificate_expiry(path, check_with))
     return checks
 
 
-def check_certificate_expiry(path: Path) -> Check:
-    """Is the gateway's TLS certificate far from its expiry (``agent.certexpiry``)?"""
-    found = certificate_expiry(path)
+def check_certificate_expiry(path: Path, check_with: str | None = None) -> Check:
+    """Is the gateway's TLS certificate far from its expiry (``agent.certexpiry``)? One
+    this user may not read is a warning that says how to check it (``check_with``)."""
+    found = certificate_expiry(path, check_with=check_with)
+    if found.state == "unchecked":
+        return Check("warn", "sync certificate", found.message,
+                     f"check it with: {found.check_with}")
     status: Status = "ok" if found.state == "ok" else \
         "warn" if found.state == "expiring" else "fail"
     return Check(status, "sync certificate", found.message,

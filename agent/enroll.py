@@ -7,7 +7,10 @@ a short hash prefix with what the gateway knows of the card. ``Enroller.enroll``
 validates the unit, the permit number and the lease end, seals the permit number to the
 office (protocol.sealing), stores the pending enrollment and records a
 ``tenant_enrolled`` event whose attachment (the sealed number and the card's full keyed
-hash) goes to the office with it and is deleted here when the office acknowledges it.
+hash) goes to the office with it and is deleted here when the office acknowledges it. A
+gateway with its own signing key (``keys.signing_key``) signs the attachment for its id
+and the enrollment's (protocol.signing.sign_enrollment), so the office can tell the
+enrollment came from this gateway.
 The gateway keeps no permit-derived value at all: a hash of an 18-digit ID number under a
 key on the same disk could be reversed by trying every plausible number.
 """
@@ -25,6 +28,7 @@ from dataclasses import dataclass, field
 from datetime import date, datetime, timedelta, tzinfo
 from enum import StrEnum
 
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PublicKey
 
 from agent.store import Store
@@ -33,7 +37,7 @@ from protocol.chain import Event
 from protocol.hashing import CredentialHasher, log_prefix
 from protocol.permits import PermitError, validate_permit
 from protocol.sealing import seal
-from protocol.signing import b64
+from protocol.signing import ENROLLMENT_SIGNATURE_FIELD, b64, sign_enrollment
 
 MAX_UNIT_CHARS = 32
 
@@ -174,11 +178,15 @@ class Enroller:
 
     def __init__(self, store: Store, hasher: CredentialHasher, policy: EnrollmentPolicy,
                  seal_key: X25519PublicKey | None, *,
+                 signing_key: Ed25519PrivateKey | None = None,
                  clock: Callable[[], float] = time.time) -> None:
         self.store = store
         self.hasher = hasher
         self.policy = policy
         self.seal_key = seal_key
+        self.signing_key = signing_key
+        """This gateway's own key (``keys.signing_key``); None: enrollments go unsigned,
+        which only an office without a recorded key for this gateway accepts."""
         self._clock = clock
 
     def check(self, *, unit: str, permit: str, lease_end: date, today: date) -> str:
@@ -228,12 +236,19 @@ class Enroller:
             "permit_sealed": seal(self.seal_key, number, gateway=self.policy.gateway,
                                   enrollment_id=enrollment.id)},
             sort_keys=True, separators=(",", ":"))
-        self.store.tenants.add(enrollment)
-        self.store.append(Event("tenant_enrolled", cred=log_prefix(cred), data={
+        data: dict[str, object] = {
             "enrollment": enrollment.id, "unit": unit, "lease_end": lease_end_s,
             "provisional_until": enrollment.provisional_until, "account": account,
-            "attachment_sha256": hashlib.sha256(attachment.encode()).hexdigest()}),
-            attachment=attachment)
+            "attachment_sha256": hashlib.sha256(attachment.encode()).hexdigest()}
+        if self.signing_key is not None:
+            # In the data, not the attachment: see protocol.messages.EnrollmentAttachment.
+            # Absent (not null) when unsigned, as from a gateway older than signatures.
+            data[ENROLLMENT_SIGNATURE_FIELD] = sign_enrollment(
+                self.signing_key, gateway=self.policy.gateway, enrollment_id=enrollment.id,
+                attachment=attachment)
+        self.store.tenants.add(enrollment)
+        self.store.append(Event("tenant_enrolled", cred=log_prefix(cred), data=data),
+                          attachment=attachment)
         return enrollment
 
     def move_out(self, *, account: str | None, enrollment_id: str | None = None,

@@ -14,8 +14,14 @@ import ssl
 from dataclasses import dataclass
 from pathlib import Path
 
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
-from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PublicKey
+from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import (
+    Ed25519PrivateKey,
+    Ed25519PublicKey,
+)
+from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 
 from agent.config import Config
 from agent.keys import load_site_key, resolve_secret_path
@@ -67,6 +73,10 @@ class Paths:
     """With enrollment on: the office's public key permit numbers are sealed to."""
     web_socket: Path
     """The landlord page's control socket (``web.sock``)."""
+    signing_key: Path
+    """This gateway's own Ed25519 private key (``keys.signing_key``)."""
+    gateway_seal: Path
+    """This gateway's own X25519 private key (``keys.seal_key``)."""
 
 
 def resolve_paths(config: Config, config_path: Path | None) -> Paths:
@@ -95,7 +105,9 @@ def resolve_paths(config: Config, config_path: Path | None) -> Paths:
                  seal_key=secret(config.enrollment.seal_key) if config.enrollment.enabled
                  else None,
                  web_socket=(cfg_dir / config.enrollment.web_socket
-                             if config.enrollment.web_socket else data_dir / WEB_SOCKET_NAME))
+                             if config.enrollment.web_socket else data_dir / WEB_SOCKET_NAME),
+                 signing_key=secret(config.keys.signing_key),
+                 gateway_seal=secret(config.keys.seal_key))
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,14 +123,64 @@ class Secrets:
     refused with a message saying so; ``doctor`` reports it)."""
     web_group: int | None
     """The landlord page's group id, when configured."""
+    signing_key: Ed25519PrivateKey | None
+    """This gateway's Ed25519 key, which signs its enrollments; None when its file does not
+    exist (a gateway installed before ``permitgate provision`` existed)."""
+    gateway_seal: X25519PrivateKey | None
+    """This gateway's X25519 key, which opens what the office seals to it; None when its
+    file does not exist."""
+
+
+def _read_own_key(path: Path, setting: str, role: str) -> PrivateKeyTypes | None:
+    """A private key of this gateway's (PEM, as ``permitgate provision`` writes it), or
+    None when ``path`` does not exist; ``SecretError`` naming ``setting`` and the file when
+    it is readable by others, cannot be read, or holds no unencrypted private key."""
+    try:
+        require_private(path, what=f"gateway {role} key")
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return None
+    except SecretError as exc:
+        raise SecretError(f"{setting}: {exc}") from None
+    except OSError as exc:
+        raise SecretError(f"{setting}: {path}: cannot read it: {exc.strerror}") from None
+    try:
+        return serialization.load_pem_private_key(data, password=None)
+    except (ValueError, TypeError, UnsupportedAlgorithm):
+        raise SecretError(f"{setting}: {path}: not a PEM private key (an unencrypted key, "
+                          "as 'permitgate provision' writes it)") from None
+
+
+def _wrong_type(setting: str, path: Path, key: PrivateKeyTypes, wanted: str) -> SecretError:
+    return SecretError(f"{setting}: {path}: holds another type of key "
+                       f"({type(key).__name__}), not an {wanted} private key")
+
+
+def load_signing_key(path: Path) -> Ed25519PrivateKey | None:
+    """The gateway's Ed25519 key (``keys.signing_key``); None when its file does not
+    exist, ``SecretError`` naming the setting and file when it is not usable."""
+    key = _read_own_key(path, "keys.signing_key", "signing")
+    if key is None or isinstance(key, Ed25519PrivateKey):
+        return key
+    raise _wrong_type("keys.signing_key", path, key, "Ed25519")
+
+
+def load_gateway_seal(path: Path) -> X25519PrivateKey | None:
+    """The gateway's X25519 key (``keys.seal_key``); None when its file does not exist,
+    ``SecretError`` naming the setting and file when it is not usable."""
+    key = _read_own_key(path, "keys.seal_key", "seal")
+    if key is None or isinstance(key, X25519PrivateKey):
+        return key
+    raise _wrong_type("keys.seal_key", path, key, "X25519")
 
 
 def load_secrets(config: Config, paths: Paths) -> Secrets:
     """Read and check every secret; ``SecretError`` naming the key and file otherwise.
 
-    The site key must be private to the agent's user (``require_private``); TLS files are
-    loaded into a TLS context here, so a certificate that does not parse or a key that does
-    not match it stops the start before anything is recorded.
+    The site key and the gateway's own private keys must be private to the agent's user
+    (``require_private``); TLS files are loaded into a TLS context here, so a certificate
+    that does not parse or a key that does not match it stops the start before anything is
+    recorded.
     """
     require_private(paths.site_key)
     site_key = load_site_key(paths.site_key, generate_missing=config.keys.generate_missing)
@@ -150,7 +212,9 @@ def load_secrets(config: Config, paths: Paths) -> Secrets:
             raise SecretError(f"enrollment.web_group: no group named "
                               f"{config.enrollment.web_group!r} on this system (create it "
                               "with provisioning/install.sh --web, or unset the key)") from None
-    return Secrets(site_key, trusted, paths.tls, password, seal_key, web_group)
+    return Secrets(site_key, trusted, paths.tls, password, seal_key, web_group,
+                   signing_key=load_signing_key(paths.signing_key),
+                   gateway_seal=load_gateway_seal(paths.gateway_seal))
 
 
 def check_tls(tls: TlsFiles) -> None:

@@ -46,6 +46,7 @@ from agent.diskspace import Reserve, free_bytes, looks_full
 from agent.door import DoorWorker
 from agent.enroll import Captures, Enroller, EnrollError, EnrollmentPolicy, card_status
 from agent.resolve import Secrets, load_secrets, resolve_paths
+from agent.site_keys import SITE_STREAM, SiteKeys
 from agent.store import Store
 from agent.sync import SyncWorker
 from agent.tenant_ops import TenantOps
@@ -54,7 +55,7 @@ from drivers import registry
 from drivers.base import CardRead, DeviceError, Reader
 from drivers.simulated import BUS, SimBus
 from protocol.chain import Event
-from protocol.hashing import CredentialHasher, log_prefix
+from protocol.hashing import CredentialHasher, SecretError, log_prefix
 from protocol.messages import Decided
 
 log = structlog.get_logger()
@@ -143,6 +144,8 @@ class Agent:
         self._enroller: Enroller | None = None
         self._servers: list[ControlServer] = []
         self.hasher: CredentialHasher | None = None
+        self.site_keys: SiteKeys | None = None
+        """The site keys in force (agent/site_keys.py); also ``hasher``."""
         self.policy = build_policy(config)
         self.doors: dict[str, DoorWorker] = {}
         self.readers: dict[str, Reader] = {}
@@ -174,8 +177,11 @@ class Agent:
         lock = self._lock = DataLock.acquire(self.paths.lock)
         self.reserve = Reserve(self.paths.data_dir, self.config.store.reserve_mb << 20)
         try:
-            self.hasher = CredentialHasher(secrets.site_key)
+            self.hasher = self.site_keys = SiteKeys(secrets.site_key, secrets.gateway_seal,
+                                                    self.config.site.gateway_id)
             self.store = self._open_store()
+            if self.store is not None:
+                self.site_keys.load(self.store.stream_detail(SITE_STREAM))
         except BaseException:
             if self.store is not None:
                 self.store.close()
@@ -302,6 +308,14 @@ class Agent:
                 return
             if store is None:
                 return
+            assert self.site_keys is not None
+            try:
+                self.site_keys.load(store.stream_detail(SITE_STREAM))
+            except SecretError as exc:
+                # Cards hashed under the wrong key would be denied without a reason.
+                log.error("site_keys_unavailable", error=str(exc))
+                store.close()
+                return
             self.store = store
             self._record_start()
             self._store_ready()
@@ -388,7 +402,7 @@ class Agent:
 
     def handle_read(self, reader: ReaderConfig, read: CardRead) -> Decision:
         """Decide on one card read, commit the event, then drive the door."""
-        assert self.hasher is not None
+        assert self.site_keys is not None
         timing = ReadTiming(received=time.perf_counter())
         store = self.store
         if store is None:
@@ -399,7 +413,8 @@ class Agent:
             if self.on_decision is not None:
                 self.on_decision(reader, decision, timing)
             return decision
-        cred = self.hasher.credential(read.card_id)
+        keys = self.site_keys
+        cred = keys.credential(read.card_id)
         direction = Direction(reader.direction)
         request = Request(reader.door, direction, datetime.now(self.config.zone),
                           self._door_schedule[reader.door],
@@ -418,7 +433,8 @@ class Agent:
         # simultaneous pairs did before this lock). A decision takes about 1 ms, so taps
         # at different readers wait at most that for each other.
         with self._decide_lock:
-            decision = decide(request, store.lookup(cred), self.policy)
+            cred, matched = keys.match(read.card_id, store.lookup)
+            decision = decide(request, matched.lookup, self.policy)
             event = Event("access_granted" if decision.granted else "access_denied",
                           door=reader.door, reader=reader.id, direction=direction.value,
                           reason=decision.reason.value, cred=prefix)
@@ -444,6 +460,9 @@ class Agent:
                  ms=round((timing.granted - timing.received) * 1000, 3))
         if self.on_decision is not None:
             self.on_decision(reader, decision, timing)
+        if matched.rekey is not None and self.sync is not None:
+            # Known only under the previous site key: the office moves it to the new one.
+            self.sync.report_rekey(keys.ring.generation, *matched.rekey)
         return decision
 
     def _reader_loop(self, cfg: ReaderConfig) -> None:

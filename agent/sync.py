@@ -48,6 +48,7 @@ from paho.mqtt.properties import Properties
 from agent import __version__
 from agent.config import SyncConfig
 from agent.inbox import BULK_STREAMS, Inbox
+from agent.site_keys import RekeyReports
 from agent.sync_apply import STAGING, Applier, Counters, SyncHost, entry_of
 from common.memory import trim_heap
 from common.sqlite import StoreError
@@ -148,6 +149,8 @@ class SyncWorker:
                                outbound=self, clock=clock)
         self.applier.between_steps = self._take_urgent
         self._trimmed_at = 0
+        self.rekeys = RekeyReports(gateway)
+        """Cards known only under the previous site key, for the office (``rekey``)."""
         self.counters: Counters = self.applier.counters
         self._client = self._make_client(tls, password)
 
@@ -385,6 +388,8 @@ class SyncWorker:
                 and now - self._last_command_request >= self.config.resync_interval_s):
             self._send_command_request()
         self._pump_outbox(now)
+        if (rekey := self.rekeys.take(self.applier.now_ms())) is not None:
+            self._publish("rekey", rekey.model_dump_json())
         silent = now - self._last_rx
         if silent > 3 * self.config.status_interval_s + self.config.keepalive_s:
             # Our own retained status should have echoed back several times by now: the
@@ -518,6 +523,11 @@ class SyncWorker:
         """Publish the status now."""
         if self._connected:
             self._publish_status()
+
+    def report_rekey(self, generation: int, old: bytes, new: bytes) -> None:
+        """A card matched only under the previous site key (any thread): its pair of
+        hashes goes to the office at the next tick."""
+        self.rekeys.add(generation, old, new)
 
     def events_acked(self, upto: int) -> None:
         """Send the next batch at once when the one in flight is covered."""

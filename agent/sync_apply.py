@@ -27,6 +27,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from agent.config import SyncConfig
 from agent.decision import Mode
+from agent.site_keys import SITE_STREAM, SiteKeys
 from agent.store import CredentialEntry
 from agent.trust import Trust
 from common.sqlite import StoreError
@@ -48,6 +49,7 @@ from protocol.messages import (
     RefusedError,
     ResyncRequest,
     Revocation,
+    SiteKey,
     Snapshot,
     chunk_digest,
     is_chunk,
@@ -102,6 +104,10 @@ class SyncHost(Protocol):
 
     def record_event(self, event: Event) -> None:
         """Append an event to the chain; raises ``StoreError``."""
+
+    @property
+    def site_keys(self) -> SiteKeys | None:
+        """The site keys in force (None before the agent has started)."""
 
 
 class Outbound(Protocol):
@@ -275,6 +281,8 @@ class Applier:
             summary = self.trust.announce(message, self._clock())
             self._list_event("keys_announced", "keys", message.seq, summary)
             self._applied("keys", message.seq)
+        elif isinstance(message, SiteKey):
+            self._on_site_key(message)
 
     # -- one handler per message type ------------------------------------------------------
 
@@ -313,6 +321,17 @@ class Applier:
             self.outbound.send_status()
         self.store.set_stream("cmd", cmd.seq, {"action": cmd.action})
         self._applied("cmd", cmd.seq)
+
+    def _on_site_key(self, message: SiteKey) -> None:
+        keys = self.host.site_keys
+        if keys is None:
+            raise RefusedError("no_seal_key", "the agent has no site keys yet")
+        change = keys.check(message)
+        self.store.set_stream(SITE_STREAM, message.seq, change.detail())
+        ring = keys.commit(change)
+        self._list_event("site_key_changed", SITE_STREAM, message.seq, {
+            "generation": ring.generation, "changeover": ring.previous is not None})
+        self._applied(SITE_STREAM, message.seq)
 
     def _on_enrollment_decision(self, decision: EnrollmentDecision) -> None:
         for item in decision.items:

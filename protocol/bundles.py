@@ -29,6 +29,7 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from protocol.hashing import SITE_KEY_BYTES
 from protocol.ids import B64Hash, Ident
 from protocol.messages import first_error
 from protocol.sealing import SUITE
@@ -46,6 +47,7 @@ QR_PREFIX = "permitgate:"
 _REQUEST_TAG = b"permitgate-v1 gateway request"
 _OFFICE_TAG = b"permitgate-v1 office"
 _SITE_KEY_SEAL_TAG = b"permitgate-v1 site key seal"
+_ROTATED_SITE_KEY_TAG = b"permitgate-v1 rotated site key"
 _RENEWAL_TAG = b"permitgate-v1 gateway renewal"
 
 Pem = Annotated[str, Field(min_length=64, max_length=8192)]
@@ -272,3 +274,34 @@ def unseal_site_key(private_key: X25519PrivateKey, sealed: str, *, gateway_id: s
     except (binascii.Error, InvalidTag, ValueError) as exc:
         raise BundleError("the sealed site key does not open with this gateway's key for "
                           "this request") from exc
+
+
+# -- a rotated site key, on the gateway's ``site`` topic ------------------------------------
+
+
+def _rotation_info(gateway_id: str, generation: int) -> bytes:
+    return b"\n".join((_ROTATED_SITE_KEY_TAG, gateway_id.encode(), str(generation).encode()))
+
+
+def seal_rotated_site_key(public_key: X25519PublicKey, site_key: bytes, *, gateway_id: str,
+                          generation: int) -> str:
+    """A rotated ``site_key`` sealed to a gateway's X25519 key, bound to its id and the
+    key's generation (base64): only that gateway opens it, and only as that generation."""
+    sealed = SUITE.encrypt(site_key, public_key, info=_rotation_info(gateway_id, generation))
+    return base64.b64encode(sealed).decode()
+
+
+def unseal_rotated_site_key(private_key: X25519PrivateKey, sealed: str, *, gateway_id: str,
+                            generation: int) -> bytes:
+    """The rotated site key inside ``sealed``; ``BundleError`` when it does not open with
+    this gateway's key for this id and generation, or is not 32 bytes."""
+    try:
+        key = SUITE.decrypt(base64.b64decode(sealed, validate=True), private_key,
+                            info=_rotation_info(gateway_id, generation))
+    except (binascii.Error, InvalidTag, ValueError) as exc:
+        raise BundleError(f"the sealed site key of generation {generation} does not open "
+                          "with this gateway's seal key") from exc
+    if len(key) != SITE_KEY_BYTES:
+        raise BundleError(f"the sealed site key of generation {generation} is {len(key)} "
+                          f"bytes, not {SITE_KEY_BYTES}")
+    return key

@@ -1,10 +1,10 @@
 """The message models of protocol v1 (pydantic) and their parsing.
 
 Central → gateway: ``Snapshot`` (+ ``Chunk``), ``Delta``, ``Revocation``, ``Command``,
-``Heartbeat``, ``EventAck``, ``EnrollmentDecision``, ``KeyAnnouncement``, each inside a
-signed envelope (``protocol.signing``) except chunks, which their manifest's SHA-256 list
-covers. Gateway → central: ``EventBatch``,
-``Applied``, ``ResyncRequest``, ``Status``.
+``Heartbeat``, ``EventAck``, ``EnrollmentDecision``, ``KeyAnnouncement``, ``SiteKey``, each
+inside a signed envelope (``protocol.signing``) except chunks, which their manifest's
+SHA-256 list covers. Gateway → central: ``EventBatch``, ``Applied``, ``ResyncRequest``,
+``Status``, ``Rekey``.
 """
 
 from __future__ import annotations
@@ -286,6 +286,12 @@ class EnrollmentAttachment(_Body):
     permit_sealed: Annotated[str, Field(max_length=256)]
     """The permit number sealed to the office (protocol.sealing)."""
 
+    # The gateway's signature of the attachment is not a member: it travels in the event's
+    # data (``signature``: protocol.signing.sign_enrollment). It covers the attachment's
+    # exact bytes, which could not hold it; an office older than it refuses any unknown
+    # member here (extra="forbid") but ignores an unknown data field; and in the data the
+    # event's hash covers it as well.
+
 
 class AnnouncedKey(_Body):
     """One office signing key in a ``keys`` announcement."""
@@ -327,8 +333,23 @@ class KeyAnnouncement(Header):
         return self
 
 
+class SiteKey(Header):
+    """The building's site key of ``generation`` on the gateway's ``site`` topic, sealed
+    to the gateway's own X25519 key (``protocol.bundles.seal_rotated_site_key``), and
+    whether the key before it is still honoured (docs/protocol.md, "site_key")."""
+
+    type: Literal["site_key"]
+    generation: int = Field(ge=2, le=MAX_INT)
+    """1 is the key installed with the gateway; each rotation adds one."""
+    sealed: Annotated[str, Field(min_length=1, max_length=256)]
+    """Standard base64 of the HPKE-sealed 32-byte key."""
+    previous: Literal["honoured", "dropped"]
+    """``honoured``: the change-over, cards match under this key or the one before it;
+    ``dropped``: this key alone."""
+
+
 CentralBody = (Snapshot | Delta | Revocation | Command | Heartbeat | EventAck
-               | EnrollmentDecision | KeyAnnouncement)
+               | EnrollmentDecision | KeyAnnouncement | SiteKey)
 CentralMessage = Annotated[CentralBody, Field(discriminator="type")]
 _CENTRAL: TypeAdapter[CentralBody] = TypeAdapter(CentralMessage)
 _CHUNK = TypeAdapter(Chunk)
@@ -342,6 +363,7 @@ STREAM_TYPES: dict[str, tuple[str, ...]] = {
     "ack": ("event_ack",),
     "enr": ("enrollment_decision",),
     "keys": ("keys",),
+    "site": ("site_key",),
 }
 """Which message types each stream may carry; anything else on it is refused."""
 
@@ -470,9 +492,28 @@ class Status(_Body):
         return data
 
 
-GatewayBody = EventBatch | Applied | ResyncRequest | Status
+MAX_REKEY_PAIRS = 64
+"""The most pairs one ``rekey`` message carries."""
+
+
+class Rekey(_Body):
+    """Gateway → central during a site-key change-over: cards that matched only under the
+    previous key, each as ``[hash under the previous key, hash under the new one]``
+    (docs/protocol.md, "rekey"). Not stored by the gateway: a card whose pair is lost is
+    reported again at its next tap."""
+
+    type: Literal["rekey"]
+    gateway: Ident
+    generation: int = Field(ge=2, le=MAX_INT)
+    """The new key's generation."""
+    pairs: list[tuple[B64Hash, B64Hash]] = Field(min_length=1, max_length=MAX_REKEY_PAIRS)
+    ts_ms: Num
+
+
+GatewayBody = EventBatch | Applied | ResyncRequest | Status | Rekey
 GATEWAY_MESSAGES: dict[str, type[GatewayBody]] = {
     "events": EventBatch, "applied": Applied, "request": ResyncRequest, "status": Status,
+    "rekey": Rekey,
 }
 """The model of each gateway → central topic kind."""
 

@@ -22,8 +22,10 @@ from protocol.messages import (
     EventBatch,
     Heartbeat,
     KeyAnnouncement,
+    Rekey,
     ResyncRequest,
     Revocation,
+    SiteKey,
     Snapshot,
     Status,
 )
@@ -35,7 +37,7 @@ MODELS: Sequence[tuple[str, Any]] = (
     ("event_ack", EventAck), ("events", EventBatch), ("applied", Applied),
     ("resync", ResyncRequest), ("status", Status),
     ("enrollment_decision", EnrollmentDecision), ("enrollment_attachment", EnrollmentAttachment),
-    ("keys", KeyAnnouncement),
+    ("keys", KeyAnnouncement), ("site_key", SiteKey), ("rekey", Rekey),
 )
 """Schema file name → model."""
 

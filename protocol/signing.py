@@ -3,6 +3,11 @@
 Binding the topic means a message signed for one gateway cannot be replayed to another.
 Snapshot chunks are the one unsigned message: each is verified by its SHA-256 listed in
 the signed manifest.
+
+Enrollment signatures go the other way: a gateway signs each enrollment it reports with
+its own Ed25519 key (``gateway-signing.key``, recorded at the office by
+``register-gateway``) over a tag, its gateway id, the enrollment id and the attachment's
+exact bytes (``enrollment_signing_input``); docs/protocol.md, "Signing the enrollment".
 """
 
 from __future__ import annotations
@@ -68,6 +73,45 @@ def open_envelope(payload: bytes, topic: str, keys: dict[str, Ed25519PublicKey],
         raise RefusedError("bad_signature", f"signature by {envelope.kid!r} does not verify "
                            "for this topic and body") from None
     return envelope.body
+
+
+ENROLLMENT_SIGNING_TAG = b"permitgate enrollment v1\0"
+"""The first bytes of what an enrollment signature covers: a signature made for anything
+else (an envelope, a renewal request) never verifies as an enrollment's."""
+ENROLLMENT_SIGNATURE_FIELD = "signature"
+"""The ``tenant_enrolled`` data field that carries the signature (absent when unsigned)."""
+ENROLLMENT_SIGNATURE_CHARS = 88
+"""Standard base64 of a 64-byte Ed25519 signature."""
+
+
+def enrollment_signing_input(gateway: str, enrollment_id: str, attachment: str) -> bytes:
+    """The exact bytes a gateway's enrollment signature covers: the tag, the gateway id, a
+    NUL, the enrollment id, a NUL, then the attachment's UTF-8 bytes as sent. ValueError
+    for an id holding a NUL (it would make the split ambiguous; protocol ids never do)."""
+    if "\0" in gateway or "\0" in enrollment_id:
+        raise ValueError("a gateway or enrollment id with a NUL character")
+    return (ENROLLMENT_SIGNING_TAG + gateway.encode("utf-8") + b"\0"
+            + enrollment_id.encode("utf-8") + b"\0" + attachment.encode("utf-8"))
+
+
+def sign_enrollment(key: Ed25519PrivateKey, *, gateway: str, enrollment_id: str,
+                    attachment: str) -> str:
+    """The gateway's signature of one enrollment's attachment, in standard base64."""
+    return b64(key.sign(enrollment_signing_input(gateway, enrollment_id, attachment)))
+
+
+def verify_enrollment(key: Ed25519PublicKey, signature: str, *, gateway: str,
+                      enrollment_id: str, attachment: str) -> bool:
+    """Whether ``signature`` (standard base64) is ``key``'s signature of this attachment
+    for this gateway and enrollment; False for anything else, malformed text included."""
+    if len(signature) != ENROLLMENT_SIGNATURE_CHARS:
+        return False
+    try:
+        key.verify(base64.b64decode(signature, validate=True),
+                   enrollment_signing_input(gateway, enrollment_id, attachment))
+    except (InvalidSignature, binascii.Error, ValueError):
+        return False
+    return True
 
 
 def b64(data: bytes) -> str:

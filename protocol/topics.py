@@ -6,9 +6,9 @@ from dataclasses import dataclass
 
 from protocol import PROTOCOL
 
-INBOUND_KINDS = ("list", "rev", "cmd", "ack", "hb", "enr", "keys")
+INBOUND_KINDS = ("list", "rev", "cmd", "ack", "hb", "enr", "keys", "site")
 """Central → gateway topic kinds."""
-OUTBOUND_KINDS = ("events", "status", "applied", "request")
+OUTBOUND_KINDS = ("events", "status", "applied", "request", "rekey")
 """Gateway → central topic kinds."""
 
 
@@ -21,11 +21,12 @@ class Topics:
 
     def inbound(self, kind: str) -> str:
         """Central → this gateway: ``list``, ``rev``, ``cmd``, ``ack``, ``hb``, ``enr``,
-        ``keys``."""
+        ``keys``, ``site``."""
         return f"{self.prefix}/gw/{self.gateway}/in/{kind}"
 
     def outbound(self, kind: str) -> str:
-        """This gateway → central: ``events``, ``status``, ``applied``, ``request``."""
+        """This gateway → central: ``events``, ``status``, ``applied``, ``request``,
+        ``rekey``."""
         return f"{self.prefix}/gw/{self.gateway}/out/{kind}"
 
     @property
@@ -46,7 +47,8 @@ def office_subscription(prefix: str = PROTOCOL) -> str:
 
 def stream_of(topic: str, gateway: str, prefix: str = PROTOCOL) -> str | None:
     """The stream a central topic carries (``list``, ``rev``, ``cmd``, ``ack``, ``hb``,
-    ``enr``, ``keys``, ``all``), or None when the topic is not one the gateway consumes."""
+    ``enr``, ``keys``, ``site``, ``all``), or None when the topic is not one the gateway
+    consumes."""
     if topic == f"{prefix}/all/rev":
         return "all"
     head = f"{prefix}/gw/{gateway}/in/"

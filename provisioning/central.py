@@ -40,6 +40,8 @@ work and all publishing; paho's network thread only hands messages to its queue.
 ``run()`` is active, the public methods called from other threads are queued to that
 worker and wait for its answer. Without ``run()`` (the one-shot CLI commands) they work
 in the caller's thread on a short-lived connection and wait for the broker's PUBACK.
+The chunks of a long snapshot are handed over by the pacer's thread (``chunk_rate``,
+``provisioning.publish.Pacer``).
 """
 
 from __future__ import annotations
@@ -75,14 +77,15 @@ from provisioning.mqtt import DEFAULT_CLIENT_ID, BrokerSettings, OneShotLink
 from provisioning.publish import (
     CHUNK_ENTRIES,
     COMMAND_ACTIONS,
+    DEFAULT_CHUNK_RATE,
     DEFAULT_HEARTBEAT_TTL_S,
     DEFAULT_TTL_S,
     MAX_CHUNK_ENTRIES,
     REVOCATION_ITEMS,
     AnnounceKeys,
     HeartbeatAll,
-    Operation,
     OpResult,
+    Pacer,
     PublishDelta,
     Publisher,
     PublishSnapshot,
@@ -104,11 +107,13 @@ from provisioning.reports import Reports
 from provisioning.retention import Retention
 from provisioning.rotation import KEYS_SEQ_KEY, key_versions
 from provisioning.serve import DEFAULT_HEARTBEAT_EVERY_S, Duties, Worker
+from provisioning.site_rotation import FinishSiteKey, SiteKeyRotation, StartSiteKey
 from provisioning.tenants import POLICIES, ConfirmEnrollment, RejectEnrollment, Tenants
 
 __all__ = [  # what the CLI, tests and benchmarks take from the facade
     "CHUNK_ENTRIES",
     "COMMAND_ACTIONS",
+    "DEFAULT_CHUNK_RATE",
     "DEFAULT_HEARTBEAT_EVERY_S",
     "DEFAULT_KID",
     "ENROLLMENT_POLICIES",
@@ -147,12 +152,15 @@ class Central:
                  publish_timeout_s: float = 10.0,
                  session_expiry_s: int | None = None,
                  request_timeout_s: float = REQUEST_TIMEOUT_S,
-                 share_group: str | None = None) -> None:
+                 share_group: str | None = None,
+                 chunk_rate: int = DEFAULT_CHUNK_RATE) -> None:
         if ttl_s < 1 or heartbeat_ttl_s < 1:
             raise CentralUsageError("ttl: must be at least 1 s")
         broker = BrokerSettings(host, port, client_id, tls_ca, tls_cert, tls_key,
                                 connect_timeout_s, publish_timeout_s, session_expiry_s,
                                 share_group)
+        # Snapshot chunks to each gateway at most chunk_rate bytes/s (0: unpaced).
+        self._pacer = Pacer(chunk_rate, self._release)
         self.folder = folder
         self.host, self.port = host, port
         self.client_id = client_id
@@ -170,12 +178,16 @@ class Central:
         self._worker = Worker(broker, request_timeout_s, self._backend.order)
         self._requests = RequestQueue(self._db, request_timeout_s)
         self._publisher = Publisher(self._db, self._keys, self._send, clock=clock,
-                                    ttl_s=ttl_s, heartbeat_ttl_s=heartbeat_ttl_s)
+                                    ttl_s=ttl_s, heartbeat_ttl_s=heartbeat_ttl_s,
+                                    pacer=self._pacer)
         self._enrollment = Enrollment(self._db, self._keys, clock=clock,
                                       on_worker=self._worker.submit)
         self._tenants = Tenants(self._db, self._keys, self._publisher, clock=clock)
+        self._site_keys = SiteKeyRotation(self._db, self._keys, self._publisher, self._send,
+                                          clock=clock, resend_interval_s=resync_interval_s)
         self._receiver = Receiver(self._db, self._publisher, clock=clock,
-                                  resync_interval_s=resync_interval_s, tenants=self._tenants)
+                                  resync_interval_s=resync_interval_s, tenants=self._tenants,
+                                  site_keys=self._site_keys)
         self._reports = Reports(self._db)
         # The registry comparison, cases and retention (docs/registry.md, docs/privacy.md).
         self.reconciler = Reconciler(self._db, self._keys, clock=clock)
@@ -200,6 +212,7 @@ class Central:
 
     def close(self) -> None:
         """Disconnect (one-shot mode), release the folder, close the database."""
+        self._pacer.stop()
         try:
             self._link.close()
         finally:
@@ -271,7 +284,7 @@ class Central:
         hasher = self._enrollment.hasher(gateway)
         return self._seq(PublishDelta(
             gateway, tuple(hasher.credential(normalise_card_id(c)) for c in upsert),
-            tuple(hasher.credential(normalise_card_id(c)) for c in remove)))
+            tuple(h for c in remove for h in self._enrollment.credentials(gateway, c))))
 
     def revoke(self, target: str, items: Sequence[Revoked]) -> int:
         """Revoke ``items`` at gateway ``target``, or at every gateway with ``"*"``
@@ -291,9 +304,11 @@ class Central:
         return self.revoke(gateway, [Revoked(kind="permit", hash=b64(digest))])
 
     def revoke_card(self, gateway: str, card_id: str) -> int:
-        """Revoke one card at ``gateway``."""
-        digest = self._enrollment.credential(gateway, card_id)
-        return self.revoke(gateway, [Revoked(kind="credential", hash=b64(digest))])
+        """Revoke one card at ``gateway`` (under both keys during a site-key
+        change-over)."""
+        return self.revoke(gateway, [Revoked(kind="credential", hash=b64(digest))
+                                     for digest in self._enrollment.credentials(gateway,
+                                                                                card_id)])
 
     def command(self, gateway: str, action: str) -> int:
         """Send an operational command; returns its seq."""
@@ -324,6 +339,19 @@ class Central:
     def key_rotation_state(self) -> tuple[int, dict[str, int]]:
         """The latest ``keys`` seq sent (0: none) and the one each gateway holds."""
         return int(self._db.meta(KEYS_SEQ_KEY) or 0), key_versions(self._db)
+
+    def start_site_key(self, gateway: str) -> int:
+        """Begin a change-over to a new site key at ``gateway`` (provisioning.site_rotation);
+        returns the ``site`` seq sent."""
+        return self._seq(StartSiteKey(gateway))
+
+    def finish_site_key(self, gateway: str, *, force: bool = False) -> int:
+        """End ``gateway``'s change-over: the previous key dropped, the list sent again."""
+        return self._seq(FinishSiteKey(gateway, force))
+
+    def site_key_status(self, gateway: str) -> dict[str, Any]:
+        """The progress of ``gateway``'s site-key rotation."""
+        return self._site_keys.status(gateway)
 
     def signing_kid(self) -> str:
         """The id of the key the office signs with now."""
@@ -363,7 +391,7 @@ class Central:
             raise CentralError(f"{type(op).__name__}: unexpected result {result!r}")
         return result
 
-    def _seq(self, op: Operation) -> int:
+    def _seq(self, op: Request) -> int:
         result = self._publish(op)
         if not isinstance(result, int):
             raise CentralError(f"{type(op).__name__}: unexpected result {result!r}")
@@ -372,12 +400,16 @@ class Central:
     def _check(self, op: Request) -> None:
         if isinstance(op, ConfirmEnrollment | RejectEnrollment):
             self._tenants.check(op)
+        elif isinstance(op, StartSiteKey | FinishSiteKey):
+            self._site_keys.check(op)
         else:
             self._publisher.check(op)
 
     def _perform(self, op: Request) -> OpResult:
         if isinstance(op, ConfirmEnrollment | RejectEnrollment):
             return self._tenants.perform(op)
+        if isinstance(op, StartSiteKey | FinishSiteKey):
+            return self._site_keys.perform(op)
         return self._publisher.perform(op)
 
     def _publish(self, op: Request) -> OpResult:
@@ -393,6 +425,7 @@ class Central:
             return self._requests.submit(op)
         self._link.connect()
         result = self._perform(op)
+        self._pacer.drain()  # a long snapshot's chunks, handed over at the paced rate
         self._link.flush()
         return result
 
@@ -400,6 +433,13 @@ class Central:
         """Hand one QoS 1 message to paho (worker thread or one-shot caller only)."""
         if self._worker.active:
             self._worker.send(topic, payload)
+        else:
+            self._link.send(topic, payload)
+
+    def _release(self, topic: str, payload: bytes) -> None:
+        """Hand one paced message to paho (the pacer's thread)."""
+        if self._worker.active:
+            self._worker.publish(topic, payload)
         else:
             self._link.send(topic, payload)
 
@@ -424,6 +464,7 @@ class Central:
                                           self._publisher.heartbeat_all, self._chores),
                              heartbeat_every_s=heartbeat_every_s)
         finally:
+            self._pacer.stop()
             self._lock.release()
 
     def _chores(self) -> None:

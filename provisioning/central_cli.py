@@ -25,6 +25,7 @@ from protocol.hashing import SecretError, log_prefix
 from provisioning.central import (
     CHUNK_ENTRIES,
     COMMAND_ACTIONS,
+    DEFAULT_CHUNK_RATE,
     DEFAULT_HEARTBEAT_EVERY_S,
     DEFAULT_KID,
     ENROLLMENT_POLICIES,
@@ -41,6 +42,7 @@ from provisioning.reconcile.cli import add_commands as add_office_commands
 from provisioning.register import add_register_command
 from provisioning.remove import add_remove_command
 from provisioning.rotation import add_rotate_command
+from provisioning.site_rotation import add_site_key_command
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
 DIR_ENV = "PERMITGATE_CENTRAL_DIR"
@@ -110,7 +112,8 @@ def _central(args: argparse.Namespace) -> Central:
                    tls_cert=Path(args.tls_cert) if args.tls_cert else None,
                    tls_key=Path(args.tls_key) if args.tls_key else None,
                    client_id=args.client_id, signing_kid=args.signing_kid,
-                   share_group=getattr(args, "share", None))
+                   share_group=getattr(args, "share", None),
+                   chunk_rate=getattr(args, "chunk_rate", DEFAULT_CHUNK_RATE))
 
 
 # -- commands ------------------------------------------------------------------------
@@ -331,13 +334,26 @@ def _ago(ms: int | None) -> str:
     return f"{local_time(ms)} ({age(time.time() - ms / 1000)})"
 
 
+def _removed_on(removed: dict[str, str]) -> str:
+    """When ``remove-gateway`` removed a gateway (its record's ``at``), in local time."""
+    at = str(removed.get("at") or "?")
+    try:
+        return local_time(int(datetime.fromisoformat(at).timestamp() * 1000))
+    except ValueError:
+        return at
+
+
 def _print_gateway(gw: dict[str, Any], out: TextIO) -> None:
     online = {None: "no status yet", True: "online", False: "OFFLINE"}[gw["online"]]
+    state = f"{online} (status {_ago(gw['status_ms'])})"
+    if gw["removed"] is not None:  # neither online nor offline: its messages are refused
+        state = (f"removed {_removed_on(gw['removed'])} ({gw['removed'].get('reason')}), "
+                 f"last status {_ago(gw['status_ms'])}")
     lst = gw["list"]
     applied = "nothing reported" if lst["applied"] is None else f"v{lst['applied']}"
     current = "current" if lst["current"] else "NOT current"
     ev = gw["events"]
-    out.write(f"{gw['gateway']}  site {gw['site']}  {online} (status {_ago(gw['status_ms'])})"
+    out.write(f"{gw['gateway']}  site {gw['site']}  {state}"
               f"  version {gw['version'] or 'not reported'}\n"
               f"  list      published v{lst['published']} {_ago(lst['published_ms'])}, "
               f"applied {applied} ({current})\n"
@@ -375,6 +391,8 @@ def cmd_show(args: argparse.Namespace, out: TextIO) -> int:
     for group in report["by_version"]:
         out.write(f"version {group['version'] or 'not reported'}: "
                   f"{', '.join(group['gateways'])}\n")
+    if report["removed"]:
+        out.write(f"removed (messages refused): {', '.join(report['removed'])}\n")
     if not report["gateways"]:
         out.write("no gateways (add one with 'permitgate-central add-gateway')\n")
     for gw in report["gateways"]:
@@ -438,6 +456,34 @@ def _seconds(text: str) -> float:
     return value
 
 
+RATE_UNITS = {"": 1, "k": 1_000, "m": 1_000_000, "g": 1_000_000_000}
+
+
+def _rate(text: str) -> int:
+    """Bytes per second: a whole number, optionally with k, M or G (powers of 1,000)."""
+    unit = text[-1:].lower() if text[-1:].isalpha() else ""
+    try:
+        value = int(float(text[:len(text) - len(unit)]) * RATE_UNITS[unit])
+    except (KeyError, ValueError, OverflowError):  # nan, inf too
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of bytes per second "
+                                         "(such as 4000000 or 4M)") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be 0 (snapshots unpaced) or more "
+                                         "bytes per second")
+    return value
+
+
+def _pacing() -> argparse.ArgumentParser:
+    """A parent parser with ``--chunk-rate``, for the commands that publish snapshots
+    (``publish`` uses it when no ``serve`` runs, else ``serve``'s own setting applies)."""
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument("--chunk-rate", type=_rate, default=DEFAULT_CHUNK_RATE,
+                        metavar="BYTES_PER_S", help="send each gateway a snapshot's chunks "
+                        f"at most this fast (default {DEFAULT_CHUNK_RATE:,}, what a "
+                        "Pi-class gateway applies; k, M allowed; 0: unpaced)")
+    return parser
+
+
 def _add_options(parser: argparse.ArgumentParser, *, suppress: bool) -> None:
     """The folder and broker options, accepted before or after the subcommand."""
     def default(value: Any) -> Any:
@@ -495,6 +541,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_register_command(sub, common, _central)
     add_remove_command(sub, common, _central)
     add_rotate_command(sub, common, _central)
+    add_site_key_command(sub, common, _central)
 
     p = sub.add_parser("enroll", parents=[common], help="store a card's entry")
     p.add_argument("gateway", metavar="GW")
@@ -512,7 +559,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--card", required=True, metavar="ID")
     p.set_defaults(func=cmd_remove)
 
-    p = sub.add_parser("publish", parents=[common], help="send a gateway its whole list")
+    p = sub.add_parser("publish", parents=[common, _pacing()],
+                       help="send a gateway its whole list")
     p.add_argument("gateway", metavar="GW")
     p.add_argument("--chunk-entries", type=_positive, default=CHUNK_ENTRIES,
                    metavar="N", help=f"entries per chunk (default {CHUNK_ENTRIES:,}, at "
@@ -574,8 +622,8 @@ def _add_operation_commands(sub: Any, common: argparse.ArgumentParser) -> None:
     p.add_argument("--all", action="store_true")
     p.set_defaults(func=cmd_heartbeat)
 
-    p = sub.add_parser("serve", parents=[common], help="receive, acknowledge, answer, "
-                       "send heartbeats until SIGTERM/SIGINT")
+    p = sub.add_parser("serve", parents=[common, _pacing()], help="receive, acknowledge, "
+                       "answer, send heartbeats until SIGTERM/SIGINT")
     p.add_argument("--share", metavar="GROUP", help="share the gateways' traffic with the "
                    "other serves of this PostgreSQL database in MQTT 5 share group GROUP "
                    "(each with its own --client-id)")

@@ -7,6 +7,7 @@ under the office-wide permit key. Nothing here is sent; publishing does that.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any, Protocol, TypeVar, cast
@@ -20,6 +21,10 @@ from provisioning.errors import CentralUsageError
 from provisioning.keys import OfficeKeys
 
 T = TypeVar("T")
+
+SITE_KEY_STATE = "site_key:{gateway}"
+"""Database meta: the state of a gateway's latest site-key rotation (JSON,
+provisioning.site_rotation)."""
 
 
 class OnWorker(Protocol):
@@ -94,6 +99,18 @@ class Enrollment:
         """The credential hash ``gateway`` knows ``card_id`` by (the id normalised)."""
         return self.hasher(gateway).credential(normalise_card_id(card_id))
 
+    def credentials(self, gateway: str, card_id: str) -> list[bytes]:
+        """The card's hash under the gateway's key and, during a site-key change-over
+        (provisioning.site_rotation), under the previous key too."""
+        card = normalise_card_id(card_id)
+        hashes = [self.hasher(gateway).credential(card)]
+        text = self._db.meta(SITE_KEY_STATE.format(gateway=gateway))
+        state = json.loads(text) if text else {}
+        if state.get("previous") == "honoured":
+            previous = self._keys.site_hasher(gateway, str(state["previous_path"]))
+            hashes.append(previous.credential(card))
+        return hashes
+
     def add_gateway(self, gateway_id: str, site_id: str, site_key: bytes | Path, *,
                     events_from: int = 1) -> None:
         """Register a gateway.
@@ -165,14 +182,16 @@ class Enrollment:
         return len(entries)
 
     def remove(self, gateway: str, card_id: str) -> bytes:
-        """Delete a card's entry for ``gateway``; returns its credential hash."""
-        cred = self.credential(gateway, card_id)
+        """Delete a card's entry for ``gateway`` (under either key during a site-key
+        change-over); returns its credential hash."""
+        hashes = self.credentials(gateway, card_id)
 
-        def do() -> None:
-            if not self._db.delete_entry(gateway, cred):
-                raise CentralUsageError(f"--card: not enrolled at gateway {gateway}")
-        self._on_worker(do)
-        return cred
+        def do() -> bytes:
+            for cred in hashes:
+                if self._db.delete_entry(gateway, cred):
+                    return cred
+            raise CentralUsageError(f"--card: not enrolled at gateway {gateway}")
+        return self._on_worker(do)
 
     def entries(self, gateway: str) -> list[Entry]:
         """The stored allowlist of ``gateway`` as wire entries, by credential hash."""

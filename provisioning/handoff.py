@@ -12,14 +12,15 @@ so it only has to agree with itself across one upgrade):
 
 - ``op``: the operation's name: ``snapshot``, ``delta``, ``revoke``, ``command``,
   ``heartbeat``, ``heartbeat_all``, ``announce_keys``, ``retire_key``,
-  ``confirm_enrollment``, ``reject_enrollment``;
+  ``confirm_enrollment``, ``reject_enrollment``, ``start_site_key``, ``finish_site_key``;
 - ``args``: a JSON object of its fields: ``snapshot`` ``{"gateway", "chunk_entries"}``;
   ``delta`` ``{"gateway", "upsert": [b64 credential hash…], "remove": [b64…]}``;
   ``revoke`` ``{"target", "items": [{"kind", "hash"}…]}``; ``command``
   ``{"gateway", "action"}``; ``heartbeat`` ``{"gateway"}``; ``heartbeat_all`` ``{}``;
   ``announce_keys`` ``{}``; ``retire_key`` ``{"kid", "grace_s"}``;
   ``confirm_enrollment`` ``{"gateway", "enrollment"}``; ``reject_enrollment``
-  ``{"gateway", "enrollment", "reason"}``. Hashes and ids only, never a card or permit
+  ``{"gateway", "enrollment", "reason"}``; ``start_site_key`` ``{"gateway"}``;
+  ``finish_site_key`` ``{"gateway", "force"}``. Hashes and ids only, never a card or permit
   number;
 - the outcome: ``result`` (JSON: the seq or version; for ``heartbeat_all`` an object of
   seqs by gateway; for the enrollment operations ``{"enr": seq}`` and, when the list
@@ -58,6 +59,7 @@ from provisioning.publish import (
     SendCommand,
     SendHeartbeat,
 )
+from provisioning.site_rotation import FinishSiteKey, SiteKeyOp, StartSiteKey
 from provisioning.tenants import ConfirmEnrollment, EnrollmentOp, RejectEnrollment
 
 log = structlog.get_logger()
@@ -69,7 +71,7 @@ REQUEST_TIMEOUT_S = 30.0
 KEEP_DONE_MS = 86_400_000
 """Finished requests are forgotten a day later (at the next start of ``serve``)."""
 
-Request = Operation | EnrollmentOp
+Request = Operation | EnrollmentOp | SiteKeyOp
 """Everything a one-shot command can hand to a running ``serve``."""
 
 
@@ -109,7 +111,7 @@ class FolderLock:
 # -- the request format ---------------------------------------------------------------
 
 
-def encode(op: Request) -> tuple[str, str]:
+def encode(op: Request) -> tuple[str, str]:  # noqa: PLR0912 - one case per operation
     """``(op, args)`` of the request format (see the module docstring)."""
     args: dict[str, Any]
     match op:
@@ -136,6 +138,10 @@ def encode(op: Request) -> tuple[str, str]:
         case RejectEnrollment(gateway, enrollment, reason):
             name, args = "reject_enrollment", {"gateway": gateway, "enrollment": enrollment,
                                                "reason": reason}
+        case StartSiteKey(gateway):
+            name, args = "start_site_key", {"gateway": gateway}
+        case FinishSiteKey(gateway, force):
+            name, args = "finish_site_key", {"gateway": gateway, "force": force}
         case _:
             assert_never(op)
     return name, json.dumps(args)
@@ -154,6 +160,8 @@ _DECODERS: dict[str, Callable[[dict[str, Any]], Request]] = {
     "confirm_enrollment": lambda a: ConfirmEnrollment(a["gateway"], a["enrollment"]),
     "reject_enrollment": lambda a: RejectEnrollment(a["gateway"], a["enrollment"],
                                                     a["reason"]),
+    "start_site_key": lambda a: StartSiteKey(a["gateway"]),
+    "finish_site_key": lambda a: FinishSiteKey(a["gateway"], bool(a["force"])),
 }
 
 

@@ -36,6 +36,7 @@ from protocol.messages import (
     Applied,
     EventBatch,
     GatewayBody,
+    Rekey,
     ResyncRequest,
     Status,
     WireEvent,
@@ -50,6 +51,7 @@ from provisioning.db import (
 )
 from provisioning.errors import CentralError, CentralUsageError
 from provisioning.publish import CHUNK_ENTRIES, Publisher
+from provisioning.site_rotation import SiteKeyRotation
 from provisioning.tenants import Tenants
 
 log = structlog.get_logger()
@@ -126,8 +128,10 @@ class Receiver:
     def __init__(self, db: OfficeDatabase, publisher: Publisher, *,
                  clock: Callable[[], float],
                  resync_interval_s: float = RESYNC_INTERVAL_S,
-                 tenants: Tenants | None = None) -> None:
+                 tenants: Tenants | None = None,
+                 site_keys: SiteKeyRotation | None = None) -> None:
         self._db = db
+        self._site_keys = site_keys
         self._publisher = publisher
         self._tenants = tenants
         self._clock = clock
@@ -155,6 +159,9 @@ class Receiver:
                 self._on_status(gateway, body)
             case ResyncRequest():
                 self._on_resync(gateway, body)
+            case Rekey():
+                if self._site_keys is not None:
+                    self._site_keys.on_rekey(gateway, body)
 
     def _malformed(self, gateway: str | None, kind: str, reason: str) -> None:
         self.malformed += 1
@@ -256,6 +263,8 @@ class Receiver:
         # lost some (restored from a backup): then it continues above (provisioning.db.seqs).
         self._db.raise_counters(gateway, msg.versions, self._now_ms())
         log.info("gateway_status", gateway=gateway, state=msg.state)
+        if self._site_keys is not None and msg.state == "online":
+            self._site_keys.on_status(gateway, msg.versions)
 
     def _on_resync(self, gateway: str, msg: ResyncRequest) -> None:
         self._db.raise_counters(gateway, {"list": msg.list_version, "rev": msg.rev_seq,

@@ -11,6 +11,7 @@ from protocol.hashing import log_prefix
 from provisioning.db import ENROLLMENT_STATUSES, GatewayRecord, OfficeDatabase
 from provisioning.enrollment import known_gateway
 from provisioning.errors import CentralUsageError
+from provisioning.receive import removed_record
 
 
 def _version_key(version: str | None) -> tuple[int, list[int], str]:
@@ -21,11 +22,13 @@ def _version_key(version: str | None) -> tuple[int, list[int], str]:
 
 
 def by_version(gateways: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The gateways grouped by the software version their last status reported (None:
-    no status yet, or from a gateway that does not report one), oldest first."""
+    """The gateways expected to report, grouped by the software version their last status
+    reported (None: no status yet, or from a gateway that does not report one), oldest
+    first. Removed gateways (``remove-gateway``) are left out: they report no more."""
     groups: dict[str | None, list[str]] = {}
     for gw in gateways:
-        groups.setdefault(gw["version"], []).append(gw["gateway"])
+        if gw.get("removed") is None:
+            groups.setdefault(gw["version"], []).append(gw["gateway"])
     return [{"version": version, "gateways": groups[version]}
             for version in sorted(groups, key=_version_key)]
 
@@ -43,7 +46,8 @@ class Reports:
         gateways = [self._gateway_report(row) for row in db.gateways()]
         return {"all_seq": all_seq, "global_revocations": db.global_revocation_count(),
                 "unknown_gateway_messages": db.unknown_gateway_messages(),
-                "gateways": gateways, "by_version": by_version(gateways)}
+                "gateways": gateways, "by_version": by_version(gateways),
+                "removed": [gw["gateway"] for gw in gateways if gw["removed"] is not None]}
 
     def gateway_report(self, gateway: str) -> dict[str, Any]:
         """The ``show`` report of one gateway."""
@@ -59,10 +63,17 @@ class Reports:
         problems = [{"seq": p.seq, "problem": p.problem, "found_ms": p.found_ms}
                     for p in self._db.chain_problems(gw)]
         counts = self._db.counts(gw)
+        removed = removed_record(self._db, gw)
         return {
             "gateway": gw,
             "site": row.site,
-            "online": None if status is None else status.get("state") == "online",
+            # A removed gateway's last status is kept in "status", but it is neither online
+            # nor offline: the office refuses what it sends.
+            "state": ("removed" if removed is not None else "no status" if status is None
+                      else "online" if status.get("state") == "online" else "offline"),
+            "removed": removed,
+            "online": None if status is None or removed is not None
+            else status.get("state") == "online",
             "version": (status or {}).get("version"),
             "status": status,
             "status_ms": row.status_ms,

@@ -5,6 +5,10 @@ hands messages to its queue (an exception in a paho callback can kill paho's thr
 publishing from several threads could interleave a snapshot's chunks). While ``run()`` is
 active, work submitted from other threads (``Worker.submit``) is queued to the worker and
 waits for its answer. A gateway message is acknowledged to the broker only once handled.
+The one other thread that publishes is the chunk pacer's (``provisioning.publish.Pacer``,
+through ``Worker.publish``): it hands over the chunks of a long snapshot, and what must
+follow them to that gateway, at the paced rate, in order, after the unit of work that
+published the snapshot's manifest has ended.
 
 Several ``serve`` instances can share one (PostgreSQL) database and the gateways' traffic
 (``BrokerSettings.share_group``: an MQTT 5 shared subscription, ``$share/<group>/…``;
@@ -166,7 +170,17 @@ class Worker:
                                f"{self._request_timeout_s:g} s") from None
 
     def send(self, topic: str, payload: bytes) -> None:
-        """Hand one QoS 1 message to the serving client (worker thread only)."""
+        """Hand one QoS 1 message to the serving client (worker thread only); the unit of
+        work waits for its acknowledgement where instances share the gateways
+        (``PublishOrder``)."""
+        info = self.publish(topic, payload)
+        if info is not None:
+            self._sent.append(info)
+
+    def publish(self, topic: str, payload: bytes) -> MQTTMessageInfo | None:
+        """Hand one QoS 1 message to the serving client, from any thread (paho's
+        ``publish`` is thread-safe); nothing waits for its acknowledgement. None when
+        paho refused it."""
         client = self._client
         if client is None:
             raise PublishError("not connected to a broker")
@@ -175,8 +189,8 @@ class Worker:
             # NO_CONN: paho keeps it and sends it on reconnect; anything lost is recovered
             # by the protocol (gap → resync, missing ack → the gateway resends events).
             log.warning("publish_not_sent", topic=topic, rc=int(info.rc))
-            return
-        self._sent.append(info)
+            return None
+        return info
 
     def _flush(self) -> None:
         """Wait until the broker has acknowledged every message sent in this unit of work

@@ -6,7 +6,10 @@ the card's full keyed hash and the permit number sealed to the office. Once such
 event is stored (``provisioning.receive``), this room:
 
 1. checks the attachment against the event (its SHA-256 is the event's
-   ``attachment_sha256``, the card hash's prefix is the event's ``cred``), opens the seal
+   ``attachment_sha256``, the card hash's prefix is the event's ``cred``), checks the
+   gateway's signature of it when the office recorded the gateway's signing key at
+   ``register-gateway`` (``DIR/gateways/<gateway>.json``; gateways added with
+   ``add-gateway`` have none, and their enrollments go unchecked as before), opens the seal
    with the HPKE info bound to this gateway and enrollment (``protocol.sealing``),
    validates the permit number again (``protocol.permits``), and looks the permit's hash
    and the card's up in the office's revocations; the first failure rejects the
@@ -35,15 +38,18 @@ received enrollment not yet decided, a decision not yet numbered) is done by
 from __future__ import annotations
 
 import base64
+import binascii
 import hashlib
 import json
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import date
+from pathlib import Path
 from typing import Annotated, Any, Literal, cast
 
 import structlog
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from protocol.hashing import log_prefix
@@ -51,6 +57,7 @@ from protocol.ids import Hex64
 from protocol.messages import Decided, EnrollmentAttachment
 from protocol.permits import PermitError, validate_permit
 from protocol.sealing import SealError, unseal
+from protocol.signing import verify_enrollment
 from provisioning.db import (
     EnrollmentRecord,
     EntryRecord,
@@ -79,6 +86,30 @@ MAX_CONFIRMATIONS = 1000
 """Cards per confirming delta: about 180 bytes an entry, far within the 4 MiB limit."""
 REASON_RE = re.compile(r"^[a-z0-9_]{1,64}$")
 ENROLLMENT_RE = re.compile(r"^[0-9a-f-]{36}$")
+GATEWAY_RECORDS = "gateways"
+"""The folder of the records ``register-gateway`` writes (``provisioning.register``,
+``provisioning.renew.record_path``; not imported from there: they import this module)."""
+
+
+def recorded_signing_key(folder: Path, gateway: str) -> Ed25519PublicKey | None:
+    """The Ed25519 public key ``register-gateway`` recorded for ``gateway``; None when the
+    office has no record of it (a gateway added with ``add-gateway``). A record that
+    cannot be read or holds no usable key is the office's own trouble
+    (``CentralUsageError``): the gateway's tenant events wait until it is mended, rather
+    than be judged without the check."""
+    path = folder / GATEWAY_RECORDS / f"{gateway}.json"
+    try:
+        record = json.loads(path.read_text("utf-8"))
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as exc:
+        raise CentralUsageError(f"{path}: cannot read the gateway's record: {exc}") from None
+    try:
+        text = record["signing_key"]
+        return Ed25519PublicKey.from_public_bytes(base64.b64decode(text, validate=True))
+    except (KeyError, TypeError, ValueError, binascii.Error):
+        raise CentralUsageError(f"{path}: the gateway's record has no usable signing_key "
+                                "(base64 of a 32-byte Ed25519 public key)") from None
 
 
 # -- the operations an officer runs (through a running serve, like publishing) ---------
@@ -119,6 +150,10 @@ class _EnrolledData(BaseModel):
     provisional_until: int
     account: Annotated[str, Field(max_length=128)] | None = None
     attachment_sha256: Hex64
+    signature: str | None = None
+    """The gateway's signature of the attachment (protocol.signing); absent from a gateway
+    without a signing key, or older than signatures. Any text: one that is not a signature
+    does not verify."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -282,12 +317,38 @@ class Tenants:
             log.warning("enrollment_attachment_mismatch", gateway=gateway, seq=ev.seq,
                         enrollment=fields.enrollment, card_prefix=ev.cred)
             return _reject("attachment_mismatch")
+        unsigned = self._check_signature(gateway, ev, fields, attachment, cred)
+        if unsigned is not None:
+            return unsigned
         try:
             number = unseal(self._keys.seal_key(), body.permit_sealed, gateway=gateway,
                             enrollment_id=fields.enrollment)
         except SealError:
             return _reject("seal_invalid", cred)
         return cred, number
+
+    def _check_signature(self, gateway: str, ev: EventRecord, fields: _EnrolledData,
+                         attachment: str, cred: bytes) -> _Checked | None:
+        """The rejection of an enrollment not signed by the gateway's recorded key (None:
+        signed by it, or the office recorded no key for this gateway). The rejection keeps
+        the card it names, for whoever looks into it."""
+        key = recorded_signing_key(self._keys.folder, gateway)
+        if key is None:
+            return None
+        if fields.signature is None:
+            log.warning("enrollment_signature_missing", gateway=gateway, seq=ev.seq,
+                        enrollment=fields.enrollment, hint="the office recorded this "
+                        "gateway's signing key: its enrollments must be signed (is the "
+                        "agent older, or without keys.signing_key?)")
+            return _reject("signature_missing", cred)
+        if not verify_enrollment(key, fields.signature, gateway=gateway,
+                                 enrollment_id=fields.enrollment, attachment=attachment):
+            log.warning("enrollment_signature_invalid", gateway=gateway, seq=ev.seq,
+                        enrollment=fields.enrollment, hint="not signed by the key recorded "
+                        "for this gateway at register-gateway, for this enrollment and "
+                        "attachment")
+            return _reject("signature_invalid", cred)
+        return None
 
     def _on_ended(self, gateway: str, ev: EventRecord) -> None:
         enrollment = _enrollment_id(json.loads(ev.data))

@@ -17,10 +17,19 @@
 #   exec-stop-post    after SIGKILL of the agent, ExecStopPost= puts each relay in its
 #                     door's safe state (simulated relays with state files, read from here)
 #   watchdog          a frozen agent (SIGSTOP) is killed by the watchdog and restarted
-#   stop              `systemctl stop` ends the agent within TimeoutStopSec, relays safe
 #   exposure          `systemd-analyze security` inside the container: <= 1.5
+#   upgrade           install.sh of a second release (this checkout, version bumped, in a
+#                     copy) over the running service: active again on the new release,
+#                     the link moved, `permitgate status` reports the new version, events,
+#                     configuration and key kept (scripts/systemd-upgrade.sh)
+#   rollback          install.sh of a third release whose agent exits 1 at start: it rolls
+#                     back, the service is active on the second release, the link back
+#   stop              `systemctl stop` ends the agent (the second release's) within
+#                     TimeoutStopSec, relays safe
+# It also prints, uncounted, what systemd 252 does with a LoadCredential= of a file that
+# does not exist (load-credential-missing).
 #
-# Usage: sudo scripts/systemd-check.sh [--head] [--keep]   (about 3 minutes after the
+# Usage: sudo scripts/systemd-check.sh [--head] [--keep]   (about 6 minutes after the
 # first run; the first run also debootstraps a Debian 12 root, about 2 minutes more)
 # It installs the work tree as it is, or with --head the last commit (git archive HEAD).
 # Needs: root, Linux, the Debian packages debootstrap, systemd-container and dbus (it
@@ -375,6 +384,11 @@ if ct systemd-analyze verify /etc/systemd/system/permitgate.service >"$logs/veri
 else
     say "  systemd-analyze verify: $(tr '\n' ';' <"$logs/verify.txt")"
 fi
+
+# -- upgrade and rollback with the service running ---------------------------------------
+ct systemctl kill --kill-whom=all --signal=SIGCONT permitgate.service 2>/dev/null || true
+# shellcheck source=scripts/systemd-upgrade.sh
+. "$here/scripts/systemd-upgrade.sh"
 
 # -- stop --------------------------------------------------------------------------------
 ct systemctl kill --kill-whom=all --signal=SIGCONT permitgate.service 2>/dev/null || true

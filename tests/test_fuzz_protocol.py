@@ -19,7 +19,7 @@ def test_every_template_body_is_a_valid_central_message() -> None:
     mutations start from messages the gateway applies."""
     types = {parse_central(json.dumps(body)).type for body in BODIES}
     assert types == {"snapshot", "delta", "revocation", "command", "heartbeat", "event_ack",
-                     "enrollment_decision"}
+                     "enrollment_decision", "keys", "site_key"}
 
 
 def test_a_body_signed_for_one_topic_opens_only_there() -> None:

@@ -11,19 +11,29 @@ import json
 import re
 import shutil
 import ssl
+import time
+from datetime import datetime
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
 from agent import provision as prov
 from agent.renew import renew
 from agent.store import Store
+from protocol.messages import Status
 from provisioning import central_cli, pki
 from provisioning.central import Central
+from provisioning.central_cli import local_time
 from tests.broker import BrokerPool
 from tests.gatewaysite import Site, command, stop_process, wait_for_list
-from tests.provisionkit import GW, make_office, provision_gateway, register
+from tests.provisionkit import GW, SITE, make_office, provision_gateway, register
 from tests.waiting import wait_for
+
+if TYPE_CHECKING:
+    from tests.pg import OfficeDb
+
+pytest_plugins = ("tests.pg",)  # office_db: show is tested on SQLite and on PostgreSQL
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -116,6 +126,71 @@ def test_a_removed_gateway_id_is_not_registered_again(
     status, _ = register(office, again.bundle, again.request.fingerprint)
     assert status == 2
     assert "is registered already" in capsys.readouterr().err
+
+
+OTHER = "gw-0002"
+"""A gateway that stays, beside the one removed."""
+
+
+def _show(office: Path) -> tuple[dict[str, Any], list[str]]:
+    """``show --json`` and ``show``'s lines."""
+    status, out = office_cli(office, "show", "--json")
+    assert status == 0, out
+    report = json.loads(out)
+    status, out = office_cli(office, "show")
+    assert status == 0, out
+    return report, out.splitlines()
+
+
+def test_show_marks_a_removed_gateway_and_expects_no_report_from_it(
+        tmp_path: Path, office_db: OfficeDb) -> None:
+    """show, text and --json, on SQLite and PostgreSQL, gives a removed gateway the state
+    "removed" with the date and reason instead of the online its last status said, and
+    leaves it out of the version groups of the gateways expected to report, listing it as
+    removed; the gateway beside it stays online in its version group."""
+    office = make_office(tmp_path / "office")
+    office_db.use(office)
+    done = provision_gateway(tmp_path / "gw")
+    assert register(office, done.bundle, done.request.fingerprint)[0] == 0
+    with Central(office) as central:
+        central.add_gateway(OTHER, SITE, bytes(range(32)))
+    db = office_db.open(office)
+    try:
+        for gateway in (GW, OTHER):
+            db.record_status(gateway, Status(type="status", gateway=gateway, state="online",
+                                             version="1.2.3").model_dump_json(), None,
+                             int(time.time() * 1000))
+    finally:
+        db.close()
+
+    report, _ = _show(office)
+    assert [(gw["gateway"], gw["state"], gw["online"], gw["removed"])
+            for gw in report["gateways"]] == [(GW, "online", True, None),
+                                              (OTHER, "online", True, None)]
+    assert report["removed"] == []
+
+    assert office_cli(office, "remove-gateway", GW, "--reason", "stolen from the "
+                      "basement")[0] == 0
+    report, lines = _show(office)
+    gateways = {gw["gateway"]: gw for gw in report["gateways"]}
+    removed = gateways[GW]
+    assert (removed["state"], removed["online"]) == ("removed", None)
+    assert removed["removed"]["reason"] == "stolen from the basement"
+    assert removed["status"]["state"] == "online"  # its last status is kept, not believed
+    assert (gateways[OTHER]["state"], gateways[OTHER]["online"]) == ("online", True)
+    assert report["by_version"] == [{"version": "1.2.3", "gateways": [OTHER]}]
+    assert report["removed"] == [GW]
+
+    when = local_time(int(datetime.fromisoformat(removed["removed"]["at"]).timestamp()
+                          * 1000))
+    header = next(line for line in lines if line.startswith(f"{GW}  site "))
+    assert header.startswith(f"{GW}  site {SITE}  removed {when} (stolen from the "
+                             "basement), last status ")
+    assert "online" not in header
+    assert next(line for line in lines if line.startswith(f"{OTHER}  site ")).startswith(
+        f"{OTHER}  site {SITE}  online (status ")
+    assert "version 1.2.3: gw-0002" in lines
+    assert f"removed (messages refused): {GW}" in lines
 
 
 def _deliveries(log: str, offset: int, kind: str = r"\w+") -> int:

@@ -22,6 +22,7 @@ from structlog.testing import capture_logs
 
 from agent.config import SyncConfig
 from agent.decision import Mode
+from agent.site_keys import SiteKeys
 from agent.store import Store, lists_path
 from agent.sync_apply import STAGE_ROWS, Applier
 from protocol.chain import Event
@@ -78,6 +79,7 @@ class Host:
         self.decided: list[Decided] = []
         self.observed: list[tuple[int, str]] = []
         self.clock_right = True
+        self.site_keys: SiteKeys | None = None
 
     def current_mode(self) -> Mode:
         """The mode in force."""

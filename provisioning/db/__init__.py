@@ -515,6 +515,19 @@ class OfficeDatabase(Protocol):
     def delete_entry(self, gateway: str, cred: bytes) -> bool:
         """Delete one entry; False when there was none."""
 
+    def begin_rekey(self, gateway: str, site_key_path: str) -> int:
+        """Start a site-key change-over (provisioning.db.rekey_sql.begin)."""
+
+    def rekey(self, gateway: str, pairs: Sequence[tuple[bytes, bytes]], now_ms: int
+              ) -> tuple[list[tuple[bytes, bytes]], int]:
+        """Re-key reported pairs (provisioning.db.rekey_sql.apply)."""
+
+    def rekey_pending(self, gateway: str) -> int:
+        """Entries still under the previous site key (provisioning.db.rekey_sql.pending)."""
+
+    def end_rekey(self, gateway: str, *, drop: bool) -> int:
+        """End a change-over (provisioning.db.rekey_sql.end)."""
+
     def entries(self, gateway: str) -> list[EntryRecord]:
         """The entries of ``gateway`` by credential hash."""
 

@@ -77,6 +77,7 @@ from provisioning.db import (
 )
 from provisioning.db.postgres_reconcile import PostgresReconcile
 from provisioning.db.postgres_schema import END_DAY_MS, FIRST_DAY_MS, MIGRATIONS
+from provisioning.db.rekey_sql import RekeyStatements
 from provisioning.db.seqs import next_seq, reported_counters
 from provisioning.errors import CentralError
 
@@ -290,9 +291,11 @@ class _Turns:
     held: int | None = None
 
 
-class PostgresOfficeDatabase(PostgresReconcile):
+class PostgresOfficeDatabase(RekeyStatements, PostgresReconcile):
     """``OfficeDatabase`` on a PostgreSQL database, errors as ``CentralError`` (the registry
     comparison, cases and retention: ``PostgresReconcile``, postgres_reconcile.py)."""
+
+    _MARK = "%s"
 
     def __init__(self, url: str, *, lock_timeout_s: float = LOCK_TIMEOUT_S) -> None:
         self.url = url

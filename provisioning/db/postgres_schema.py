@@ -212,4 +212,12 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE INDEX events_entries ON events(gateway, cred, ts_ms)
         WHERE kind = 'access_granted' AND direction = 'entry';
     """,
+    # 3: site-key rotation (central.db's migration 4).
+    """
+    CREATE TABLE rekey_pending (
+        gateway TEXT COLLATE "C" NOT NULL,
+        cred BYTEA NOT NULL,             -- an entry's hash under the previous site key
+        PRIMARY KEY (gateway, cred)
+    );
+    """,
 )

@@ -41,6 +41,7 @@ from provisioning.db import (
     StoredEvent,
     TenantEvent,
 )
+from provisioning.db.rekey_sql import RekeyStatements
 from provisioning.db.seqs import GATEWAY_COUNTERS, next_seq, reported_counters
 from provisioning.db.sqlite_reconcile import SqliteReconcile
 from provisioning.db.sqlite_schema import MIGRATIONS
@@ -132,7 +133,7 @@ def _allocate_all(conn: sqlite3.Connection, now_ms: int) -> Allocated:
     return Allocated(seq, prev)
 
 
-class SqliteOfficeDatabase(SqliteFile, SqliteReconcile):
+class SqliteOfficeDatabase(RekeyStatements, SqliteFile, SqliteReconcile):
     """``OfficeDatabase`` on one SQLite file, errors as ``CentralError`` (the registry
     comparison, cases and retention: ``SqliteReconcile``, provisioning/db/sqlite_reconcile.py)."""
 

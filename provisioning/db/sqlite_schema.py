@@ -175,4 +175,13 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE INDEX events_entries ON events(gateway, cred, ts_ms)
         WHERE kind = 'access_granted' AND direction = 'entry';
     """,
+    # 4: site-key rotation (provisioning/site_rotation.py): the entries still under the
+    # previous key of a gateway in change-over.
+    """
+    CREATE TABLE rekey_pending (
+        gateway TEXT NOT NULL,
+        cred BLOB NOT NULL,              -- an entry's hash under the previous site key
+        PRIMARY KEY (gateway, cred)
+    ) WITHOUT ROWID;
+    """,
 )

@@ -49,7 +49,8 @@ OTHER_KEY = Ed25519PrivateKey.from_private_bytes(bytes(range(1, 33)))
 TRUSTED = {KID: OFFICE_KEY.public_key()}
 TOPICS = Topics(GW)
 TOPIC_CHOICES = [TOPICS.inbound(k) for k in ("list", "rev", "cmd", "ack", "hb", "enr")] + [
-    TOPICS.broadcast_revocations, Topics("gw-2").inbound("rev")]
+    TOPICS.broadcast_revocations, Topics("gw-2").inbound("rev"), TOPICS.inbound("keys"),
+    TOPICS.inbound("site")]
 NOW = 1_798_761_600
 """2027-01-01 00:00:00 UTC: the clock of every fuzzed gateway."""
 HASH = "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8="
@@ -213,6 +214,9 @@ BODIES: list[dict[str, Any]] = [
     {"type": "event_ack", "upto": 5, **header()},
     {"type": "enrollment_decision", "items": [
         {"enrollment": ENROLLMENT, "status": "confirmed", "list_version": 2}], **header()},
+    {"type": "keys", "keys": [{"kid": KID, "public_key": HASH, "state": "active"}],
+     **header()},
+    {"type": "site_key", "generation": 2, "sealed": HASH, "previous": "honoured", **header()},
 ]
 """One valid body of every central message type."""
 

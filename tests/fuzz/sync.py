@@ -17,10 +17,12 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from hypothesis import strategies as st
 
 from agent.config import SyncConfig
 from agent.decision import Mode
+from agent.site_keys import SiteKeys
 from agent.store import Store
 from agent.sync_apply import Applier
 from protocol.chain import Event
@@ -68,6 +70,10 @@ class Clock:
         return self.now
 
 
+SEAL = X25519PrivateKey.from_private_bytes(bytes(range(32)))
+"""The gateway's seal key: ``site_key`` messages the fuzzer makes do not open with it."""
+
+
 class Host:
     """The agent as the applier sees it, over the real event chain."""
 
@@ -77,6 +83,7 @@ class Host:
         self.cutoff: int | None = None
         self.decided: list[Decided] = []
         self.observed: list[tuple[int, str]] = []
+        self.site_keys: SiteKeys | None = SiteKeys(bytes(32), SEAL, GW)
 
     def current_mode(self) -> Mode:
         """The mode in force."""
