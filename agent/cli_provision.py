@@ -143,8 +143,8 @@ def _accept(args: argparse.Namespace, out: TextIO) -> int:
               "\n\nUnder systemd the agent reads them as credentials; add to the unit "
               "(sudo systemctl edit permitgate):\n[Service]\n")
     creds = creds.resolve()
-    # The shipped unit loads site.key already.
-    for name in [prov.TLS_KEY, *names]:
+    # The shipped unit loads site.key already; the gateway's own private keys stay here.
+    for name in [prov.TLS_KEY, prov.SIGNING_KEY, prov.SEAL_KEY, *names]:
         if name != prov.SITE_KEY:
             out.write(f"LoadCredential={name}:{creds / name}\n")
     out.write("IPAddressAllow=<the broker's address>\n\nThen: permitgate check-config, and "

@@ -698,7 +698,13 @@ class Agent:
         policy = EnrollmentPolicy(units=cfg.units, provisional_s=int(cfg.provisional_h * 3600),
                                   max_lease_days=cfg.max_lease_days,
                                   gateway=self.config.site.gateway_id)
-        self._enroller = Enroller(self.store, self.hasher, policy, secrets.seal_key)
+        self._enroller = Enroller(self.store, self.hasher, policy, secrets.seal_key,
+                                  signing_key=secrets.signing_key)
+        if secrets.signing_key is None:
+            log.warning("enrollment_signing_key_missing", path=str(self.paths.signing_key),
+                        hint="enrollments go unsigned; an office that recorded this "
+                        "gateway's signing key rejects them (install the key made by "
+                        "'permitgate provision')")
         if secrets.seal_key is None:
             log.warning("enrollment_seal_key_missing", path=str(self.paths.seal_key),
                         hint="install the office's seal key; enrollments are refused "

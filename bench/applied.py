@@ -2,8 +2,10 @@
 
 ``AppliedHook`` is a structlog processor: put it first in the office's processors and it
 notes, with ``time.perf_counter()``, each ``gateway_applied`` / ``gateway_refused`` log
-line (which follows the commit of the gateway's ``applied`` report) and how far the
-office has stored the gateway's events (``events_stored``). ``OfficeBench`` is the
+line (which follows the commit of the gateway's ``applied`` report), how far the
+office has stored the gateway's events (``events_stored``), and when a snapshot's last
+chunk was handed to the broker client (``snapshot_published`` when none was left to pace,
+else ``snapshot_chunks_sent`` from the office's chunk pacer). ``OfficeBench`` is the
 office, broker and gateway folder those benchmarks set up alike. Used by bench/load.py,
 bench/revocation.py and bench/snapshot.py.
 """
@@ -33,6 +35,7 @@ class AppliedHook:
         self._cond = threading.Condition()
         self._seen: dict[tuple[str, int], tuple[float, str]] = {}
         self._acked: tuple[int, float] = (0, 0.0)
+        self._sent: dict[int, float] = {}
 
     def __call__(self, _logger: Any, _method: str, event: MutableMapping[str, Any]
                  ) -> MutableMapping[str, Any]:
@@ -41,6 +44,11 @@ class AppliedHook:
                 if int(event["acked_upto"]) > self._acked[0]:
                     self._acked = (int(event["acked_upto"]), time.perf_counter())
                     self._cond.notify_all()
+        if (event.get("event") == "snapshot_chunks_sent"
+                or (event.get("event") == "snapshot_published" and not event.get("paced_chunks"))):
+            with self._cond:
+                self._sent[int(event["version"])] = time.perf_counter()
+                self._cond.notify_all()
         if event.get("event") in ("gateway_applied", "gateway_refused"):
             with self._cond:
                 status = "applied" if event["event"] == "gateway_applied" else "refused"
@@ -74,6 +82,15 @@ class AppliedHook:
             if not self._cond.wait_for(applied, timeout):
                 raise SystemExit(f"no applied report for {stream} in {timeout:g} s")
             return applied()[0]
+
+    def wait_sent(self, version: int, timeout: float) -> float:
+        """When the office had handed the last chunk of list ``version`` to its broker
+        client (its chunks are paced: ``--chunk-rate``)."""
+        with self._cond:
+            if not self._cond.wait_for(lambda: version in self._sent, timeout):
+                raise SystemExit(f"the chunks of list {version} were not all sent in "
+                                 f"{timeout:g} s")
+            return self._sent[version]
 
     def wait_stored(self, upto: int, timeout: float) -> float:
         """When the office had stored every event up to ``upto`` (its acknowledgement is

@@ -17,8 +17,10 @@ The parts are the real ones:
   reader thread, into ``handle_read``);
 - the office is the ``Central`` library serving (``Central.run``) in a thread of this
   process: it stores and acknowledges the backlog, publishes the snapshot
-  (``publish_snapshot``: a signed manifest and chunks of 10,000 entries) and the
-  revocations (``revoke``), and stores the gateway's ``applied`` reports;
+  (``publish_snapshot``: a signed manifest and chunks of ``CHUNK_ENTRIES``, paced at the
+  office's default ``DEFAULT_CHUNK_RATE`` bytes a second, or ``--chunk-rate``; 0:
+  unpaced) and the revocations (``revoke``), and stores the gateway's ``applied``
+  reports;
 - the broker is a private mosquitto (tests/broker.py) with persistence, ``set_tcp_nodelay``
   and the shipped 4 MiB ``message_size_limit``.
 
@@ -48,7 +50,9 @@ Prints one JSON object as its last line: ``taps`` (decisions measured), ``p50_ms
 list work was under way) and ``after_load_p99_ms`` (after it), ``rss_start_mb``,
 ``rss_peak_mb``, ``rss_sampled_peak_mb``, ``rss_end_mb``, ``backlog_drained_s``,
 ``snapshot_applied_s``, ``revocations_applied_s`` (from the start of the load to the
-office holding the last event, or the gateway's ``applied`` report), the sizes, the
+office holding the last event, or the gateway's ``applied`` report),
+``snapshot_sent_s`` (to the office handing the snapshot's last chunk to its broker
+client), ``chunk_rate``, the sizes, the
 replies the control socket gave the taps, and ``loadavg_start``/``loadavg_end`` (the
 machine's 1-minute load average: other work on the machine shows in every figure). With
 ``--keep DIR`` the RSS samples (``rss.tsv``) and every decision (``decisions.tsv``, s
@@ -57,7 +61,8 @@ from the first tap and ms) are written there too, beside the processes' logs.
 Run: ``python bench/load.py`` (10 minutes; 1,000,000 entries, 100,000 revocations,
 100,000 events) or ``--quick`` (20 s; 50,000 / 10,000 / 5,000) for a smoke run.
 ``--rev-items N`` sends the revocations N per message (up to ``MAX_ITEMS``), to see what
-the size of one message costs the card path and the agent's memory.
+the size of one message costs the card path and the agent's memory; ``--chunk-rate B``
+paces the snapshot's chunks at B bytes a second (0: all at once, as before pacing).
 """
 
 from __future__ import annotations
@@ -85,7 +90,7 @@ from bench.applied import AppliedHook, OfficeBench
 from protocol.chain import Event
 from protocol.messages import MAX_ITEMS, Revoked
 from protocol.signing import b64
-from provisioning.publish import REVOCATION_ITEMS
+from provisioning.publish import DEFAULT_CHUNK_RATE, REVOCATION_ITEMS
 from tests.agentconf import DoorSpec, ReaderSpec, write_agent
 from tests.broker import Broker
 from tests.harness import (
@@ -302,6 +307,9 @@ def arguments() -> argparse.Namespace:
     parser.add_argument("--rev-items", type=int, default=REVOCATION_ITEMS, metavar="N",
                         help=f"revocations per message (default {REVOCATION_ITEMS:,}, as "
                         f"the office sends them; at most MAX_ITEMS, {MAX_ITEMS:,})")
+    parser.add_argument("--chunk-rate", type=int, default=DEFAULT_CHUNK_RATE,
+                        metavar="BYTES_PER_S", help="the office's pacing of snapshot chunks "
+                        f"(default {DEFAULT_CHUNK_RATE:,}, the office's; 0: unpaced)")
     parser.add_argument("--sample-ms", type=float, default=100.0)
     parser.add_argument("--quick", action="store_true",
                         help="20 s; 50,000 entries, 10,000 revocations, 5,000 events")
@@ -312,6 +320,8 @@ def arguments() -> argparse.Namespace:
         args.entries, args.revocations, args.backlog = 50_000, 10_000, 5_000
     if not 1 <= args.rev_items <= MAX_ITEMS:
         raise SystemExit(f"--rev-items: 1 to {MAX_ITEMS}")
+    if args.chunk_rate < 0:
+        raise SystemExit("--chunk-rate: 0 (unpaced) or more bytes per second")
     if args.revocations > args.entries:
         raise SystemExit("--revocations: at most --entries (list cards are revoked)")
     return args
@@ -325,7 +335,7 @@ def main() -> int:
         folder = Path(args.keep) if args.keep else Path(tmp)
         rig = OfficeBench.start(folder, hook, info_only=True, broker={
             "tcp_nodelay": True, "message_size_limit": MESSAGE_SIZE_LIMIT},
-            request_timeout_s=900)
+            request_timeout_s=900, chunk_rate=args.chunk_rate)
         broker, gw, office = rig.broker, rig.gw, rig.office
         central = office.central
         agent = LoadAgent(gw, broker, office.trusted_keys)
@@ -387,6 +397,7 @@ def main() -> int:
             published = time.perf_counter() - t0
 
             backlog_s = hook.wait_stored(backlog_last, timeout=900) - t0
+            sent_s = hook.wait_sent(version, timeout=900) - t0
             snapshot_s = hook.wait("list", version, timeout=900) - t0
             revocations_s = max(hook.wait("rev", s, timeout=900) for s in rev_seqs) - t0
             load_s = max(backlog_s, snapshot_s, revocations_s)
@@ -448,6 +459,8 @@ def main() -> int:
         "snapshot_applied_s": round(snapshot_s, 2),
         "revocations_applied_s": round(revocations_s, 2),
         "publish_s": round(published, 2),
+        "snapshot_sent_s": round(sent_s, 2),
+        "chunk_rate": args.chunk_rate,
         "duration_s": round(finished - started, 1),
         "warmup_s": args.warmup,
         "rate_per_s": args.rate,

@@ -13,18 +13,20 @@ the timed span, that the agent's store says the card is revoked, and every
 
 Then the same during a snapshot: the office enrolls ``--snapshot-entries`` more cards and
 publishes the whole list as a snapshot (in the office's chunks of
-``provisioning.publish.CHUNK_ENTRIES``), and while the gateway receives, stages and swaps
-it in, cards are revoked one at a time as before. A revocation counts as "during" if its
-``applied`` report was stored before the snapshot's. After the snapshot has applied, every
-card revoked during it must still be revoked (the swap keeps revocations newer than the
-snapshot).
+``provisioning.publish.CHUNK_ENTRIES``, paced as the office paces them:
+``DEFAULT_CHUNK_RATE`` bytes a second, or ``--chunk-rate``; 0: unpaced), and while the
+gateway receives, stages and swaps it in, cards are revoked one at a time as before. A
+revocation counts as "during" if its ``applied`` report was stored before the snapshot's.
+After the snapshot has applied, every card revoked during it must still be revoked (the
+swap keeps revocations newer than the snapshot).
 
 Prints one JSON object as its last line: ``count``, ``p50_ms``, ``p99_ms``, ``max_ms``,
 ``mean_ms`` (office publish → gateway applied and enforced → ``applied`` stored at the
 office), ``taps_denied`` (sample taps, each denied as ``revoked``), and for the second
 part ``during_snapshot_count``, ``during_snapshot_p50_ms``, ``during_snapshot_p99_ms``,
-``during_snapshot_max_ms``, ``snapshot_entries`` and ``snapshot_applied_s`` (from the
-office having published it to the gateway's report stored).
+``during_snapshot_max_ms``, ``snapshot_entries``, ``snapshot_sent_s`` (from the office
+having published it to its last chunk handed to the broker client), ``snapshot_applied_s``
+(to the gateway's report stored) and ``chunk_rate``.
 
 Run: ``python bench/revocation.py`` (1,000 revocations; a 1,000,000-entry snapshot) or
 ``--quick`` (100; 20,000).
@@ -47,6 +49,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # for tests.bro
 from bench.applied import AppliedHook, OfficeBench
 from protocol.messages import Revoked
 from protocol.signing import b64
+from provisioning.publish import DEFAULT_CHUNK_RATE
 from tests.harness import (
     GATEWAY,
     HASHER,
@@ -67,10 +70,10 @@ def card(i: int) -> str:
 
 
 def during_snapshot(central: Any, agent: AgentProcess, hook: AppliedHook,
-                    args: argparse.Namespace) -> tuple[list[float], float]:
+                    args: argparse.Namespace) -> tuple[list[float], float, float]:
     """Revoke cards one at a time while the gateway applies a snapshot of
-    ``--snapshot-entries``; the latencies of those applied before it, and how long it
-    took."""
+    ``--snapshot-entries``; the latencies of those applied before it, how long its chunks
+    took to send, and how long it took to apply."""
     base = args.revocations
     central.enroll_many(GATEWAY, [(card_id(card(base + i)), f"P-S{i}")
                                   for i in range(args.snapshot_entries)])
@@ -90,11 +93,12 @@ def during_snapshot(central: Any, agent: AgentProcess, hook: AppliedHook,
             during.append((at - started) * 1000)
         i += 1
     snapshot_s = hook.wait("list", version, timeout=1800) - published
+    sent_s = max(0.0, hook.wait_sent(version, timeout=60) - published)
     store = agent.store()
     for cred in revoked:
         if not store.lookup(cred).revoked:
             raise SystemExit("a card revoked during the snapshot is not revoked after it")
-    return during, snapshot_s
+    return during, sent_s, snapshot_s
 
 
 def main() -> int:
@@ -107,16 +111,22 @@ def main() -> int:
                         help="leave the broker's set_tcp_nodelay off (mosquitto's default)")
     parser.add_argument("--snapshot-entries", type=int, default=1_000_000, metavar="N",
                         help="cards in the snapshot applied during the second part")
+    parser.add_argument("--chunk-rate", type=int, default=DEFAULT_CHUNK_RATE,
+                        metavar="BYTES_PER_S", help="the office's pacing of snapshot chunks "
+                        f"(default {DEFAULT_CHUNK_RATE:,}, the office's; 0: unpaced)")
     parser.add_argument("--quick", action="store_true",
                         help="100 revocations, a 20,000-entry snapshot")
     parser.add_argument("--keep", metavar="DIR", help="work in DIR and keep the logs")
     args = parser.parse_args()
     if args.quick:
         args.revocations, args.snapshot_entries = 100, 20_000
+    if args.chunk_rate < 0:
+        raise SystemExit("--chunk-rate: 0 (unpaced) or more bytes per second")
     hook = AppliedHook()
     with tempfile.TemporaryDirectory(prefix="permitgate-bench-") as tmp:
         folder = Path(args.keep) if args.keep else Path(tmp)
-        rig = OfficeBench.start(folder, hook, broker={"tcp_nodelay": not args.nagle})
+        rig = OfficeBench.start(folder, hook, broker={"tcp_nodelay": not args.nagle},
+                                chunk_rate=args.chunk_rate)
         broker, gw, office = rig.broker, rig.gw, rig.office
         central = office.central
         central.enroll_many(GATEWAY, [(card_id(card(i)), f"P-R{i}")
@@ -145,7 +155,7 @@ def main() -> int:
                         raise SystemExit(f"card {i}: {decision.kind} ({decision.reason}) "
                                          "after its revocation was applied")
                     denied += 1
-            during, snapshot_s = during_snapshot(central, agent, hook, args)
+            during, sent_s, snapshot_s = during_snapshot(central, agent, hook, args)
         finally:
             agent.close()
             stop.set()
@@ -164,7 +174,9 @@ def main() -> int:
         "during_snapshot_p99_ms": round(percentile(during, 0.99), 3) if during else None,
         "during_snapshot_max_ms": round(max(during), 3) if during else None,
         "snapshot_entries": args.snapshot_entries,
+        "snapshot_sent_s": round(sent_s, 2),
         "snapshot_applied_s": round(snapshot_s, 2),
+        "chunk_rate": args.chunk_rate,
         "broker_tcp_nodelay": not args.nagle,
         "gateway": "agent child process (python -m agent.cli run), simulated reader",
         "office": "Central.run in a thread of this process",

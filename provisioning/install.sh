@@ -15,9 +15,10 @@
 # Run again to upgrade. With the service stopped, the new release's start checks run:
 # `permitgate migrate` as the service user (the store's migrations, after a copy of the
 # store into /var/backups/permitgate/RELEASE), then, if the service was running or is
-# enabled, its start; then --check. If one fails, the previous release is put back, with
-# the store copy (when a migration was due) and the replaced configuration, and started
-# again. The current release and the one before it are kept (docs/operations.md,
+# enabled, its start, after which it must stay up, as the same process, for 10 seconds
+# ($PERMITGATE_SETTLE_S); then --check. If one fails, the previous release is put back,
+# with the store copy (when a migration was due) and the replaced configuration, and
+# started again. The current release and the one before it are kept (docs/operations.md,
 # "Upgrading").
 #
 # With --web [--web-cert web.crt --web-key web.key] also the landlord page: its own
@@ -34,6 +35,7 @@
 #                 as the caller; the environment's paths name DIR, so it is no image
 # $PERMITGATE_BOOTSTRAP, for tests: a command run as `CMD RELEASE EXTRAS` that builds
 # RELEASE/.venv instead of scripts/bootstrap.sh and pip (which install from PyPI).
+# $PERMITGATE_SETTLE_S: how long the started service must stay up (10 seconds).
 set -euo pipefail
 shopt -s nullglob
 # What is installed for the service must be readable by its user whatever the caller's
@@ -67,6 +69,8 @@ done
 for f in "$web_cert" "$web_key"; do
     [ -z "$f" ] || [ -f "$f" ] || die "$f: no such file"
 done
+settle="${PERMITGATE_SETTLE_S:-10}"
+case "$settle" in ''|*[!0-9]*) die "PERMITGATE_SETTLE_S=$settle: not a number of seconds" ;; esac
 
 prefix="$root/opt/permitgate"              # a link to the current release
 releases="$root/opt/permitgate-releases"
@@ -247,6 +251,23 @@ if ! as_agent "$release/.venv/bin/permitgate" migrate --config "$etc/permitgate.
 fi
 if [ -n "$want_running" ] && ! { systemctl start permitgate.service && systemctl is-active --quiet permitgate.service; }; then
     rollback "permitgate.service did not start (see 'journalctl -u permitgate')"
+fi
+# `systemctl start` returns at the agent's READY=1: an agent that dies a few seconds later
+# passed the check above, and Restart=always would then restart it for ever on the new
+# release. It must stay active as the same process, not restarted, for a while.
+stays_up() {
+    local pid restarts
+    pid="$(systemctl show -P MainPID permitgate.service)"
+    restarts="$(systemctl show -P NRestarts permitgate.service)"
+    for _ in $(seq "$settle"); do
+        sleep 1
+        systemctl is-active --quiet permitgate.service || return 1
+        [ "$(systemctl show -P MainPID permitgate.service)" = "$pid" ] || return 1
+    done
+    [ "$(systemctl show -P NRestarts permitgate.service)" = "$restarts" ]
+}
+if [ -n "$want_running" ] && ! stays_up; then
+    rollback "permitgate.service did not stay up for $settle s (see 'journalctl -u permitgate')"
 fi
 if [ -n "$check" ] && ! PERMITGATE_RELEASE="$release" sh -c "$check"; then
     rollback "--check '$check' failed"

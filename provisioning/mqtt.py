@@ -181,7 +181,9 @@ class OneShotLink:
         self._client = client
 
     def send(self, topic: str, payload: bytes) -> None:
-        """Hand one QoS 1 message to paho; ``flush`` waits for its acknowledgement."""
+        """Hand one QoS 1 message to paho; ``flush`` waits for its acknowledgement. Called
+        by the one-shot caller, or by the chunk pacer's thread while the caller waits for
+        it (``Pacer.drain``, before ``flush``)."""
         if self._client is None:
             raise PublishError("not connected to a broker")
         self._pending.append(self._client.publish(topic, payload, qos=1))

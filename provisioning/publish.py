@@ -302,7 +302,7 @@ class Pacer:
         broker's acknowledgements). Bounded: the pacer's thread hands everything over
         at ``rate``, and handing over does not wait for the broker."""
         with self._cond:
-            self._cond.wait_for(lambda: not self._lanes)
+            self._cond.wait_for(lambda: not self._lanes or self._thread is None)
 
     def stop(self) -> int:
         """Drop whatever is still waiting (``serve`` stops, the folder is closed); returns
@@ -344,32 +344,38 @@ class Pacer:
 
     def _run(self) -> None:
         with self._cond:
-            while self._lanes:
-                wake = math.inf
-                for gateway, lane in list(self._lanes.items()):
-                    try:
-                        self._drain_lane(gateway, lane, self._release)
-                    except Exception:  # this thread's one boundary: logged, lane dropped
-                        # (not connected, say: the gateway asks for the snapshot again)
-                        log.exception("snapshot_pacing_failed", gateway=gateway,
-                                      version=lane.version, messages_dropped=len(lane.items))
-                        lane.items.clear()
-                    else:
-                        if lane.items:
-                            wake = min(wake, self._due(gateway, self._clock()))
-                            continue
-                        log.info("snapshot_chunks_sent", gateway=gateway,
-                                 version=lane.version, chunks=lane.chunks,
-                                 seconds=round(self._clock() - lane.since, 3))
-                    del self._lanes[gateway]
-                    self._cond.notify_all()
-                if self._lanes:
-                    self._cond.wait(max(0.0, wake - self._clock()))
-            self._thread = None
-            # Old budgets are spent: forget them (a lane that starts later begins afresh).
-            now = self._clock()
-            self._tat = {gw: t for gw, t in self._tat.items() if t > now}
-            self._cond.notify_all()
+            try:
+                self._pace()
+            finally:
+                self._thread = None
+                # Spent budgets are forgotten (a lane that starts later begins afresh).
+                now = self._clock()
+                self._tat = {gw: t for gw, t in self._tat.items() if t > now}
+                self._cond.notify_all()
+
+    def _pace(self) -> None:
+        """The pacer's thread, under the lock (released while it waits): hand over what
+        is due in every lane, sleep until the next is due or a lane is added."""
+        while self._lanes:
+            wake = math.inf
+            for gateway, lane in list(self._lanes.items()):
+                try:
+                    self._drain_lane(gateway, lane, self._release)
+                except Exception:  # this thread's one boundary: logged, lane dropped
+                    # (not connected, say: the gateway asks for the snapshot again)
+                    log.exception("snapshot_pacing_failed", gateway=gateway,
+                                  version=lane.version, messages_dropped=len(lane.items))
+                    lane.items.clear()
+                else:
+                    if lane.items:
+                        wake = min(wake, self._due(gateway, self._clock()))
+                        continue
+                    log.info("snapshot_chunks_sent", gateway=gateway, version=lane.version,
+                             chunks=lane.chunks, seconds=round(self._clock() - lane.since, 3))
+                del self._lanes[gateway]
+                self._cond.notify_all()
+            if self._lanes:
+                self._cond.wait(max(0.0, wake - self._clock()))
 
 
 # -- the publisher --------------------------------------------------------------------

@@ -20,10 +20,14 @@
 #   exposure          `systemd-analyze security` inside the container: <= 1.5
 #   upgrade           install.sh of a second release (this checkout, version bumped, in a
 #                     copy) over the running service: active again on the new release,
-#                     the link moved, `permitgate status` reports the new version, events,
-#                     configuration and key kept (scripts/systemd-upgrade.sh)
-#   rollback          install.sh of a third release whose agent exits 1 at start: it rolls
-#                     back, the service is active on the second release, the link back
+#                     the link moved, `permitgate status` reports the new version, the
+#                     store migrated and its copy kept, events, configuration and key kept
+#                     (scripts/systemd-upgrade.sh)
+#   rollback          install.sh of a third release (with a store migration) whose agent
+#                     exits 1 at start: it rolls back, the store copy put back, the
+#                     service is active on the second release, the link back
+#   rollback-late     the same for a fourth release whose agent exits 1 three seconds
+#                     after it is ready (after `systemctl start` succeeded)
 #   stop              `systemctl stop` ends the agent (the second release's) within
 #                     TimeoutStopSec, relays safe
 # It also prints, uncounted, what systemd 252 does with a LoadCredential= of a file that

@@ -20,6 +20,10 @@
 #              the second release again, the link points back, the third release's folder
 #              is gone, two releases remain, the events, configuration and card are as
 #              before
+#   rollback-late  the same with a fourth release whose agent starts (READY=1) and exits
+#              1 three seconds later: `systemctl start` succeeds, but install.sh must see
+#              it go down within its settle time ($PERMITGATE_SETTLE_S, 10 s) and roll
+#              back
 #
 # and one fact, printed (not counted): what systemd does with a unit whose LoadCredential=
 # names a file that does not exist (load-credential-missing).
@@ -56,10 +60,11 @@ own_code() {
         'import os, agent; print(agent.__version__, os.path.dirname(os.path.realpath(agent.__file__)))' \
         2>&1 | tail -1
 }
-# make_release NAME VERSION MIGRATIONS [fail]: /root/NAME in the container, a copy of the
-# installed checkout with VERSION in pyproject.toml and agent/__init__.py and MIGRATIONS
-# (a number) more event store migrations, each creating a table upgrade_probe_N; with
-# "fail", its `permitgate run` exits 1 at once (every other command works).
+# make_release NAME VERSION MIGRATIONS [fail|late]: /root/NAME in the container, a copy of
+# the installed checkout with VERSION in pyproject.toml and agent/__init__.py and
+# MIGRATIONS (a number) more event store migrations, each creating a table
+# upgrade_probe_N; with "fail", its `permitgate run` exits 1 before it is ready, with
+# "late" three seconds after (every other command works).
 make_release() {
     local dir="$root/root/$1"
     rm -rf "$dir"
@@ -89,7 +94,8 @@ if migrations:
                                           f"{anchor}"), "utf-8")
 if fail:
     # The console script imports main once the module has run: this wrapper is what
-    # `permitgate` calls.
+    # `permitgate` calls. "fail": `run` exits 1 before it is ready; "late": `run` starts
+    # as usual (READY=1) and the process exits 1 three seconds later.
     with open(folder / "agent/cli.py", "a", encoding="utf-8") as cli:
         cli.write(f'''
 
@@ -97,12 +103,20 @@ _checked_main = main
 
 
 def main(argv=None, out=None):  # type: ignore[no-redef]
-    """systemd-check's failing release: `run` exits 1 before it is ready."""
+    """systemd-check's broken release ({fail})."""
+    import os, threading, time
     args = sys.argv[1:] if argv is None else list(argv)
-    if args[:1] == ["run"]:
+    if args[:1] == ["run"] and "{fail}" == "fail":
         sys.stderr.write("permitgate {version}: systemd-check's broken release: "
                          "exits 1 at start\\n")
         return 1
+    if args[:1] == ["run"]:
+        def crash():
+            time.sleep(3)
+            sys.stderr.write("permitgate {version}: systemd-check's broken release: "
+                             "exits 1 three seconds after start\\n")
+            os._exit(1)
+        threading.Thread(target=crash, daemon=True).start()
     return _checked_main(argv, out)
 ''')
 EOF
@@ -120,20 +134,21 @@ wait_active || say "  permitgate.service is $(prop ActiveState)/$(prop SubState)
 v1="$(sed -n 's/^version = "\(.*\)"$/\1/p' "$root$src_dir/pyproject.toml" | head -1)"
 v2="${v1%.*}.$((${v1##*.} + 1))"
 v3="${v2%.*}.$((${v2##*.} + 1))"
+v4="${v3%.*}.$((${v3##*.} + 1))"
 r1="$(current_release)"
 tap_before="$(ct /opt/permitgate/.venv/bin/permitgate sim tap front-in "$card" -c "$conf" 2>&1 || true)"
 read -r _ _ _ events_before schema_before <<<"$(status_fields)"
 conf_sha="$(sha_of "$conf")"
 key_sha="$(sha_of /etc/permitgate/credentials/site.key)"
 pid_before="$(prop MainPID)"
-say "upgrade: running $r1 (MainPID $pid_before), tap '$tap_before', $events_before events; source copies: $v2 with one more store migration, $v3 with two whose agent exits 1 at start"
+say "upgrade: running $r1 (MainPID $pid_before), tap '$tap_before', $events_before events; source copies: $v2 with one more store migration; $v3 with two, whose agent exits 1 at start; $v4 with one, whose agent exits 1 three seconds after it is ready"
 
 # -- upgrade to a second release -------------------------------------------------------------
-make_release permitgate-src-2 "$v2" 1
+make_release "permitgate-src-$v2" "$v2" 1
 mark="$(cursor)"
 started=$SECONDS
 rc=0
-install_from permitgate-src-2 upgrade.log || rc=$?
+install_from "permitgate-src-$v2" upgrade.log || rc=$?
 took=$((SECONDS - started))
 journal_since "$mark" -u permitgate.service >"$logs/journal-upgrade.txt"
 wait_active || true
@@ -166,48 +181,63 @@ else
 fi
 grep -E '^install\.sh:|store |backup |OK \(permitgate' "$logs/upgrade.log" | sed 's/^/  /' || true
 
-# -- a third release that fails its start: rollback ------------------------------------------
-make_release permitgate-src-3 "$v3" 2 fail
-read -r _ _ _ events_before schema_before <<<"$(status_fields)"
-pid_before="$(prop MainPID)"
-mark="$(cursor)"
-started=$SECONDS
-rc=0
-install_from permitgate-src-3 rollback.log || rc=$?
-took=$((SECONDS - started))
-wait_active || true
-journal_since "$mark" -u permitgate.service >"$logs/journal-rollback.txt"
-now="$(current_release)"
-read -r s_version s_agent s_state events_after schema_after <<<"$(status_fields)"
-tap_after="$(ct /opt/permitgate/.venv/bin/permitgate sim tap front-in "$card" -c "$conf" 2>&1 || true)"
-left="$(releases_now)"
-backups_left="$(ct ls /var/backups/permitgate | tr '\n' ' ' | sed 's/ $//')"
-broken_line="$(grep -m1 "broken release" "$logs/journal-rollback.txt" | sed 's/^.*\]: //' || true)"
-failed_line="$(grep -m1 -E 'Failed with result|Failed to start' "$logs/journal-rollback.txt" | sed 's/^.*\]: //' || true)"
-problems=""
-[ "$rc" = 1 ] || problems="$problems install.sh exit $rc, not 1;"
-grep -q "rolled back: $r2 is the current release again" "$logs/rollback.log" \
-    || problems="$problems no 'rolled back: $r2 ...' in its output: $(tail -5 "$logs/rollback.log" | tr '\n' '|');"
-[ "$now" = "$r2" ] || problems="$problems /opt/permitgate -> '$now', not $r2;"
-[ "$(prop ActiveState)/$(prop SubState)" = active/running ] || problems="$problems unit $(prop ActiveState)/$(prop SubState) $(prop Result);"
-[ "$s_version" = "$v2" ] && [ "$s_agent" = "$v2" ] && [ "$s_state" = running ] \
-    || problems="$problems status: version '$s_version', agent '$s_agent' '$s_state';"
-case " $left " in *" $v3-"*) problems="$problems the failed release is still there ($left);" ;; esac
-[ "$left" = "$r1 $r2" ] || problems="$problems releases left: '$left', not '$r1 $r2';"
-[ "$events_after" -ge "$events_before" ] 2>/dev/null || problems="$problems events $events_before -> '$events_after';"
-[ "$(sha_of "$conf")" = "$conf_sha" ] || problems="$problems the configuration changed;"
-case "$tap_after" in "OPEN"*granted*) ;; *) problems="$problems card after the rollback: '$tap_after';" ;; esac
-[ -n "$broken_line" ] || problems="$problems the journal shows no start of the broken release;"
-[ "$schema_after" = "$schema_before" ] || problems="$problems store schema $schema_before -> '$schema_after': the copy was not put back;"
-grep -q "the store is back as it was before the migration" "$logs/rollback.log" \
-    || problems="$problems install.sh did not put the store copy back;"
-[ "$backups_left" = "$r2" ] || problems="$problems /var/backups/permitgate holds '$backups_left', not $r2;"
-if [ -z "$problems" ]; then
-    pass rollback "install.sh of $v3 exit 1 after ${took} s: '$(grep -m1 'failed its start checks' "$logs/rollback.log")' / '$(tail -1 "$logs/rollback.log")'; journal: '$broken_line', '$failed_line'; $(prop ActiveState)/$(prop SubState) as MainPID $(prop MainPID) (was $pid_before); /opt/permitgate -> $(ct readlink /opt/permitgate); status: version $s_version, agent $s_agent $s_state, store schema $schema_after (the copy put back); events $events_before -> $events_after; releases: $left; store copies: $backups_left; card: '$tap_after'"
-else
-    fail rollback "$problems"
-fi
-grep -E '^install\.sh:' "$logs/rollback.log" | sed 's/^/  /' || true
+# rolled_back CHECK VERSION LOG REASON [restore]: install.sh of VERSION (its output in
+# $logs/LOG), which must fail its start checks with REASON and put the second release back
+# (with "restore": and the store copy); one PASS/FAIL line named CHECK.
+rolled_back() {
+    local check="$1" version="$2" log="$3" reason="$4" restore="${5:-}" rc=0 now s_version s_agent s_state
+    local events_after schema_after tap_after left backups_left broken_line failed_line
+    local restored="" took problems=""
+    local before_events before_schema before_pid="$(prop MainPID)" mark="$(cursor)" started=$SECONDS
+    read -r _ _ _ before_events before_schema <<<"$(status_fields)"
+    install_from "permitgate-src-$version" "$log" || rc=$?
+    took=$((SECONDS - started))
+    wait_active || true
+    journal_since "$mark" -u permitgate.service >"$logs/journal-$check.txt"
+    now="$(current_release)"
+    read -r s_version s_agent s_state events_after schema_after <<<"$(status_fields)"
+    tap_after="$(ct /opt/permitgate/.venv/bin/permitgate sim tap front-in "$card" -c "$conf" 2>&1 || true)"
+    left="$(releases_now)"
+    backups_left="$(ct ls /var/backups/permitgate | tr '\n' ' ' | sed 's/ $//')"
+    broken_line="$(grep -m1 "broken release" "$logs/journal-$check.txt" | sed 's/^.*\]: //' || true)"
+    failed_line="$(grep -m1 -E 'Failed with result|Failed to start' "$logs/journal-$check.txt" | sed 's/^.*\]: //' || true)"
+    ! grep -q "the store is back as it was before the migration" "$logs/$log" || restored=" (the copy put back)"
+    [ "$rc" = 1 ] || problems="$problems install.sh exit $rc, not 1;"
+    grep -q "failed its start checks: $reason" "$logs/$log" \
+        || problems="$problems no '$reason' in its output;"
+    grep -q "rolled back: $r2 is the current release again" "$logs/$log" \
+        || problems="$problems no 'rolled back: $r2 ...' in its output: $(tail -5 "$logs/$log" | tr '\n' '|');"
+    [ "$now" = "$r2" ] || problems="$problems /opt/permitgate -> '$now', not $r2;"
+    [ "$(prop ActiveState)/$(prop SubState)" = active/running ] || problems="$problems unit $(prop ActiveState)/$(prop SubState) $(prop Result);"
+    [ "$s_version" = "$v2" ] && [ "$s_agent" = "$v2" ] && [ "$s_state" = running ] \
+        || problems="$problems status: version '$s_version', agent '$s_agent' '$s_state';"
+    [ "$left" = "$r1 $r2" ] || problems="$problems releases left: '$left', not '$r1 $r2';"
+    [ "$events_after" -ge "$before_events" ] 2>/dev/null || problems="$problems events $before_events -> '$events_after';"
+    [ "$schema_after" = "$before_schema" ] || problems="$problems store schema $before_schema -> '$schema_after': the copy was not put back;"
+    [ "$backups_left" = "$r2" ] || problems="$problems /var/backups/permitgate holds '$backups_left', not $r2;"
+    [ "$(sha_of "$conf")" = "$conf_sha" ] || problems="$problems the configuration changed;"
+    case "$tap_after" in "OPEN"*granted*) ;; *) problems="$problems card after the rollback: '$tap_after';" ;; esac
+    [ -n "$broken_line" ] || problems="$problems the journal shows no start of the broken release;"
+    [ -z "$restore" ] || [ -n "$restored" ] || problems="$problems install.sh did not put the store copy back;"
+    if [ -z "$problems" ]; then
+        pass "$check" "install.sh of $version exit 1 after ${took} s: '$(grep -m1 'failed its start checks' "$logs/$log")' / '$(tail -1 "$logs/$log")'; journal: '$broken_line', '$failed_line'; $(prop ActiveState)/$(prop SubState) as MainPID $(prop MainPID) (was $before_pid); /opt/permitgate -> $(ct readlink /opt/permitgate); status: version $s_version, agent $s_agent $s_state, store schema $schema_after$restored; events $before_events -> $events_after; releases: $left; store copies: $backups_left; card: '$tap_after'"
+    else
+        fail "$check" "$problems"
+    fi
+    grep -E '^install\.sh:' "$logs/$log" | sed 's/^/  /' || true
+}
+
+# -- a third release that fails before it is ready: rollback ---------------------------------
+# With two migrations: the store copy must be put back (the second release refuses a store
+# migrated past it).
+make_release "permitgate-src-$v3" "$v3" 2 fail
+rolled_back rollback "$v3" rollback.log "permitgate.service did not start" restore
+
+# -- a fourth release that comes up, then dies: rollback -------------------------------------
+# READY=1, then exit 1 three seconds later: `systemctl start` succeeds, Restart=always would
+# restart it for ever; install.sh must see it go down within its settle time.
+make_release "permitgate-src-$v4" "$v4" 1 late
+rolled_back rollback-late "$v4" rollback-late.log "permitgate.service did not stay up"
 
 # -- LoadCredential= of a file that does not exist (a fact, not a check) ----------------------
 # One unit, as the service user, with a credential whose file exists and one whose file

@@ -169,6 +169,7 @@ def test_the_documented_signature_example_is_what_the_code_does() -> None:
                + enrollment.encode() + b"\x00" + event.attachment.encode())
     assert enrollment_signing_input(batch.gateway, enrollment, event.attachment) == by_hand
     assert len(by_hand) == 232 and "232 bytes" in section
+    assert f"the {len(event.attachment.encode())} bytes of\nthe attachment" in section
     assert hashlib.sha256(by_hand).hexdigest() == EXAMPLE_VALUES["signed_sha256"]
     gateway_key = Ed25519PrivateKey.from_private_bytes(EXAMPLE_SEED)
     assert b64(gateway_key.public_key().public_bytes_raw()) == EXAMPLE_VALUES["public_key"]
