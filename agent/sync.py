@@ -61,6 +61,7 @@ from protocol.messages import (
     StatusSettings,
     WireEvent,
 )
+from protocol.signing import unb64
 from protocol.topics import Topics, stream_of
 
 if TYPE_CHECKING:
@@ -390,6 +391,10 @@ class SyncWorker:
         self._pump_outbox(now)
         if (rekey := self.rekeys.take(self.applier.now_ms())) is not None:
             self._publish("rekey", rekey.model_dump_json())
+            try:  # the enrollments made here follow their cards to the new key
+                self.store.tenants.rekey([(unb64(o), unb64(n)) for o, n in rekey.pairs])
+            except StoreError as exc:
+                log.error("tenants_not_rekeyed", error=str(exc))
         silent = now - self._last_rx
         if silent > 3 * self.config.status_interval_s + self.config.keepalive_s:
             # Our own retained status should have echoed back several times by now: the

@@ -17,6 +17,7 @@ hash here, never a permit number (that travels sealed to the office: protocol.se
 from __future__ import annotations
 
 import sqlite3
+from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
@@ -135,6 +136,20 @@ class Tenants:
                 rollback(conn)
                 raise
             return result
+
+    def rekey(self, pairs: Sequence[tuple[bytes, bytes]]) -> int:
+        """Move the enrollments and local revocations of cards known under the previous
+        site key to their hash under the current one (a change-over, agent/site_keys.py),
+        so they still match once the previous key is dropped; returns the rows moved."""
+        def run(conn: sqlite3.Connection) -> int:
+            moved = 0
+            for old, new in pairs:
+                moved += conn.execute("UPDATE enrollments SET cred = ? WHERE cred = ?",
+                                      (new, old)).rowcount
+                moved += conn.execute("UPDATE OR REPLACE local_revocations SET cred = ? "
+                                      "WHERE cred = ?", (new, old)).rowcount
+            return moved
+        return int(self._write("re-key enrollments", run))
 
     def add(self, enrollment: Enrollment) -> None:
         """Store a new pending enrollment; a moved-out card enrolled again is no longer

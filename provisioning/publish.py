@@ -45,6 +45,7 @@ from typing import Any, Literal, assert_never, cast, get_args
 import structlog
 
 from protocol.messages import (
+    AnnouncedKey,
     Chunk,
     Command,
     Decided,
@@ -634,15 +635,30 @@ class Publisher:
         seq (committed first); returns it."""
         seq = next_seq(int(self._db.meta(KEYS_SEQ_KEY) or 0), self._now_ms())
         self._db.set_meta(KEYS_SEQ_KEY, str(seq))
-        issued, expires = self._times(self.ttl_s)
-        keys = announced_set(self._keys.folder, issued)
-        for gateway in self._db.gateway_ids():
-            self._signed(Topics(gateway).inbound("keys"), KeyAnnouncement(
-                type="keys", gateway=gateway, seq=seq, issued_at=issued, expires_at=expires,
-                keys=keys))
+        keys = self._announce(self._db.gateway_ids(), seq)
         log.info("keys_announced", seq=seq, signer=self._keys.signing()[0],
                  keys={k.kid: k.state for k in keys})
         return seq
+
+    def resend_keys(self, gateway: str) -> int | None:
+        """Send ``gateway`` the latest ``keys`` announcement again: its own seq, the keys
+        as they stand now, signed anew with a fresh expiry. None when the office never
+        announced its keys."""
+        seq = int(self._db.meta(KEYS_SEQ_KEY) or 0)
+        if not seq:
+            return None
+        self._announce([gateway], seq)
+        log.info("keys_resent", gateway=gateway, seq=seq)
+        return seq
+
+    def _announce(self, gateways: Sequence[str], seq: int) -> list[AnnouncedKey]:
+        issued, expires = self._times(self.ttl_s)
+        keys = announced_set(self._keys.folder, issued)
+        for gateway in gateways:
+            self._signed(Topics(gateway).inbound("keys"), KeyAnnouncement(
+                type="keys", gateway=gateway, seq=seq, issued_at=issued, expires_at=expires,
+                keys=keys))
+        return keys
 
     def retire_key(self, kid: str, grace_s: int) -> int:
         """Stop signing with ``kid`` (the next listed key signs from now on) and announce

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import structlog
@@ -51,6 +51,7 @@ from provisioning.db import (
 )
 from provisioning.errors import CentralError, CentralUsageError
 from provisioning.publish import CHUNK_ENTRIES, Publisher
+from provisioning.rotation import KEYS_SEQ_KEY
 from provisioning.site_rotation import SiteKeyRotation
 from provisioning.tenants import Tenants
 
@@ -138,6 +139,7 @@ class Receiver:
         self.resync_interval_s = resync_interval_s
         self._resync_due: dict[str, float] = {}
         self._commands_resent: dict[str, float] = {}
+        self._keys_resent: dict[str, float] = {}
         self.malformed = 0
         """Malformed or unexpected gateway messages seen by this process."""
 
@@ -263,8 +265,22 @@ class Receiver:
         # lost some (restored from a backup): then it continues above (provisioning.db.seqs).
         self._db.raise_counters(gateway, msg.versions, self._now_ms())
         log.info("gateway_status", gateway=gateway, state=msg.state)
-        if self._site_keys is not None and msg.state == "online":
-            self._site_keys.on_status(gateway, msg.versions)
+        if msg.state == "online":
+            self._catch_up_keys(gateway, msg.versions)
+
+    def _catch_up_keys(self, gateway: str, versions: Mapping[str, int]) -> None:
+        """A gateway whose status shows it missed the latest ``keys`` announcement or
+        ``site_key`` message gets it again (at most once per ``resync_interval_s``)."""
+        if self._site_keys is not None:
+            self._site_keys.on_status(gateway, versions)
+        announced = int(self._db.meta(KEYS_SEQ_KEY) or 0)
+        if not announced or versions.get("keys", 0) >= announced:
+            return
+        now = self._clock()
+        if now < self._keys_resent.get(gateway, -math.inf) + self.resync_interval_s:
+            return
+        self._keys_resent[gateway] = now
+        self._publisher.resend_keys(gateway)
 
     def _on_resync(self, gateway: str, msg: ResyncRequest) -> None:
         self._db.raise_counters(gateway, {"list": msg.list_version, "rev": msg.rev_seq,

@@ -120,3 +120,32 @@ def test_retiring_is_refused_until_every_gateway_holds_the_new_key(
     with Central(folder, broker.host, broker.port) as central:
         assert central.signing_kid() == "central-1"
     assert cli(folder, broker, "rotate-key", "--retire", "central-1", "--force") == 2
+
+
+def test_a_gateway_that_missed_the_announcement_gets_it_from_its_status(
+        broker: Broker, tmp_path: Path) -> None:
+    """An announcement made while the gateway was away is sent to it again once its status
+    shows a lower ``keys`` version, with no command from anyone, after which retiring the
+    old key is no longer refused."""
+    folder = tmp_path / "central"
+    keygen(folder)
+    with Central(folder, broker.host, broker.port) as central:
+        central.add_gateway(GW, "b-1", KEY)
+        central.enroll(GW, CARD_A, "P-1")
+    assert cli(folder, broker, "rotate-key", "--kid", "central-2") == 0  # nobody listening
+    serving = Serving(Central(folder, broker.host, broker.port, resync_interval_s=0.5),
+                      heartbeat_every_s=1.0)
+    office = serving.central
+    (tmp_path / "gw").mkdir()
+    gateway = Gateway(tmp_path / "gw", broker, folder / TRUSTED_KEYS_NAME)
+    gateway.agent.start()
+    try:
+        announced, _held = office.key_rotation_state()
+        wait_for(lambda: gateway.versions().get("keys") == announced,
+                 "the announcement sent again after the gateway's status")
+        wait_for(lambda: office.key_rotation_state()[1] == {GW: announced},
+                 "the office sees it held")
+        assert cli(folder, broker, "rotate-key", "--retire", "central-1") == 0
+    finally:
+        gateway.agent.stop()
+        serving.stop()

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import io
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,8 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from agent.decision import Decision, Grant, Lookup, Reason
 from agent.site_keys import SITE_STREAM, RekeyReports, SiteKeys, merge
+from agent.store import Store
+from agent.tenants import Enrollment, TenantState
 from protocol import bundles
 from protocol.hashing import CredentialHasher, SecretError
 from protocol.messages import MAX_REKEY_PAIRS, RefusedError, SiteKey
@@ -310,3 +313,31 @@ def test_a_gateway_that_missed_the_key_gets_it_again_from_its_status(
     finally:
         gateway.agent.stop()
         serving.stop()
+
+
+def test_enrollments_made_at_the_gateway_follow_their_card_to_the_new_key(
+        tmp_path: Path) -> None:
+    """A provisional enrollment and a move-out recorded under the previous key are moved to
+    the card's new hash, so the tenant keeps provisional access and the moved-out card
+    stays refused once the previous key is dropped."""
+    store = Store(tmp_path / "pg.db")
+    try:
+        old, new = CredentialHasher(KEY), CredentialHasher(NEW_KEY)
+        now = int(time.time())
+        store.tenants.add(Enrollment("e-1", old.credential(CARD_A), "101", now + 86_400,
+                                     now + 3600, TenantState.PENDING, None, None, "landlord",
+                                     now * 1000, now * 1000))
+        store.tenants.add(Enrollment("e-2", old.credential(CARD_B), "102", now + 86_400,
+                                     now + 3600, TenantState.PENDING, None, None, "landlord",
+                                     now * 1000, now * 1000))
+        store.tenants.end(now_ms=now * 1000, reason="moved_out", enrollment_id="e-2")
+        assert store.lookup(old.credential(CARD_B)).revoked
+        assert store.lookup(new.credential(CARD_A)).grant is None
+        moved = store.tenants.rekey([(old.credential(CARD_A), new.credential(CARD_A)),
+                                     (old.credential(CARD_B), new.credential(CARD_B))])
+        assert moved == 3  # two enrollments and one local revocation
+        assert store.lookup(new.credential(CARD_A)).grant is not None
+        assert store.lookup(new.credential(CARD_B)).revoked
+        assert store.lookup(old.credential(CARD_A)).grant is None
+    finally:
+        store.close()
