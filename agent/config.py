@@ -7,12 +7,9 @@ them, and :mod:`agent.keys` reads them from files or systemd's credentials direc
 
 from __future__ import annotations
 
-import functools
-import importlib
 import math
 import re
 import tomllib
-from collections.abc import Callable
 from datetime import date, time
 from importlib import resources
 from pathlib import Path
@@ -28,6 +25,36 @@ from pydantic import (
     model_validator,
 )
 
+from agent.line_patterns import MAX_PATTERN_CHARS, line_pattern_problem
+from agent.toml_lines import key_lines
+
+__all__ = [  # the reader patterns' check is imported from here too
+    "DEFAULT_CONFIG_NAME",
+    "MAX_HOURS",
+    "MAX_PATTERN_CHARS",
+    "WEEKDAYS",
+    "Config",
+    "ConfigError",
+    "DeviceConfig",
+    "DoorConfig",
+    "EnrollmentConfig",
+    "Ident",
+    "KeysConfig",
+    "LoggingConfig",
+    "PolicyConfig",
+    "ReaderConfig",
+    "SiteConfig",
+    "StoreConfig",
+    "SyncConfig",
+    "WebConfig",
+    "WeeklySchedule",
+    "line_pattern_problem",
+    "load_config",
+    "parse_broker",
+    "parse_config",
+    "parse_window",
+]
+
 DEFAULT_CONFIG_NAME = "<embedded defaults>"
 
 Ident = Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9_-]{0,62}$")]
@@ -40,8 +67,6 @@ WEEKDAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
 MAX_HOURS = 87_600.0
 """Ten years: the bound of every setting in hours. The agent turns them into whole seconds
 (``int(hours * 3600)``), which a finite but huge float (1e308) would overflow."""
-MAX_PATTERN_CHARS = 1000
-"""The longest reader line pattern accepted."""
 
 
 class ConfigError(Exception):
@@ -147,94 +172,6 @@ def parse_window(window: str) -> tuple[time, time | None]:
     if end is not None and end <= start:
         raise ValueError(f"window {window!r} ends before it starts (split it at midnight)")
     return start, end
-
-
-# -- reader line patterns ------------------------------------------------------------------
-#
-# A serial reader applies its ``pattern`` to every line the device sends, on the card path.
-# Python's re backtracks: a pattern with a repeat inside a repeat, such as (a+)+, (a*)* or
-# (a|a)*, takes time exponential in the line length on a line that almost matches, and the
-# reader thread would hang there. The driver's max_line already bounds the line (128 bytes
-# by default, at most 4096), but 2**128 steps is no better than forever; bounding the length
-# only tames the polynomial cases (.*x.* is about n**2, 17 million steps at 4096 bytes, well
-# under a second in re's C engine). So the exponential shape is refused here, at load, with
-# the line of the pattern in the message.
-#
-# The test is deliberately simple and errs on the strict side: a repeat that can run more
-# than once may not contain anything whose length varies (another variable repeat, an
-# optional part, an alternation). A character class says the same thing safely
-# ((?:a|b)+ is [ab]+), and a possessive repeat or an atomic group, which never backtrack
-# into what they matched, is accepted: (?:\s*[0-9A-F]{2})++ or (?>...)+.
-#
-# The pattern is read with Python's own regex parser (re._parser, the home of the former
-# sre_parse since 3.11; sre_parse itself warns on import) so that escapes, classes,
-# verbose mode and inline flags are read exactly as re.compile reads them.
-_RE_PARSER: Any = importlib.import_module("re._parser")
-_UNBOUNDED: int = _RE_PARSER.MAXREPEAT
-
-
-def _varies(items: Any) -> bool:
-    """Whether a parsed (sub)pattern can match texts of different lengths in more than one
-    way that backtracking could revisit."""
-    stack: list[Any] = [items]
-    while stack:
-        for op, arg in stack.pop():
-            if op in (_RE_PARSER.MAX_REPEAT, _RE_PARSER.MIN_REPEAT):
-                low, high, body = arg
-                if low != high:
-                    return True
-                stack.append(body)
-            elif op is _RE_PARSER.BRANCH:
-                return True
-            elif op is _RE_PARSER.SUBPATTERN:
-                stack.append(arg[3])
-            elif op is _RE_PARSER.GROUPREF_EXISTS:
-                return True
-            # POSSESSIVE_REPEAT and ATOMIC_GROUP never give back what they matched;
-            # lookarounds match no text; everything else is one character or none.
-    return False
-
-
-_CHILDREN: dict[Any, Callable[[Any], list[Any]]] = {
-    _RE_PARSER.MAX_REPEAT: lambda arg: [arg[2]],
-    _RE_PARSER.MIN_REPEAT: lambda arg: [arg[2]],
-    _RE_PARSER.POSSESSIVE_REPEAT: lambda arg: [arg[2]],
-    _RE_PARSER.SUBPATTERN: lambda arg: [arg[3]],
-    _RE_PARSER.BRANCH: lambda arg: list(arg[1]),
-    _RE_PARSER.ATOMIC_GROUP: lambda arg: [arg],
-    _RE_PARSER.ASSERT: lambda arg: [arg[1]],
-    _RE_PARSER.ASSERT_NOT: lambda arg: [arg[1]],
-    _RE_PARSER.GROUPREF_EXISTS: lambda arg: [part for part in arg[1:] if part is not None],
-}
-"""The parsed subpatterns directly inside one parsed item, by its opcode."""
-
-
-def line_pattern_problem(pattern: str) -> str | None:
-    """Why ``pattern`` is unsafe to apply to device input, or None when it is fine.
-
-    Refuses patterns that do not compile, longer than ``MAX_PATTERN_CHARS``, and repeats
-    nested in repeats (see the comment above).
-    """
-    if len(pattern) > MAX_PATTERN_CHARS:
-        return f"longer than {MAX_PATTERN_CHARS} characters"
-    try:
-        re.compile(pattern)
-        stack: list[Any] = [_RE_PARSER.parse(pattern)]
-        while stack:
-            for op, arg in stack.pop():
-                if (op in (_RE_PARSER.MAX_REPEAT, _RE_PARSER.MIN_REPEAT)
-                        and (arg[1] == _UNBOUNDED or arg[1] > 1) and _varies(arg[2])):
-                    return ("a repeated group holds another repeat, an optional part or an "
-                            "alternation (as in (a+)+, (a*)* or (a|b)*): on a line that "
-                            "almost matches it backtracks for a time exponential in the "
-                            "line's length. Use a character class ([ab]+) or a possessive "
-                            "repeat ((...)++)")
-                stack.extend(_CHILDREN.get(op, lambda _arg: [])(arg))
-    except re.error as exc:
-        return f"not a valid regular expression: {exc}"
-    except RecursionError:
-        return "groups nested too deeply"
-    return None
 
 
 class PolicyConfig(_Model):
@@ -484,96 +421,6 @@ def _unique(ids: list[str], what: str) -> None:
         seen.add(i)
 
 
-_BARE_OR_QUOTED = r"""[A-Za-z0-9_-]+|"(?:[^"\\]|\\.)*"|'[^']*'"""
-_KEY_PART = re.compile(_BARE_OR_QUOTED)
-_KEY_LINE = re.compile(rf"^\s*((?:{_BARE_OR_QUOTED})(?:\s*\.\s*(?:{_BARE_OR_QUOTED}))*)\s*=")
-_TABLE_LINE = re.compile(r"^\s*(\[\[?)\s*(.*?)\s*\]\]?\s*(?:#.*)?$")
-
-
-def _key_parts(dotted: str) -> tuple[str, ...]:
-    """The parts of a dotted TOML key, quotes removed (escapes are kept as written)."""
-    return tuple(m.group(0)[1:-1] if m.group(0)[0] in "\"'" else m.group(0)
-                 for m in _KEY_PART.finditer(dotted))
-
-
-def _scan_value(text: str, depth: int, quote: str | None) -> tuple[int, str | None]:
-    """Bracket depth and open multi-line string after ``text``, a piece of a TOML value."""
-    i = 0
-    while i < len(text):
-        if quote is not None:
-            end = text.find(quote, i)
-            if end < 0:
-                return depth, quote
-            i, quote = end + 3, None
-            continue
-        char = text[i]
-        if char == "#":
-            break
-        if text.startswith(('"""', "'''"), i):
-            quote, i = text[i:i + 3], i + 3
-            continue
-        if char in "\"'":
-            j = i + 1
-            while j < len(text) and text[j] != char:
-                j += 2 if char == '"' and text[j] == "\\" else 1
-            i = j + 1
-            continue
-        if char in "[{":
-            depth += 1
-        elif char in "]}":
-            depth -= 1
-        i += 1
-    return depth, quote
-
-
-@functools.lru_cache(maxsize=4)
-def _key_lines(text: str) -> dict[tuple[int | str, ...], int]:
-    """Line (1-based) of every table header and key in valid TOML ``text``, by the path
-    pydantic reports: array-of-tables entries get their index (``("doors", 1, "id")``).
-    Cached (callers only read the result): a file with a thousand problems is scanned once,
-    not once per problem (10 s for 1,000 unknown keys before; found by fuzzing)."""
-    lines: dict[tuple[int | str, ...], int] = {}
-    arrays: dict[tuple[int | str, ...], int] = {}
-    table: tuple[int | str, ...] = ()
-    depth, quote = 0, None
-
-    def resolve(parts: tuple[str, ...]) -> tuple[int | str, ...]:
-        path: tuple[int | str, ...] = ()
-        for part in parts:
-            path += (part,)
-            if path in arrays:
-                path += (arrays[path],)
-        return path
-
-    # Lines are counted on "\n" only, as tomllib counts them (str.splitlines would also
-    # split on form feeds and U+2028 inside strings and shift every later number).
-    for number, line in enumerate(text.split("\n"), start=1):
-        if quote is not None or depth > 0:
-            depth, quote = _scan_value(line, depth, quote)
-            continue
-        header = _TABLE_LINE.match(line)
-        if header is not None:
-            parts = _key_parts(header.group(2))
-            if header.group(1) == "[[":
-                array = resolve(parts[:-1]) + parts[-1:]
-                arrays[array] = arrays.get(array, -1) + 1
-                lines.setdefault(array, number)
-            table = resolve(parts)
-            # [policy.schedules.night] also stands for policy and policy.schedules when
-            # those have no header of their own (a problem with the whole schedules table).
-            for n in range(1, len(table) + 1):
-                lines.setdefault(table[:n], number)
-            continue
-        key = _KEY_LINE.match(line)
-        if key is None:
-            continue
-        parts = _key_parts(key.group(1))
-        for n in range(1, len(parts) + 1):
-            lines.setdefault(table + parts[:n], number)
-        depth, quote = _scan_value(line[key.end():], 0, None)
-    return lines
-
-
 def _line_of(text: str, loc: tuple[int | str, ...]) -> int | None:
     """Best-effort line number of the key at ``loc`` in the TOML source.
 
@@ -581,7 +428,7 @@ def _line_of(text: str, loc: tuple[int | str, ...]) -> int | None:
     whole table) the line of the nearest enclosing table or key that is written, so
     ``id`` missing from the second ``[[doors]]`` points at that block's header.
     """
-    lines = _key_lines(text)
+    lines = key_lines(text)
     path = tuple(p for p in loc if p != "[key]")
     for n in range(len(path), 0, -1):
         if path[:n] in lines:

@@ -138,7 +138,9 @@ def _read_own_key(path: Path, setting: str, role: str) -> PrivateKeyTypes | None
     try:
         require_private(path, what=f"gateway {role} key")
         data = path.read_bytes()
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):
+        # Not there: its folder is missing, or a file (the store folder's own error
+        # names that, once the secrets are read).
         return None
     except SecretError as exc:
         raise SecretError(f"{setting}: {exc}") from None

@@ -23,7 +23,7 @@ import hashlib
 import hmac
 import threading
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import structlog
@@ -80,7 +80,7 @@ def merge(current: Lookup, previous: Lookup) -> Lookup:
 @dataclass(frozen=True, slots=True)
 class _Key:
     generation: int
-    key: bytes
+    key: bytes = field(repr=False)
     sealed: str | None
     """As the office sent it; None for generation 1, the configured key file."""
 

@@ -50,6 +50,7 @@ from agent.config import SyncConfig
 from agent.inbox import BULK_STREAMS, Inbox
 from agent.site_keys import RekeyReports
 from agent.sync_apply import STAGING, Applier, Counters, SyncHost, entry_of
+from agent.yielding import CardPath
 from common.memory import trim_heap
 from common.sqlite import StoreError
 from protocol.hashing import SecretError
@@ -112,7 +113,8 @@ class SyncWorker:
     def __init__(self, host: SyncHost, store: Store, config: SyncConfig,
                  keys: dict[str, Ed25519PublicKey], *, gateway: str, site: str,
                  tls: TlsFiles | None = None, password: str | None = None,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time,
+                 card_path: CardPath | None = None) -> None:
         self.host = host
         self.store = store
         self.config = config
@@ -148,7 +150,9 @@ class SyncWorker:
         self._last_record = -math.inf
         self.applier = Applier(store, host, keys, gateway=gateway, config=config,
                                outbound=self, clock=clock)
-        self.applier.between_steps = self._take_urgent
+        self._card_path = card_path or CardPath()
+        """The agent's card path: the worker steps aside while it is busy (agent/yielding.py)."""
+        self.applier.between_steps = self._between_steps
         self._trimmed_at = 0
         self.rekeys = RekeyReports(gateway)
         """Cards known only under the previous site key, for the office (``rekey``)."""
@@ -299,6 +303,7 @@ class SyncWorker:
             try:
                 item = self._inbox.get(timeout=TICK_S)
                 if item is not None:
+                    self._card_path.wait_idle()
                     self._dispatch(item)
                 elif not self.store.reclaim_step():  # idle: empty a replaced list, a step a tick
                     self._trim_after_bulk()
@@ -315,11 +320,16 @@ class SyncWorker:
             self._trimmed_at = self._inbox.bulk_taken
             trim_heap()
 
+    def _between_steps(self) -> None:
+        self._card_path.wait_idle()
+        self._take_urgent()
+
     def _take_urgent(self) -> None:
         """Apply the urgent messages waiting (agent/inbox.py), in the middle of a long
         bulk item. Connection changes wait for the worker's loop: they may end the bulk
         item's snapshot, which must not happen under its feet."""
         while (item := self._inbox.take_urgent()) is not None:
+            self._card_path.wait_idle()
             self._dispatch(item)
 
     def _dispatch(self, item: tuple[Any, ...]) -> None:
@@ -479,7 +489,7 @@ class SyncWorker:
         status = Status(
             type="status", gateway=self.gateway, state="online", ts_ms=self.applier.now_ms(),
             site=self.site, versions=self.applier.versions(),
-            outbox=store.counts()["outbox"], mode=self.host.current_mode().value,
+            outbox=store.counts("outbox")["outbox"], mode=self.host.current_mode().value,
             clock=states.get("system", {}).get("clock", {}).get("state"),
             stale=bool(self.applier.stale), doors=states.get("door", {}),
             readers=states.get("reader", {}), refused=dict(self.counters.refused),

@@ -263,7 +263,7 @@ class TenantOps:
                      "versions": {s: row["version"] for s, row in sync_states.items()}},
             "clock": devices.get("system", {}).get("clock", {}).get("state", "unknown"),
             "disk": {"free_bytes": disk.free, "total_bytes": disk.total},
-            "outbox": store.counts()["outbox"],
+            "outbox": store.counts("outbox")["outbox"],
             "checks": [{"status": c.status, "name": c.subject, "detail": c.detail,
                         "fix": c.fix} for c in checks]}
 

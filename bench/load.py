@@ -78,7 +78,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -311,6 +311,10 @@ def arguments() -> argparse.Namespace:
                         metavar="BYTES_PER_S", help="the office's pacing of snapshot chunks "
                         f"(default {DEFAULT_CHUNK_RATE:,}, the office's; 0: unpaced)")
     parser.add_argument("--sample-ms", type=float, default=100.0)
+    parser.add_argument("--agent-cpu", type=int, metavar="N",
+                        help="run the agent on CPU N alone and the office and broker on the "
+                        "others, as on a gateway, which shares its CPU with neither "
+                        "(default: every process on every CPU)")
     parser.add_argument("--quick", action="store_true",
                         help="20 s; 50,000 entries, 10,000 revocations, 5,000 events")
     parser.add_argument("--keep", metavar="DIR", help="work in DIR and keep the logs")
@@ -320,6 +324,10 @@ def arguments() -> argparse.Namespace:
         args.entries, args.revocations, args.backlog = 50_000, 10_000, 5_000
     if not 1 <= args.rev_items <= MAX_ITEMS:
         raise SystemExit(f"--rev-items: 1 to {MAX_ITEMS}")
+    if args.agent_cpu is not None and (args.agent_cpu not in os.sched_getaffinity(0)
+                                       or len(os.sched_getaffinity(0)) < 2):
+        parser.error(f"--agent-cpu {args.agent_cpu}: not one of at least two CPUs this "
+                     f"process may use ({sorted(os.sched_getaffinity(0))})")
     if args.chunk_rate < 0:
         raise SystemExit("--chunk-rate: 0 (unpaced) or more bytes per second")
     if args.revocations > args.entries:
@@ -327,9 +335,27 @@ def arguments() -> argparse.Namespace:
     return args
 
 
+@contextlib.contextmanager
+def on_cpu(cpu: int | None) -> Iterator[None]:
+    """Processes started inside run on ``cpu`` alone (a child inherits the mask of the
+    thread that starts it); nothing changes with None."""
+    if cpu is None:
+        yield
+        return
+    before = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, {cpu})
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, before)
+
+
 def main() -> int:
     """Run the benchmark and print its JSON figures."""
     args = arguments()
+    if args.agent_cpu is not None:
+        # Before any thread or child: the office's thread and the broker inherit this.
+        os.sched_setaffinity(0, os.sched_getaffinity(0) - {args.agent_cpu})
     hook = AppliedHook()
     with tempfile.TemporaryDirectory(prefix="permitgate-bench-") as tmp:
         folder = Path(args.keep) if args.keep else Path(tmp)
@@ -357,7 +383,8 @@ def main() -> int:
             cards = [list_card(i) for i in range(args.entries - len(VALID))]
             central.enroll_many(GATEWAY, [(card_id(c), f"P-L{c}") for c in cards])
             serving = serve()
-            agent.start()
+            with on_cpu(args.agent_cpu):
+                agent.start()
             # The office answers the new gateway's request with its first list (its
             # version is the office's to choose: time-based, docs/protocol.md).
             first = hook.first("list", timeout=900)
@@ -375,7 +402,8 @@ def main() -> int:
             prepare_s = time.perf_counter() - prepared
 
             # -- the run --
-            agent.start()
+            with on_cpu(args.agent_cpu):
+                agent.start()
             sampler = RssSampler(agent.pid, args.sample_ms / 1000)
             sampler.start()
             readers = Readers(folder, gw / "sim.sock", args.rate,
@@ -461,6 +489,7 @@ def main() -> int:
         "publish_s": round(published, 2),
         "snapshot_sent_s": round(sent_s, 2),
         "chunk_rate": args.chunk_rate,
+        "agent_cpu": args.agent_cpu,
         "duration_s": round(finished - started, 1),
         "warmup_s": args.warmup,
         "rate_per_s": args.rate,

@@ -41,7 +41,7 @@ work and all publishing; paho's network thread only hands messages to its queue.
 worker and wait for its answer. Without ``run()`` (the one-shot CLI commands) they work
 in the caller's thread on a short-lived connection and wait for the broker's PUBACK.
 The chunks of a long snapshot are handed over by the pacer's thread (``chunk_rate``,
-``provisioning.publish.Pacer``).
+``provisioning.pacing.Pacer``).
 """
 
 from __future__ import annotations

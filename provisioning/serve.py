@@ -5,7 +5,7 @@ hands messages to its queue (an exception in a paho callback can kill paho's thr
 publishing from several threads could interleave a snapshot's chunks). While ``run()`` is
 active, work submitted from other threads (``Worker.submit``) is queued to the worker and
 waits for its answer. A gateway message is acknowledged to the broker only once handled.
-The one other thread that publishes is the chunk pacer's (``provisioning.publish.Pacer``,
+The one other thread that publishes is the chunk pacer's (``provisioning.pacing.Pacer``,
 through ``Worker.publish``): it hands over the chunks of a long snapshot, and what must
 follow them to that gateway, at the paced rate, in order, after the unit of work that
 published the snapshot's manifest has ended.

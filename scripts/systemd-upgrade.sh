@@ -11,8 +11,9 @@
 #              and the running agent and the store one schema version on, the store copy
 #              kept in /var/backups/permitgate, the events recorded before (a tap just
 #              before the upgrade) still there and the chain verified, the configuration
-#              and key unchanged, the card still granted; the release before kept, still
-#              running its own code
+#              and key unchanged, the card still granted, the extras (libosdp, gpiod,
+#              pyscard) in the new environment; the release before kept, still running
+#              its own code
 #   rollback   a third release with a further migration whose agent exits 1 at
 #              `permitgate run` (its migrate, check-config and safe-state work): its
 #              install.sh exits 1 saying it rolled back, the store copy is put back (the
@@ -27,7 +28,7 @@
 #
 # and one fact, printed (not counted): what systemd does with a unit whose LoadCredential=
 # names a file that does not exist (load-credential-missing).
-# shellcheck shell=bash
+# shellcheck shell=bash disable=SC2154 # $root, $logs, $card: set by systemd-check.sh
 
 src_dir=/root/permitgate-src
 conf=/etc/permitgate/permitgate.toml
@@ -132,6 +133,7 @@ install_from() {
 # -- before: a running release with recorded events ----------------------------------------
 wait_active || say "  permitgate.service is $(prop ActiveState)/$(prop SubState) before the upgrade"
 v1="$(sed -n 's/^version = "\(.*\)"$/\1/p' "$root$src_dir/pyproject.toml" | head -1)"
+[[ "${v1##*.}" =~ ^[0-9]+$ ]] || die "the version in pyproject.toml, '$v1', does not end in a number to bump"
 v2="${v1%.*}.$((${v1##*.} + 1))"
 v3="${v2%.*}.$((${v2##*.} + 1))"
 v4="${v3%.*}.$((${v3##*.} + 1))"
@@ -157,6 +159,10 @@ read -r s_version s_agent s_state events_after schema_after <<<"$(status_fields)
 verify="$(pg events verify 2>&1 | head -1 || true)"
 tap_after="$(ct /opt/permitgate/.venv/bin/permitgate sim tap front-in "$card" -c "$conf" 2>&1 || true)"
 old_code="$(own_code "$r1" || true)"
+# The extras the first release's environment has (the check installed them) are in the new
+# one: install.sh carries them over.
+extras="$(ct /opt/permitgate/.venv/bin/python -c 'import importlib.metadata as m
+print(" ".join(f"{d}-{m.version(d)}" for d in ("libosdp", "gpiod", "pyscard")))' 2>&1 | tail -1 || true)"
 backups="$(ct find /var/backups/permitgate -type f -printf '%P ' 2>/dev/null || true)"
 problems=""
 [ "$rc" = 0 ] || problems="$problems install.sh exit $rc: $(tail -5 "$logs/upgrade.log" | tr '\n' '|');"
@@ -172,14 +178,15 @@ case " $backups " in *" $r2/migrated "*) ;; *) problems="$problems no store copy
 [ "$(sha_of "$conf")" = "$conf_sha" ] || problems="$problems the configuration changed;"
 [ "$(sha_of /etc/permitgate/credentials/site.key)" = "$key_sha" ] || problems="$problems the site key changed;"
 case "$tap_after" in "OPEN"*granted*) ;; *) problems="$problems card after the upgrade: '$tap_after';" ;; esac
+case "$extras" in libosdp-*" gpiod-"*" pyscard-"*) ;; *) problems="$problems extras in the new release: '$extras';" ;; esac
 case "$old_code" in "$v1 /opt/permitgate-releases/$r1/agent") ;;
     *) problems="$problems the kept release $r1 imports '$old_code', not its own code (a rollback to it would run that);" ;; esac
 if [ -z "$problems" ]; then
-    pass upgrade "install.sh of $v2 exit 0 after ${took} s: '$(tail -1 "$logs/upgrade.log")'; $(prop ActiveState)/$(prop SubState), MainPID $pid_before -> $(prop MainPID); /opt/permitgate -> $(ct readlink /opt/permitgate); status: version $s_version, agent $s_agent $s_state, store schema $schema_before -> $schema_after; events $events_before -> $events_after, verify: '$verify'; configuration and key unchanged; card: '$tap_after'; releases: $(releases_now); $r1 runs its own code ($old_code); store copies kept: $backups"
+    pass upgrade "install.sh of $v2 exit 0 after ${took} s: '$(tail -1 "$logs/upgrade.log")'; $(prop ActiveState)/$(prop SubState), MainPID $pid_before -> $(prop MainPID); /opt/permitgate -> $(ct readlink /opt/permitgate); status: version $s_version, agent $s_agent $s_state, store schema $schema_before -> $schema_after; events $events_before -> $events_after, verify: '$verify'; configuration and key unchanged; card: '$tap_after'; extras carried over: $extras; releases: $(releases_now); $r1 runs its own code ($old_code); store copies kept: $backups"
 else
     fail upgrade "$problems"
 fi
-grep -E '^install\.sh:|store |backup |OK \(permitgate' "$logs/upgrade.log" | sed 's/^/  /' || true
+grep -E '^(install\.sh:|store |backup |/etc/permitgate/permitgate\.toml: OK \(permitgate)' "$logs/upgrade.log" | sed 's/^/  /' || true
 
 # rolled_back CHECK VERSION LOG REASON [restore]: install.sh of VERSION (its output in
 # $logs/LOG), which must fail its start checks with REASON and put the second release back
@@ -188,7 +195,9 @@ rolled_back() {
     local check="$1" version="$2" log="$3" reason="$4" restore="${5:-}" rc=0 now s_version s_agent s_state
     local events_after schema_after tap_after left backups_left broken_line failed_line
     local restored="" took problems=""
-    local before_events before_schema before_pid="$(prop MainPID)" mark="$(cursor)" started=$SECONDS
+    local before_events before_schema before_pid mark started=$SECONDS
+    before_pid="$(prop MainPID)"
+    mark="$(cursor)"
     read -r _ _ _ before_events before_schema <<<"$(status_fields)"
     install_from "permitgate-src-$version" "$log" || rc=$?
     took=$((SECONDS - started))
@@ -240,25 +249,47 @@ make_release "permitgate-src-$v4" "$v4" 1 late
 rolled_back rollback-late "$v4" rollback-late.log "permitgate.service did not stay up"
 
 # -- LoadCredential= of a file that does not exist (a fact, not a check) ----------------------
-# One unit, as the service user, with a credential whose file exists and one whose file
-# does not.
-cat >"$root/etc/systemd/system/pgcheck-credential.service" <<'EOF'
+# A oneshot unit as the service user with a credential whose file exists (present.key, the
+# site key's file); then with one more whose file does not, started twice: with the manager
+# at its usual log level (what an operator sees) and at debug level (which names the file).
+cred_unit() {  # cred_unit EXTRA_LINE: start the unit; "rc ActiveState Result ExecMainStatus"
+    local rc=0
+    cat >"$root/etc/systemd/system/pgcheck-credential.service" <<'EOF'
 [Unit]
 Description=LoadCredential= of a missing file (systemd-check)
 
 [Service]
 Type=oneshot
 User=permitgate
-LoadCredential=present.key:/etc/permitgate/credentials/site.key
-LoadCredential=missing.key:/etc/permitgate/credentials/does-not-exist.key
 ExecStart=/bin/sh -c 'echo "credentials: $(ls "$CREDENTIALS_DIRECTORY" | tr "\n" " ")"'
+LoadCredential=present.key:/etc/permitgate/credentials/site.key
 EOF
-ct systemctl daemon-reload
+    printf '%s\n' "$1" >>"$root/etc/systemd/system/pgcheck-credential.service"
+    ct systemctl daemon-reload
+    ct systemctl reset-failed pgcheck-credential.service 2>/dev/null || true
+    ct timeout 60 systemctl start pgcheck-credential.service >>"$logs/credential-missing.txt" 2>&1 || rc=$?
+    echo "$rc $(ct systemctl show -P ActiveState pgcheck-credential.service)" \
+        "$(ct systemctl show -P Result pgcheck-credential.service)" \
+        "$(ct systemctl show -P ExecMainStatus pgcheck-credential.service)"
+}
+: >"$logs/credential-missing.txt"
+missing_line="LoadCredential=missing.key:/etc/permitgate/credentials/does-not-exist.key"
 mark="$(cursor)"
-rc=0
-ct timeout 60 systemctl start pgcheck-credential.service >"$logs/credential-missing.txt" 2>&1 || rc=$?
+control="$(cred_unit "")"
+control_out="$(journal_since "$mark" -u pgcheck-credential.service -o cat | grep -m1 '^credentials:' || true)"
+mark="$(cursor)"
+missing="$(cred_unit "$missing_line")"
 journal_since "$mark" -u pgcheck-credential.service >>"$logs/credential-missing.txt"
-say "  load-credential-missing: LoadCredential=missing.key:/etc/permitgate/credentials/does-not-exist.key (with an existing one beside it): systemctl start exit $rc; ActiveState=$(ct systemctl show -P ActiveState pgcheck-credential.service), Result=$(ct systemctl show -P Result pgcheck-credential.service), ExecMainStatus=$(ct systemctl show -P ExecMainStatus pgcheck-credential.service); journal: $(sed 's/^.*\]: //' "$logs/credential-missing.txt" | tr '\n' '|')"
+seen="$(journal_since "$mark" -u pgcheck-credential.service -o cat \
+    | grep -E 'credentials|CREDENTIALS' | tr '\n' '|' || true)"
+ct systemd-analyze log-level debug
+mark="$(cursor)"
+cred_unit "$missing_line" >/dev/null
+ct systemd-analyze log-level info
+journal_since "$mark" -u pgcheck-credential.service >>"$logs/credential-missing.txt"
+why="$(journal_since "$mark" -u pgcheck-credential.service -o cat \
+    | grep -m1 'Failed to read credential' || true)"
+say "  load-credential-missing: present.key only: exit/state/result/status $control, '$control_out'; with $missing_line added: $missing; journal: ${seen%|}; at debug level: $why"
 ct systemctl reset-failed pgcheck-credential.service 2>/dev/null || true
 rm -f "$root/etc/systemd/system/pgcheck-credential.service"
 ct systemctl daemon-reload

@@ -151,7 +151,7 @@ def office(tmp_path: Path, broker: Broker, office_db: OfficeDb) -> Iterator[Offi
 
 class GatewayHost(Host):
     """The agent as the applier sees it (tests/test_sync_apply.py), answering enrollment
-    decisions with the real enroller, as agent/runtime.py does."""
+    decisions with the real enroller, as agent/runtime_control.py does."""
 
     enroller: Enroller | None = None
 

@@ -24,7 +24,8 @@ ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "scripts" / "systemd-check.sh"
 ENV_VAR = "PERMITGATE_LIVE_SYSTEMD"
 CHECKS = ("boot", "install", "notify-active", "credential", "sandbox-probe", "sandbox-tests",
-          "exec-stop-post", "watchdog", "exposure", "stop")
+          "exec-stop-post", "watchdog", "exposure", "upgrade", "rollback", "rollback-late",
+          "stop")
 """Every PASS line the script prints when the unit works (scripts/systemd-check.sh)."""
 RUN_TIMEOUT_S = 1800
 

@@ -36,6 +36,7 @@ from provisioning.db import (
     RegistryCounts,
     RegistryRow,
 )
+from provisioning.db.rows import find_values, registry_row
 from provisioning.errors import CentralError
 
 Conn = psycopg.Connection[tuple[Any, ...]]
@@ -328,8 +329,7 @@ class PostgresReconcileSession:
         with self._tx() as conn, conn.cursor() as cur, cur.copy(_COPY_ROWS) as copy:
             copy.set_types(_ROW_TYPES)
             for r in rows:
-                copy.write_row((r.line, r.permit, r.permit_hash, r.building, r.unit,
-                                r.status, r.registered_day, r.valid_until_day))
+                copy.write_row(registry_row(r))
 
     def registry_counts(self) -> RegistryCounts:
         """Set aside replaced rows; index the rest; count what was staged."""
@@ -344,10 +344,7 @@ class PostgresReconcileSession:
 
     def find(self, params: ReconcileParams) -> int:
         """Every finding, as of one snapshot of the office's tables."""
-        values = {"now_s": params.now_ms // 1000, "today": params.today,
-                  "quiet_since_ms": params.quiet_since_ms,
-                  "silent_before_ms": params.silent_before_ms,
-                  "stale_before_ms": params.stale_before_ms}
+        values = find_values(params)
         with self._tx(snapshot=True) as conn:
             for table in ("rc_sites", "rc_cards", "rc_findings", "rc_report"):
                 conn.execute(cast(Any, f"TRUNCATE {table}"))

@@ -21,8 +21,9 @@ from typing import Any, Protocol, cast
 import psycopg
 from psycopg.rows import dict_row
 
-from provisioning.db import CaseRecord, DailyEntries, EventRecord, FoldResult, StoredEvent
 from provisioning.db.postgres_comparison import Conn, PostgresReconcileSession, prepare
+from provisioning.db.records import CaseRecord, DailyEntries, FoldResult, StoredEvent
+from provisioning.db.rows import case_record, stored_event
 from provisioning.errors import CentralError
 
 _DAY = "(ts_ms / 1000 + %(offset_s)s) / 86400"
@@ -149,11 +150,8 @@ class PostgresReconcile:
     def case_records(self: _Host, limit: int) -> list[CaseRecord]:
         """The newest case audit records, newest first."""
         with self._read() as conn, conn.cursor(row_factory=dict_row) as cur:
-            return [CaseRecord(r["at_ms"], r["officer"], r["reason"], r["scope"],
-                               None if r["permit_hash"] is None else bytes(r["permit_hash"]),
-                               r["shown"], r["id"])
-                    for r in cur.execute("SELECT * FROM case_audit ORDER BY id DESC "
-                                         "LIMIT %s", (limit,))]
+            return [case_record(r) for r in cur.execute(
+                "SELECT * FROM case_audit ORDER BY id DESC LIMIT %s", (limit,))]
 
     def permit_cards(self: _Host, permit_hash: bytes) -> list[tuple[str, bytes]]:
         """Every (gateway, card) the office knows for a permit."""
@@ -172,10 +170,7 @@ class PostgresReconcile:
                 "('access_granted', 'access_denied') AND ts_ms >= %s ORDER BY seq DESC "
                 "LIMIT %s", (gateway, cred_prefix, since_ms, limit)))
         rows.reverse()
-        return [StoredEvent(EventRecord(
-            r["seq"], r["event_id"], r["ts_ms"], r["kind"], r["door"], r["reader"],
-            r["direction"], r["reason"], r["cred"], r["data"], r["prev_hash"], r["hash"],
-            r["attachment"]), r["received_ms"]) for r in rows]
+        return [stored_event(r) for r in rows]
 
     # -- retention ---------------------------------------------------------------------
 

@@ -27,7 +27,6 @@ from provisioning.db import (
     BuildingFindings,
     CaseRecord,
     DailyEntries,
-    EventRecord,
     FindingRecord,
     FoldResult,
     ReconcileParams,
@@ -35,6 +34,7 @@ from provisioning.db import (
     RegistryRow,
     StoredEvent,
 )
+from provisioning.db.rows import case_record, find_values, registry_row, stored_event
 from provisioning.errors import CentralError
 
 SESSION_CACHE_KIB = 131_072
@@ -343,9 +343,7 @@ class SqliteReconcileSession:
     def stage_registry(self, rows: Sequence[RegistryRow]) -> None:
         """Add a batch of registry rows."""
         with self._tx() as conn:
-            conn.executemany(_INSERT_ROW, [
-                (r.line, r.permit, r.permit_hash, r.building, r.unit, r.status,
-                 r.registered_day, r.valid_until_day) for r in rows])
+            conn.executemany(_INSERT_ROW, [registry_row(r) for r in rows])
 
     def registry_counts(self) -> RegistryCounts:
         """Set aside replaced rows; index the rest; count what was staged."""
@@ -361,10 +359,7 @@ class SqliteReconcileSession:
 
     def find(self, params: ReconcileParams) -> int:
         """Every finding, as of one snapshot of the office's tables."""
-        values = {"now_s": params.now_ms // 1000, "today": params.today,
-                  "quiet_since_ms": params.quiet_since_ms,
-                  "silent_before_ms": params.silent_before_ms,
-                  "stale_before_ms": params.stale_before_ms}
+        values = find_values(params)
         with self._tx() as conn:
             for table in ("rc_sites", "rc_cards", "rc_findings", "rc_report"):
                 conn.execute(f"DELETE FROM temp.{table}")  # noqa: S608 - fixed names
@@ -500,10 +495,8 @@ class SqliteReconcile:
     def case_records(self: _Host, limit: int) -> list[CaseRecord]:
         """The newest case audit records, newest first."""
         with self._read() as db:
-            return [CaseRecord(r["at_ms"], r["officer"], r["reason"], r["scope"],
-                               r["permit_hash"], r["shown"], r["id"])
-                    for r in db.query("SELECT * FROM case_audit ORDER BY id DESC LIMIT ?",
-                                      [limit])]
+            return [case_record(r) for r in db.query(
+                "SELECT * FROM case_audit ORDER BY id DESC LIMIT ?", [limit])]
 
     def permit_cards(self: _Host, permit_hash: bytes) -> list[tuple[str, bytes]]:
         """Every (gateway, card) the office knows for a permit."""
@@ -522,10 +515,7 @@ class SqliteReconcile:
                 "('access_granted', 'access_denied') AND ts_ms >= ? ORDER BY seq DESC "
                 "LIMIT ?", [gateway, cred_prefix, since_ms, limit]))
         rows.reverse()
-        return [StoredEvent(EventRecord(
-            r["seq"], r["event_id"], r["ts_ms"], r["kind"], r["door"], r["reader"],
-            r["direction"], r["reason"], r["cred"], r["data"], r["prev_hash"], r["hash"],
-            r["attachment"]), r["received_ms"]) for r in rows]
+        return [stored_event(r) for r in rows]
 
     # -- retention ---------------------------------------------------------------------
 
