@@ -21,6 +21,7 @@ from zoneinfo import ZoneInfo
 from agent.cli_common import EXIT_FAILURE, EXIT_OK, UsageError, existing_store, load
 from agent.config import Config
 from agent.store import Store, StoredEvent
+from common.argtypes import positive
 
 KNOWN_EVENT_KINDS = (
     "access_granted", "access_denied",
@@ -50,7 +51,7 @@ def add_events_command(sub: Any, common: argparse.ArgumentParser) -> None:
     for name, helptext in (("tail", "the newest events"), ("filter", "events matching "
                                                                       "filters")):
         p = ev_sub.add_parser(name, parents=[common], help=helptext)
-        p.add_argument("-n", type=_positive, default=20 if name == "tail" else None,
+        p.add_argument("-n", type=positive, default=20 if name == "tail" else None,
                        help="at most N events")
         p.add_argument("--kind", help="e.g. access_denied, door_forced")
         p.add_argument("--door")
@@ -62,16 +63,6 @@ def add_events_command(sub: Any, common: argparse.ArgumentParser) -> None:
         p.set_defaults(func=cmd_events, follow=False)
     ev_sub.add_parser("verify", parents=[common], help="check the hash chain for gaps and "
                       "edits").set_defaults(func=cmd_events)
-
-
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} must be at least 1")
-    return value
 
 
 def local_time(ms: int, zone: tzinfo, timespec: str = "milliseconds") -> str:

@@ -5,18 +5,10 @@ from __future__ import annotations
 
 import argparse
 
+from common.argtypes import positive
 from provisioning.central import DEFAULT_CHUNK_RATE
 
-
-def positive(text: str) -> int:
-    """A whole number, at least 1."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} must be at least 1")
-    return value
+__all__ = ["positive", "rate", "seconds"]
 
 
 def seconds(text: str) -> float:

@@ -3,7 +3,7 @@ applies them (``DEFAULT_CHUNK_RATE`` bytes a second, ``--chunk-rate``; 0: unpace
 
 Sent faster, they only wait in the gateway's inbox while its network thread takes them in
 and its card path waits for the CPU (docs/performance.md). The manifest and the chunks
-within the allowance (``PACING_BURST_S``: a building's whole list) go out at once from the
+within the allowance (``PACING_BURST_S``: a small building's whole list) go out at once from the
 caller's thread, as unpaced; the rest is handed to the broker client by the pacer's
 thread. Nothing else waits for them: revocations, commands, acks, decisions and key
 announcements, and every message to other gateways, go out at once. Only what must reach
@@ -40,15 +40,18 @@ entries a second, and a million entries are 127 MB of chunks (127 bytes an entry
 chunks of ``CHUNK_ENTRIES``): about 12.7 MB/s there. A Raspberry Pi 4's cores are taken
 to be about a third as fast for this work (an assumption: not measured on one), which
 gives about 4.2 MB/s, rounded down to 4 MB/s: about 31,000 entries a second, a
-million-entry list sent in about 32 s, a building's few thousand entries at once
-(``PACING_BURST_S``). Counted in bytes, not chunks, because a gateway's work (taking a
-message in, parsing, hashing, staging) grows with its bytes, and chunks differ in size
-(``--chunk-entries`` 1 to 10,000; entries with doors and schedules are longer)."""
-PACING_BURST_S = 0.25
+million-entry list sent in about 32 s, a building's few thousand entries within a few
+hundredths of a second (``PACING_BURST_S``). Counted in bytes, not chunks, because a
+gateway's work (taking a message in, parsing, hashing, staging) grows with its bytes, and
+chunks differ in size (``--chunk-entries`` 1 to 10,000; entries with doors and schedules
+are longer)."""
+PACING_BURST_S = 0.05
 """A gateway that has not been sent chunks lately may be sent this many seconds' worth at
-once (1 MB at the default rate) with the manifest: a building's list goes out whole, in
-its worker's unit of work as before pacing (provisioning/serve.py); only longer lists are
-spread out."""
+once (200 kB at the default rate, about 1,500 entries) with the manifest: a small
+building's list goes out whole, in its worker's unit of work as before pacing
+(provisioning/serve.py); only longer lists are spread out. It was 0.25 s (1 MB): those
+eight chunks arriving at once with the manifest made the slowest decisions of
+bench/load.py (docs/performance.md)."""
 
 Send = Callable[[str, bytes], None]
 LaneKind = Literal["chunk", "list", "hb"]

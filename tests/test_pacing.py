@@ -35,6 +35,7 @@ from provisioning.central import (
     keygen,
 )
 from provisioning.central_cli import build_parser, main
+from provisioning.pacing import PACING_BURST_S
 from tests.broker import Broker
 from tests.conftest import wait_for
 
@@ -45,8 +46,8 @@ RATE = 100_000
 """Bytes a second in the paced tests: the lists below take about 2.5 s to send."""
 CARDS = 2_000
 CHUNK = 50
-"""Entries per chunk: 40 chunks of about 6.5 kB, so the burst allowance (0.25 s of the
-rate) is a few of them and the rest is paced."""
+"""Entries per chunk: 40 chunks of about 6.5 kB, so the burst allowance
+(``PACING_BURST_S`` of the rate) is a few of them and the rest is paced."""
 GATEWAYS = ("gw1", "gw2")
 
 
@@ -320,17 +321,17 @@ def test_rate_zero_sends_every_chunk_before_publish_returns(
     assert chunks[-1].at <= rev.at
 
 
-def test_the_default_rate_sends_a_buildings_list_within_the_burst_before_publish_returns(
+def test_a_list_within_the_burst_allowance_goes_out_whole_before_publish_returns(
         recorder: Recorder, serving: Callable[..., Central]) -> None:
-    """At the default rate a building-sized list (2,000 entries, about 250 kB, within the
-    burst allowance) goes out whole as unpaced: a revocation published right after it
-    arrives after its last chunk."""
-    central = serving()
+    """A list within the burst allowance (``PACING_BURST_S`` of the rate; here a
+    2,000-entry list, about 250 kB, at a rate whose allowance is 300 kB) goes out whole as
+    unpaced: a revocation published right after it arrives after its last chunk."""
+    central = serving(chunk_rate=int(300_000 / PACING_BURST_S))
     version = central.publish_snapshot("gw1", CHUNK)
     central.revoke_card("gw1", card("gw1", 7))
     rev = recorder.first(Topics("gw1").inbound("rev"))
     chunks = recorder.whole("gw1", version)
-    assert size(chunks) < 0.25 * DEFAULT_CHUNK_RATE
+    assert size(chunks) < 300_000
     assert chunks[-1].at <= rev.at
 
 

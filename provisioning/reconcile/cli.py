@@ -10,6 +10,7 @@ from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import Any, TextIO
 
+from common.argtypes import positive
 from protocol.messages import Revoked
 from protocol.signing import b64
 from provisioning.central import Central
@@ -50,16 +51,6 @@ def _instant(text: str, option: str) -> float:
     if when.tzinfo is None:
         when = when.astimezone()
     return when.timestamp()
-
-
-def _whole(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} must be at least 1")
-    return value
 
 
 def _number(text: str) -> float:
@@ -230,7 +221,7 @@ def add_commands(sub: Any, common: argparse.ArgumentParser, open_central: OpenCe
     p.add_argument("--json", metavar="OUT", help="write the report as JSON")
     p.add_argument("--csv", metavar="OUT", help="write the findings as CSV")
     p.add_argument("--html", metavar="OUT", help="write a self-contained page with charts")
-    p.add_argument("--no-entry-days", type=_whole, default=DEFAULT_NO_ENTRY_DAYS,
+    p.add_argument("--no-entry-days", type=positive, default=DEFAULT_NO_ENTRY_DAYS,
                    metavar="N", help=f"no_entry_since after N days (default "
                    f"{DEFAULT_NO_ENTRY_DAYS})")
     p.add_argument("--silent-hours", type=_number, default=DEFAULT_SILENT_HOURS,
@@ -241,9 +232,9 @@ def add_commands(sub: Any, common: argparse.ArgumentParser, open_central: OpenCe
                    f"applied (default {DEFAULT_STALE_MINUTES:g})")
     p.add_argument("--as-of", metavar="WHEN", help="compare as of this date or time "
                    "(default now)")
-    p.add_argument("--window-days", type=_whole, default=DEFAULT_WINDOW_DAYS, metavar="N",
+    p.add_argument("--window-days", type=positive, default=DEFAULT_WINDOW_DAYS, metavar="N",
                    help=f"days of entry counts in the outputs (default {DEFAULT_WINDOW_DAYS})")
-    p.add_argument("--show", type=_whole, default=DEFAULT_SHOWN, metavar="N",
+    p.add_argument("--show", type=positive, default=DEFAULT_SHOWN, metavar="N",
                    help=f"findings listed here (default {DEFAULT_SHOWN})")
     p.add_argument("--revoke", nargs="*", metavar="ID",
                    help="after review: revoke every registry_inactive_but_open permit at "
@@ -252,7 +243,7 @@ def add_commands(sub: Any, common: argparse.ArgumentParser, open_central: OpenCe
 
     p = sub.add_parser("retention", parents=[common],
                        help="fold old events into daily counts and delete them")
-    p.add_argument("--days", type=_whole, metavar="N", help="do it now for events older "
+    p.add_argument("--days", type=positive, metavar="N", help="do it now for events older "
                    "than N days")
     p.add_argument("--auto", action="store_true", help="also keep N as the setting serve "
                    "applies every hour")
@@ -266,7 +257,7 @@ def add_commands(sub: Any, common: argparse.ArgumentParser, open_central: OpenCe
     p.add_argument("--reason", metavar="TEXT", help="why (required; recorded)")
     p.add_argument("--officer", metavar="NAME", help="who asks (default: your user name)")
     p.add_argument("--since", metavar="WHEN", help="events from this date or time on")
-    p.add_argument("-n", type=_whole, default=DEFAULT_LIMIT,
+    p.add_argument("-n", type=positive, default=DEFAULT_LIMIT,
                    help=f"the newest N per card, or records with --log (default {DEFAULT_LIMIT})")
     p.add_argument("--log", action="store_true", help="list the recorded case queries")
     p.add_argument("--json", action="store_true")
