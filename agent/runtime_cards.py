@@ -98,8 +98,8 @@ class CardReads:
             if self.on_decision is not None:
                 self.on_decision(reader, decision, timing)
             return decision
-        keys = self.site_keys
-        cred = keys.credential(read.card_id)
+        ring = self.site_keys.ring  # one ring for the whole read, whatever sync changes
+        cred = ring.current.credential(read.card_id)
         direction = Direction(reader.direction)
         request = Request(reader.door, direction, datetime.now(self.config.zone),
                           self._door_schedule[reader.door],
@@ -118,7 +118,7 @@ class CardReads:
         # simultaneous pairs did before this lock). A decision takes about 1 ms, so taps
         # at different readers wait at most that for each other.
         with self._decide_lock:
-            cred, matched = keys.match(read.card_id, store.lookup)
+            matched = ring.match(read.card_id, cred, store.lookup)
             decision = decide(request, matched.lookup, self.policy)
             timing.decided = time.perf_counter()
             event = Event("access_granted" if decision.granted else "access_denied",
@@ -150,7 +150,7 @@ class CardReads:
             self.on_decision(reader, decision, timing)
         if matched.rekey is not None and self.sync is not None:
             # Known only under the previous site key: the office moves it to the new one.
-            self.sync.report_rekey(keys.ring.generation, *matched.rekey)
+            self.sync.report_rekey(ring.generation, *matched.rekey)
         return decision
 
     def _capture(self, reader: ReaderConfig, cred: bytes) -> Decision | None:

@@ -55,6 +55,20 @@ class KeyRing:
     current: CredentialHasher
     previous: CredentialHasher | None
 
+    def match(self, card_id: str, cred: bytes, lookup: Callable[[bytes], Lookup]) -> Matched:
+        """Look ``card_id`` up with ``lookup`` (``Store.lookup``) under every key in force;
+        ``cred`` is its hash under the current key, already computed by the caller."""
+        found = lookup(cred)
+        if self.previous is None:
+            return Matched(found, None)
+        old = self.previous.credential(card_id)
+        before = lookup(old)
+        # Re-keyed when the office's list does not hold it under the current key yet:
+        # revoked under the current key only (revoked during the change-over) still is.
+        known_before = before.grant is not None or before.revoked
+        return Matched(merge(found, before),
+                       (old, cred) if known_before and found.grant is None else None)
+
 
 @dataclass(frozen=True, slots=True)
 class Matched:
@@ -218,22 +232,6 @@ class SiteKeys(CredentialHasher):
         log.info("site_key_changed", generation=change.current.generation,
                  changeover=change.previous is not None)
         return self.ring
-
-    def match(self, card_id: str, lookup: Callable[[bytes], Lookup]) -> tuple[bytes, Matched]:
-        """Hash ``card_id`` under every key in force and look it up with ``lookup``
-        (``Store.lookup``); returns the current hash and the merged result."""
-        ring = self.ring
-        cred = ring.current.credential(card_id)
-        found = lookup(cred)
-        if ring.previous is None:
-            return cred, Matched(found, None)
-        old = ring.previous.credential(card_id)
-        before = lookup(old)
-        # Re-keyed when the office's list does not hold it under the current key yet:
-        # revoked under the current key only (revoked during the change-over) still is.
-        known_before = before.grant is not None or before.revoked
-        return cred, Matched(merge(found, before),
-                             (old, cred) if known_before and found.grant is None else None)
 
 
 PENDING_PAIRS = 1024

@@ -93,17 +93,18 @@ def test_a_change_over_honours_both_keys_and_reports_cards_known_only_under_the_
 
     ring.commit(ring.check(message(seal, NEW_KEY, 2, "honoured")))
     assert ring.credential(CARD_A) == new.credential(CARD_A)
-    cred, found = ring.match(CARD_A, lookup)
-    assert cred == new.credential(CARD_A) and found.lookup.grant is not None
+    keys = ring.ring
+    found = keys.match(CARD_A, ring.credential(CARD_A), lookup)
+    assert found.lookup.grant is not None
     assert found.rekey == (old.credential(CARD_A), new.credential(CARD_A))
-    _cred, found_b = ring.match(CARD_B, lookup)
+    found_b = keys.match(CARD_B, new.credential(CARD_B), lookup)
     assert found_b.lookup.grant is not None and found_b.rekey is None
-    _cred, found_c = ring.match(CARD_C, lookup)
+    found_c = keys.match(CARD_C, new.credential(CARD_C), lookup)
     assert found_c.lookup.grant is None and found_c.rekey is None
 
     ring.commit(ring.check(message(seal, NEW_KEY, 2, "dropped", seq=11)))
     assert ring.ring.previous is None
-    assert ring.match(CARD_A, lookup)[1].lookup.grant is None
+    assert ring.ring.match(CARD_A, ring.credential(CARD_A), lookup).lookup.grant is None
 
 
 def test_revoked_under_either_key_is_revoked() -> None:
@@ -117,7 +118,7 @@ def test_revoked_under_either_key_is_revoked() -> None:
     old, new = CredentialHasher(KEY).credential(CARD_A), CredentialHasher(NEW_KEY).credential(
         CARD_A)
     table = {old: Lookup(grant=Grant()), new: Lookup(revoked=True)}
-    _cred, found = ring.match(CARD_A, lambda c: table.get(c, Lookup()))
+    found = ring.ring.match(CARD_A, new, lambda c: table.get(c, Lookup()))
     assert found.lookup.revoked and found.rekey == (old, new)
 
 
